@@ -1,0 +1,151 @@
+"""AGFT: Alignment-Guided Fine-Tuning of CLIP's image encoder for zero-shot adversarial robustness.
+
+Paper: ../shared/papers/000_* (AGFT), Eq. 6-10; decisions in ../shared/SPEC.md §3.
+The image encoder f_θ is trained on adversarial images to match a soft target from the frozen original model,
+calibrated with temperature τ/γ:
+
+    p_rob  = softmax(γ · s(f_θorig(x), T) / τ)                         (Eq. 8, on clean x)
+    L      = −mean_i Σ_j p_rob[i,j] · log softmax(s(f_θ(x_adv), T) / τ)[i,j]   (Eq. 9)
+    min_θ E_x [ max_{x_adv ∈ B(x, ε)} L ]                                (Eq. 10, inner max: PGD-2, α = ε)
+
+Reproduce the paper's main row (ViT-B/32, ImageNet, ε = 1/255, γ = 0.4, 1/τ = 180, 10 epochs, batch 256):
+    torchrun --nproc_per_node=2 agft.py --eps 1 --gamma 0.4 --data /path/to/imagenet --out runs/agft-eps1
+    python agft.py --eps 1 --gamma 0.4 --data /path/to/imagenet --out runs/agft-eps1      # one process
+The demo (no download, a few minutes on a CPU):
+    python agft.py --demo
+Re-running a command with the same --out resumes from its last.pt.
+"""
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+
+
+# ------------------------------------------------------------------------------------------ the method (Eq. 8-10)
+def check_agft_params(tau, gamma):
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+
+
+def agft_loss(adv_sim, orig_sim, tau=1 / 180, gamma=0.4):
+    """AGFT's soft-label cross-entropy (Eq. 9) against the calibrated target of Eq. 8.
+
+    adv_sim:  (B, C) cosine similarities s(f_θ(x_adv), T) of the model being trained.
+    orig_sim: (B, C) cosine similarities s(f_θorig(x), T) of the frozen original model on clean x (a constant).
+    Returns the mean over the batch of −Σ_j p_rob[i,j] log p_θ[i,j]."""
+    check_agft_params(tau, gamma)
+    p_rob = F.softmax(orig_sim.detach().float() * (gamma / tau), dim=-1)  # Eq. 8: temperature τ/γ
+    log_p = F.log_softmax(adv_sim.float() / tau, dim=-1)  # Eq. 9: the robust model at temperature τ
+    return -(p_rob * log_p).sum(dim=-1).mean()
+
+
+# --------------------------------------------------------------------------------------------------------- config
+def parse_args(argv=None):
+    parser = common.train_parser(__doc__, "agft", lr=4e-4)
+    parser.add_argument("--gamma", type=float, default=0.4, help="temperature scaling ratio γ in (0, 1] (Eq. 8)")
+    parser.add_argument("--tau", type=float, default=1 / 180, help="temperature τ of Eq. 6-9 (default 1/180)")
+    args = common.parse_train_args(parser, argv, demo_defaults=dict(lr=0.01))
+    try:
+        check_agft_params(args.tau, args.gamma)
+    except ValueError as e:
+        raise common.UsageError(f"--{str(e).split()[0]} {getattr(args, str(e).split()[0])}: must be "
+                                + ("in (0, 1]" if str(e).startswith("gamma") else "> 0"))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    eps, alpha = args.eps / 255, args.alpha / 255
+
+    # ------------------------------------------------------------------------------- model, data, run directory
+    dist = common.setup_distributed()
+    amp, ctx, scaler = common.amp_setup(args.amp, dist.device)
+    clip_model = common.load_clip(args.model, args.seed)
+    resolution = clip_model.visual.input_resolution
+    dataset, class_names = common.training_dataset(args.data, resolution, args.class_names, args.synthetic_size,
+                                                   args.seed)
+    sampler = common.GlobalBatchSampler(len(dataset), args.batch_size, dist.rank, dist.world, args.seed)
+    run = common.Run(args, dist)  # nothing is written before this point
+    device = dist.device
+
+    clip_model.to(device).requires_grad_(False)
+    text = common.text_features(clip_model, common.prompts_for(class_names), device)  # (C, D), once
+    encoder = common.ImageEncoder(clip_model.visual).to(device)  # f_θ, trained
+    orig_encoder = common.frozen_copy(encoder)  # f_θorig, frozen before any update
+    clip_model.visual.requires_grad_(True)
+    optimizer = torch.optim.SGD(clip_model.visual.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    steps_per_epoch = sampler.batches_per_epoch()
+    total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps,
+                                                                                     args.epochs * steps_per_epoch)
+    step = 0
+    ckpt = run.load()
+    if ckpt is not None:
+        clip_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        common.set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        run.print(f"resuming {run.dir} from step {step}/{total_steps}")
+    before = common.demo_evaluate(orig_encoder, clip_model, dist, ctx, args, run, "before") if args.data == "demo" else None
+    train_encoder = DDP(encoder) if dist.world > 1 else encoder
+    loader = common.make_loader(dataset, sampler, args.workers, device)
+    run.print(f"AGFT: {len(dataset)} images, {len(text)} classes, {total_steps} steps of global batch "
+              f"{args.batch_size} on {dist.world} process(es), {device}, amp {amp}")
+
+    # ------------------------------------------------------------------------------------------------- training
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch, start=step % steps_per_epoch)
+        for images, _ in common.progress(loader, dist, desc=f"epoch {epoch}", total=len(sampler)):
+            lr = common.cosine_lr(step, args.lr, args.warmup, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(device, non_blocking=True)  # (b, 3, H, W) in [0, 1], b = batch_size / world
+
+            # --- AGFT: calibrated soft target (Eq. 8) and PGD on the same soft-label loss (Eq. 9-10) ---
+            with torch.no_grad(), ctx:
+                orig_sim = common.cosine_sim(orig_encoder(images), text)  # (b, C) original model, clean x
+
+            def attack_loss(x):
+                with ctx:
+                    return agft_loss(common.cosine_sim(encoder(x), text), orig_sim, args.tau, args.gamma)
+
+            encoder.eval()
+            delta = common.random_start((args.batch_size, *images.shape[1:]), eps, args.seed, step, dist.rank,
+                                        dist.world, device)
+            x_adv = common.pgd(attack_loss, images, eps, alpha, args.attack_steps, delta)  # inner max, Eq. 10
+            encoder.train()
+            with ctx:
+                loss = agft_loss(common.cosine_sim(train_encoder(x_adv), text), orig_sim, args.tau, args.gamma)
+            # --------------------------------------------------------------------------------------------------
+
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+
+            if step % args.log_every == 0 or step == total_steps:
+                loss_avg = common.all_reduce_sum(loss.detach().float().clone(), dist).item() / dist.world
+                run.log({"step": step, "epoch": epoch, "loss": round(loss_avg, 6), "lr": lr,
+                         **run.throughput(step, args.batch_size, device)})
+            if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
+                run.save(common.checkpoint_state(clip_model, optimizer, scaler, step, total_steps, args))
+            if step >= total_steps:
+                break
+
+    # ---------------------------------------------------------------------------------------------------- results
+    run.write_model(clip_model)
+    if before is not None:
+        after = common.demo_evaluate(encoder, clip_model, dist, ctx, args, run, "after")
+        common.demo_report(run, args, before, after)
+    run.print(f"done: {run.dir}/model.pt")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.run_main(main)
