@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny random CLIP checkpoint, the demo CLIP cache, and helpers to run the scripts."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import common  # noqa: E402
+
+# The demo CLIP is pretrained once per test session (about a minute) unless CLIP_AFT_CACHE points at a cache.
+if not os.environ.get("CLIP_AFT_CACHE"):
+    os.environ["CLIP_AFT_CACHE"] = os.path.join(ROOT, ".pytest_cache", "clip-aft")
+torch.set_num_threads(2)
+
+
+def tiny_clip(seed=0):
+    """A random clip.model.CLIP of the tiny architecture (32x32 images, 8x8 patches)."""
+    torch.manual_seed(seed)
+    return common.CLIP(*common.ARCHITECTURES["tiny"]).float().eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """Path of a tiny random CLIP saved as a plain state dict checkpoint."""
+    path = str(tmp_path_factory.mktemp("model") / "tiny.pt")
+    torch.save({"model": tiny_clip().state_dict()}, path)
+    return path
+
+
+def run_script(args, nproc=1, timeout=600, env=None):
+    """Run `python SCRIPT ARGS` (nproc=1) or `torchrun --standalone --nproc_per_node=N SCRIPT ARGS` (gloo on CPU)
+    from the repository root; returns the CompletedProcess."""
+    if nproc == 1:
+        cmd = [sys.executable] + list(args)
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + list(args)
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def load_weights(path):
+    """The CLIP state dict of a run's last.pt or model.pt, read the way the project reads checkpoints."""
+    return common.read_checkpoint_weights(path)
