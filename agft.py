@@ -47,12 +47,11 @@ def parse_args(argv=None):
     parser = common.train_parser(__doc__, "agft", lr=4e-4)
     parser.add_argument("--gamma", type=float, default=0.4, help="temperature scaling ratio γ in (0, 1] (Eq. 8)")
     parser.add_argument("--tau", type=float, default=1 / 180, help="temperature τ of Eq. 6-9 (default 1/180)")
-    args = common.parse_train_args(parser, argv, demo_defaults=dict(lr=0.01))
-    try:
-        check_agft_params(args.tau, args.gamma)
-    except ValueError as e:
-        raise common.UsageError(f"--{str(e).split()[0]} {getattr(args, str(e).split()[0])}: must be "
-                                + ("in (0, 1]" if str(e).startswith("gamma") else "> 0"))
+    args = common.parse_train_args(parser, argv, demo_defaults=dict(lr=1e-3))
+    if not 0 < args.gamma <= 1:
+        raise common.UsageError(f"--gamma {args.gamma}: must be in (0, 1]")
+    if not args.tau > 0:
+        raise common.UsageError(f"--tau {args.tau}: must be > 0")
     return args
 
 

@@ -427,7 +427,7 @@ def demo_cache_path():
     return os.path.join(root, "demo-clip-v1.pt")
 
 
-def demo_clip(steps=1500, log=print):
+def demo_clip(steps=800, log=print):
     """The demo's tiny CLIP (ARCHITECTURES['tiny']), pretrained contrastively on captioned demo images of all 64
     concepts. Deterministic; cached in $CLIP_AFT_CACHE (default ~/.cache/clip-aft) after the first call."""
     path = demo_cache_path()
@@ -504,8 +504,8 @@ def train_parser(doc, method, **defaults):
     """The flags every training script shares; `defaults` are the method's paper settings."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B/32", help="released CLIP name, checkpoint file, random:ARCH or demo")
-    p.add_argument("--data", default="./data/imagenet",
-                   help="ImageNet root (train/ + devkit), ImageFolder directory, 'synthetic' or 'demo'")
+    p.add_argument("--data", default="./data/imagenet", help=defaults.pop(
+        "data_help", "ImageNet root (train/ + devkit), ImageFolder directory, 'synthetic' or 'demo'"))
     p.add_argument("--class-names", default=None, help="file with one class name per line (sorted folder order)")
     p.add_argument("--out", default=None, help="run directory (default runs/<method>-<timestamp>); reused = resume")
     p.add_argument("--epochs", type=int, default=10, help="training epochs")
@@ -532,12 +532,13 @@ def train_parser(doc, method, **defaults):
 
 
 # Demo settings shared by the methods (a method adds its own lr): tiny model, 32x32 images, minutes on a CPU.
-DEMO_DEFAULTS = dict(model="demo", data="demo", epochs=3, batch_size=64, warmup=20, eps=4.0, workers=0,
+DEMO_DEFAULTS = dict(model="demo", data="demo", epochs=6, batch_size=64, warmup=20, eps=4.0, workers=0,
                      save_every=1000, log_every=10, weight_decay=0.0)
 
 
-def parse_train_args(parser, argv=None, demo_defaults=None):
-    """Parse, apply --demo defaults (flags given explicitly still win), derive values, validate."""
+def parse_train_args(parser, argv=None, demo_defaults=None, check_data=True):
+    """Parse, apply --demo defaults (flags given explicitly still win), derive values, validate (--data too, unless
+    check_data=False: a script whose --data is not an image-folder dataset validates it itself)."""
     args = parser.parse_args(argv)
     if args.demo:
         parser.set_defaults(**{**DEMO_DEFAULTS, **(demo_defaults or {})})
@@ -554,7 +555,7 @@ def parse_train_args(parser, argv=None, demo_defaults=None):
         raise UsageError(f"--max-steps {args.max_steps}: must be >= 1")
     if args.lr <= 0:
         raise UsageError(f"--lr {args.lr}: must be > 0")
-    if args.data not in ("synthetic", "demo") and not os.path.isdir(args.data):
+    if check_data and args.data not in ("synthetic", "demo") and not os.path.isdir(args.data):
         raise UsageError(f"--data {args.data}: no such directory (an ImageNet root with train/ and the devkit, "
                          "an ImageFolder directory, 'synthetic' or 'demo')")
     if args.out is None:
@@ -709,37 +710,337 @@ def attack_pgd(logits_fn, x, y, index, eps, alpha, steps, seed):
     return pgd(ce_attack_loss(logits_fn, y), x, eps, alpha, steps, delta)
 
 
-ATTACKS = {"pgd": attack_pgd}  # name -> fn(logits_fn, x, y, index, eps, alpha, steps, seed) -> x_adv
-DEFAULT_ATTACK_STEPS = {"pgd": 20}
+def margin_loss(logits, y):
+    """C&W margin max_{j≠y} z_j − z_y (κ = 0): (B, C), (B,) -> (B,); positive iff the sample is misclassified."""
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    z_other = logits.scatter(1, y[:, None], float("-inf")).amax(1)  # max over j ≠ y
+    return z_other - z_y
+
+
+def dlr_loss(logits, y):
+    """Difference of Logits Ratio (Croce & Hein 2020, Eq. 6): −(z_y − max_{j≠y} z_j) / (z_π1 − z_π3 + 1e-12),
+    π the logits sorted in decreasing order. (B, C), (B,) -> (B,). Scale-invariant; needs C ≥ 3."""
+    if logits.shape[1] < 3:
+        raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
+    z = logits.sort(dim=1, descending=True).values  # (B, C): z_π1 ≥ z_π2 ≥ ...
+    return margin_loss(logits, y) / (z[:, 0] - z[:, 2] + 1e-12)
+
+
+def attack_cw(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """ℓ∞ C&W as in the AGFT/TeCoA evaluations (SPEC §6 `cw`): PGD, same schedule as `pgd`, on the margin loss."""
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    return pgd(lambda x_adv: margin_loss(logits_fn(x_adv), y).sum(), x, eps, alpha, steps, delta)
+
+
+def apgd_checkpoints(n_iter):
+    """APGD's checkpoints w_j = ⌈p_j · N_iter⌉ (Croce & Hein 2020, §3.2): p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06) while p_j ≤ 1. Computed in integer hundredths, so ⌈·⌉ is exact
+    (in floats 0.22 · 100 = 22.000000000000004 would round up to 23)."""
+    p = [0, 22]
+    while p[-1] + max(p[-1] - p[-2] - 3, 6) <= 100:
+        p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
+    return sorted({-(-pj * n_iter // 100) for pj in p})  # ceil; duplicates merge for small N_iter
+
+
+def apgd_conditions(n_up, window, f_max, f_max_ckpt, reduced_ckpt, rho=0.75):
+    """APGD's test at checkpoint w_j (Croce & Hein 2020, §3.2), per sample (B,) -> (B,) bool, True = halve η and
+    restart from x_max. Condition 1: the loss rose in fewer than ρ · (w_j − w_{j−1}) of the steps since w_{j−1}
+    (n_up of window). Condition 2: η was not halved at w_{j−1} and f_max has not improved since then."""
+    return (n_up < rho * window) | (~reduced_ckpt & (f_max == f_max_ckpt))
+
+
+def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=0.75):
+    """APGD (Croce & Hein 2020, Algorithm 1), ℓ∞: maximise loss_of_logits(logits, y) (per sample, (B,)) over the
+    ε-ball around x inside [0, 1]. Every sample has its own step size, best point and checkpoint tests, so the
+    result does not depend on the batch. Starts at clamp(x + delta, 0, 1).
+
+    Returns the best point x_max of Algorithm 1; where some iterate fooled the model, the highest-loss such iterate
+    instead (AutoAttack's reference code counts a sample as broken as soon as any iterate fools the model)."""
+    x = x.detach()
+    project = lambda z: (x + (z - x).clamp(-eps, eps)).clamp(0, 1)  # noqa: E731  P_S
+    per = lambda v: v.view(-1, *[1] * (x.dim() - 1))  # noqa: E731  (B,) -> (B, 1, 1, 1)
+
+    def evaluate(z):  # -> f(z) (B,), fooled (B,) bool, ∇f(z) (B, 3, H, W)
+        z = z.detach().requires_grad_(True)
+        logits = logits_fn(z)
+        loss = loss_of_logits(logits, y).float()
+        grad, = torch.autograd.grad(loss.sum(), z)  # samples are independent: ∇ of the sum is per-sample ∇
+        return loss.detach(), logits.argmax(-1).ne(y), grad.detach()
+
+    checkpoints = set(apgd_checkpoints(steps)[1:])
+    eta = torch.full((len(x),), 2.0 * eps, device=x.device)  # η^(0) = 2ε
+    x_k = project(x + delta)
+    f_k, fooled, grad = evaluate(x_k)
+    x_prev = x_k
+    x_max, f_max, grad_max = x_k, f_k, grad  # best point so far, by loss (restarts go back to it)
+    x_out, f_out, out_fooled = x_k, f_k, fooled  # best point by (fooled, loss): the output
+    n_up = torch.zeros(len(x), device=x.device)  # Σ 1[f(x^(i+1)) > f(x^(i))] since the last checkpoint
+    f_max_ckpt, reduced_ckpt, w_last = f_max, torch.zeros_like(fooled), 0  # state at the last checkpoint
+    for k in range(steps):
+        z = project(x_k + per(eta) * grad.sign())  # z^(k+1)
+        a = 1.0 if k == 0 else momentum  # x^(1) = z^(1); then momentum 0.75 (Alg. 1)
+        x_next = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev))
+        f_next, fooled, grad = evaluate(x_next)
+        n_up += f_next > f_k
+        x_prev, x_k, f_k = x_k, x_next, f_next
+        better = f_k > f_max
+        x_max, f_max = torch.where(per(better), x_k, x_max), torch.where(better, f_k, f_max)
+        grad_max = torch.where(per(better), grad, grad_max)
+        out = (fooled & ~out_fooled) | ((fooled == out_fooled) & (f_k > f_out))
+        x_out, f_out, out_fooled = torch.where(per(out), x_k, x_out), torch.where(out, f_k, f_out), out_fooled | fooled
+        if k + 1 in checkpoints and k + 1 < steps:  # k + 1 = w_j: halve η and restart from x_max if
+            reduce = apgd_conditions(n_up, k + 1 - w_last, f_max, f_max_ckpt, reduced_ckpt, rho)
+            eta = torch.where(reduce, eta / 2, eta)
+            x_k, f_k, grad = torch.where(per(reduce), x_max, x_k), torch.where(reduce, f_max, f_k), \
+                torch.where(per(reduce), grad_max, grad)
+            n_up, f_max_ckpt, reduced_ckpt, w_last = torch.zeros_like(n_up), f_max, reduce, k + 1
+    return x_out.detach()
+
+
+def cross_entropy_per_sample(logits, y):
+    """CE(logits, y) = log(1 + Σ_{j≠y} exp(z_j − z_y)), (B, C), (B,) -> (B,), without the cancellation of
+    logsumexp(z) − z_y: at CLIP's scale 100 a confident sample's CE is below float32's resolution around 1 and
+    F.cross_entropy returns exactly 0, which would hide APGD's progress from its best-point and checkpoint tests."""
+    rest = (logits - logits.gather(1, y[:, None])).scatter(1, y[:, None], float("-inf"))  # z_j − z_y, j ≠ y
+    return F.softplus(torch.logsumexp(rest, dim=1))
+
+
+def attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """APGD on the cross-entropy at CLIP's logit scale (SPEC §6 `apgd-ce`); α is unused (step size 2ε, adaptive)."""
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    return apgd(logits_fn, cross_entropy_per_sample, x, y, eps, steps, delta)
+
+
+def attack_apgd_dlr(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """APGD on the DLR loss (SPEC §6 `apgd-dlr`); needs ≥ 3 classes (ATTACK_MIN_CLASSES)."""
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    return apgd(logits_fn, dlr_loss, x, y, eps, steps, delta)
+
+
+def attack_aa(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """AutoAttack as the AGFT paper runs it (its App. 7: APGD-CE and APGD-DLR): APGD-DLR attacks the samples that
+    survived APGD-CE, so the returned point fools the model iff one of the two runs did (per-sample worst case).
+    On 2-class sets DLR is undefined and `aa` is APGD-CE alone."""
+    x_adv = attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed)
+    with torch.no_grad():
+        logits = logits_fn(x_adv)
+    alive = (logits.argmax(-1) == y).nonzero()[:, 0]  # survivors of APGD-CE
+    if logits.shape[1] >= 3 and len(alive):
+        x_adv[alive] = attack_apgd_dlr(logits_fn, x[alive], y[alive], index[alive.cpu()], eps, alpha, steps, seed)
+    return x_adv
+
+
+def per_sample_randint(index, high, seed, device):
+    """One integer in [0, high) per sample from a generator seeded by its dataset index (a stream apart from
+    per_sample_start's): independent of batching and of the number of processes. index: (B,) -> (B,)."""
+    draw = lambda i: int(torch.randint(high, (), generator=torch.Generator().manual_seed(  # noqa: E731
+        seed * 1_000_003 + i + (1 << 40))))
+    return torch.tensor([draw(i) for i in index.tolist()], dtype=torch.long, device=device)
+
+
+def pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed):
+    """PGD (same schedule and random start as `pgd`) minimising CE(logits, target), i.e. maximising its negative."""
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    return pgd(lambda x_adv: -F.cross_entropy(logits_fn(x_adv), target, reduction="sum"), x, eps, alpha, steps, delta)
+
+
+def attack_pgd_t_rand(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """Targeted PGD towards a uniformly random wrong class (SPEC §6 `pgd-t-rand`)."""
+    with torch.no_grad():
+        n_classes = logits_fn(x[:1]).shape[1]
+    target = (y + 1 + per_sample_randint(index, n_classes - 1, seed, y.device)) % n_classes  # never y
+    return pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed)
+
+
+def attack_pgd_t_least(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """Targeted PGD towards the least-likely class of the clean prediction (SPEC §6 `pgd-t-least`)."""
+    with torch.no_grad():
+        target = logits_fn(x).argmin(-1)
+    return pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed)
+
+
+# name -> fn(logits_fn, x, y, index, eps, alpha, steps, seed) -> x_adv
+ATTACKS = {"pgd": attack_pgd, "cw": attack_cw, "apgd-ce": attack_apgd_ce, "apgd-dlr": attack_apgd_dlr,
+           "aa": attack_aa, "pgd-t-rand": attack_pgd_t_rand, "pgd-t-least": attack_pgd_t_least}
+DEFAULT_ATTACK_STEPS = {"pgd": 20, "cw": 20, "apgd-ce": 100, "apgd-dlr": 100, "aa": 100, "pgd-t-rand": 20,
+                        "pgd-t-least": 20}
+ATTACK_MIN_CLASSES = {"apgd-dlr": 3}  # below this the attack is not applicable: reported as None, not a number
 
 
 def zero_shot_eval(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
                    batch_size=256, ctx=nullcontext(), seed=0, workers=0, desc=None):
     """Zero-shot clean and robust accuracy (%) of `encoder` on `dataset` with class text features `text_feats`.
 
-    Logits are CLIP_LOGIT_SCALE · s(f(x), T). Each attack's robust accuracy counts pred(x_adv) == y. Counts are
-    summed across processes; every sample is counted once. Returns {"n": int, "clean": %, attack: %, ...}."""
+    Logits are CLIP_LOGIT_SCALE · s(f(x), T). A sample counts as robust to an attack only if it is classified
+    correctly both clean and at x_adv (so robust ≤ clean per sample); only clean-correct samples are attacked.
+    An attack that needs more classes than there are (ATTACK_MIN_CLASSES) gives None. Counts are summed across
+    processes; every sample is counted once. Returns {"n": int, "clean": %, attack: % or None, ...}."""
     encoder.eval()
     logits_fn = lambda x: CLIP_LOGIT_SCALE * cosine_sim(encoder(x), text_feats)  # noqa: E731
+    applicable = [len(text_feats) >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
     correct = torch.zeros(1 + len(attacks), dtype=torch.float64, device=dist.device)
     n = torch.zeros(1, dtype=torch.float64, device=dist.device)
     for x, y, index in progress(eval_loader(dataset, batch_size, dist, workers), dist, desc=desc, leave=False):
         x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+        n += len(y)
         with ctx, torch.no_grad():
-            correct[0] += (logits_fn(x).argmax(-1) == y).sum()
+            ok = logits_fn(x).argmax(-1) == y  # (B,) clean-correct
+        correct[0] += ok.sum()
+        x, y, index = x[ok], y[ok], index[ok.cpu()]
         for k, name in enumerate(attacks, start=1):
+            if not applicable[k - 1] or len(y) == 0:
+                continue
             with ctx:
                 x_adv = ATTACKS[name](logits_fn, x, y, index, eps, alpha, steps or DEFAULT_ATTACK_STEPS[name], seed)
             with ctx, torch.no_grad():
                 correct[k] += (logits_fn(x_adv).argmax(-1) == y).sum()
-        n += len(y)
     all_reduce_sum(correct, dist)
     all_reduce_sum(n, dist)
     n = int(n.item())
     acc = (100.0 * correct / max(n, 1)).tolist()
-    return {"n": n, **{name: round(a, 2) for name, a in zip(("clean",) + tuple(attacks), acc)}}
+    return {"n": n, "clean": round(acc[0], 2),
+            **{name: round(a, 2) if ok_ else None for name, a, ok_ in zip(attacks, acc[1:], applicable)}}
 
 
+# ----------------------------------------------------------------------------------------------------- caption data
+# AdvFLYP (SPEC §5) trains on web image-caption pairs. Every caption dataset yields (image in [0, 1], caption, broken).
+# An image that cannot be read is replaced by the next readable pair in the list and `broken` is 1. The substitute
+# depends only on the index, so the batches are the same with any number of processes or DataLoader workers and
+# after a resume, and the sum of `broken` over an epoch counts each unreadable image once.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class CaptionPairs(torch.utils.data.Dataset):
+    """Image files with captions: `images[i]` is a path and `caption(i)` its text."""
+
+    def __init__(self, images, captions, resolution, source):
+        self.images, self.captions, self.source = images, captions, source
+        self.transform = image_transform(resolution)
+        if not images:
+            raise UsageError(f"--data {source}: has no image-caption pairs")
+        if not any(self.load(i) is not None for i in range(len(images))):  # stops at the first readable pair
+            raise UsageError(f"--data {source}: none of its {len(images)} images can be read")
+
+    def __len__(self):
+        return len(self.images)
+
+    def caption(self, i):
+        return self.captions[i]
+
+    def load(self, i):
+        """(image, caption) of pair i, or None when the image (or its caption file) cannot be read."""
+        from PIL import Image
+        try:
+            with Image.open(self.images[i]) as im:
+                return self.transform(im), self.caption(i)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's ways of saying "broken"
+            return None
+
+    def __getitem__(self, i):
+        for k in range(len(self)):
+            item = self.load((i + k) % len(self))
+            if item is not None:
+                return (*item, int(k > 0))
+        raise RuntimeError(f"{self.source}: no readable image left (did the files change during training?)")
+
+
+class CaptionFiles(CaptionPairs):
+    """img2dataset's `files` output: the caption of SHARD/KEY.jpg is in SHARD/KEY.txt, read when the item is."""
+
+    def caption(self, i):
+        with open(os.path.splitext(self.images[i])[0] + ".txt", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+
+
+class Captioned(torch.utils.data.Dataset):
+    """(image, caption, 0) from a dataset of generated images (never unreadable) whose items are (image, caption),
+    or (image, label) captioned 'a photo of a {class name}.'."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, target = self.dataset[i]
+        caption = target if isinstance(target, str) else f"a photo of a {self.dataset.classes[target]}."
+        return image, caption, 0
+
+
+def read_caption_table(path, img_key="filepath", caption_key="title", separator=None):
+    """(image paths, captions) from a CSV/TSV in open_clip's convention: one row per pair, a header naming the
+    image-path column `img_key` and the caption column `caption_key`. The separator defaults to ',' for .csv and a
+    tab otherwise (open_clip's default); relative image paths are resolved against the file's folder."""
+    import csv
+    if separator is None:
+        separator = "," if path.lower().endswith(".csv") else "\t"
+    separator = {"\\t": "\t", "tab": "\t"}.get(separator, separator)
+    if len(separator) != 1:
+        raise UsageError(f"--csv-separator {separator!r}: must be one character")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=separator)
+            columns = reader.fieldnames or []
+            missing = [key for key in (img_key, caption_key) if key not in columns]
+            if missing:
+                raise UsageError(f"--data {path}: no column {' or '.join(map(repr, missing))} (separator "
+                                 f"{separator!r}, columns {columns}); set --csv-img-key, --csv-caption-key, "
+                                 "--csv-separator")
+            rows = [(row[img_key] or "", row[caption_key] or "") for row in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"--data {path}: not a readable CSV/TSV file ({e})")
+    folder = os.path.dirname(os.path.abspath(path))
+    return [os.path.join(folder, p) for p, _ in rows], [c for _, c in rows]  # join keeps absolute paths as they are
+
+
+def find_caption_files(root):
+    """Sorted image paths with a caption file beside them (KEY.jpg + KEY.txt) in `root` and its subfolders: the
+    layout of img2dataset's `files` output format (ROOT/00000/000000000.jpg, ROOT/00000/000000000.txt, ...)."""
+    folders = [root] + sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    images = []
+    for folder in folders:
+        names = set(os.listdir(folder))
+        images += [os.path.join(folder, n) for n in sorted(names)
+                   if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS and os.path.splitext(n)[0] + ".txt" in names]
+    return images
+
+
+def caption_dataset(spec, resolution, img_key="filepath", caption_key="title", separator=None,
+                    synthetic_size=None, seed=0):
+    """Dataset of (image in [0, 1], caption, broken) for `--data` of AdvFLYP: a CSV/TSV file of image paths and
+    captions, an img2dataset output folder (`files` format), `synthetic` (random images captioned with random class
+    names) or `demo` (captioned images of the demo's proxy concepts, the images agft.py's demo trains on)."""
+    if spec == "synthetic":
+        return Captioned(SyntheticImages(synthetic_size or 10_000, 1000, resolution, seed))
+    if spec == "demo":
+        return Captioned(DemoImages(DEMO_PROXY, 64, resolution, seed=1, captions=True))
+    if os.path.isfile(spec):
+        images, captions = read_caption_table(spec, img_key, caption_key, separator)
+        return CaptionPairs(images, captions, resolution, spec)
+    if os.path.isdir(spec):
+        images = find_caption_files(spec)
+        if not images:
+            raise UsageError(f"--data {spec}: no image with a caption file beside it (expected img2dataset's `files` "
+                             "output: 00000/000000000.jpg with 00000/000000000.txt)")
+        return CaptionFiles(images, None, resolution, spec)
+    raise UsageError(f"--data {spec}: no such file or directory (expected a CSV/TSV of image paths and captions, "
+                     "an img2dataset output folder, 'synthetic' or 'demo')")
+
+
+def all_gather_with_grad(t, dist):
+    """(b, ...) on each of W processes -> (W·b, ...), rank-major: the global batch in the order GlobalBatchSampler
+    splits it. This rank's rows keep their autograd graph and the other ranks' rows are constants, so a loss of the
+    global batch back-propagates through this rank's rows only (DDP then averages over ranks: scale the loss by W)."""
+    if dist.world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.world)]
+    torch_dist.all_gather(parts, t.detach().contiguous())
+    parts[dist.rank] = t
+    return torch.cat(parts)
+
+
+# ------------------------------------------------------------------------------------------------- demo evaluation
 def demo_evaluate(encoder, clip_model, dist, ctx, args, run, when):
     """Zero-shot clean and PGD-20 (α = 1/255, ε = --eps) accuracy on the demo's held-out and proxy concepts."""
     out = {}
@@ -767,3 +1068,288 @@ def demo_report(run, args, before, after):
         "held_out_concepts": [f"{c} {s}" for c, s in DEMO_HELD_OUT],
         "proxy_concepts": [f"{c} {s}" for c, s in DEMO_PROXY],
     })
+
+
+# ------------------------------------------------------------------------------------------ evaluation datasets
+# The zero-shot benchmark (SPEC §6). Every name maps to a loader returning (dataset of (image in [0, 1], label),
+# class names or None, WordNet ids or None); templates and the class names torchvision lacks are data in
+# data_lists/. Test split where torchvision has one; the whole set for Caltech101, Caltech256, SUN397, EuroSAT.
+DATA_LISTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_lists")
+AGFT_DATASETS = ("Caltech101", "Caltech256", "CIFAR10", "CIFAR100", "DTD", "EuroSAT", "FGVCAircraft", "Flowers102",
+                 "Food101", "ImageNet", "OxfordIIITPet", "PCAM", "StanfordCars", "STL10", "SUN397")  # `all`: the
+# 15 datasets of the AGFT paper, in the column order of its tables
+NATIVE_RESOLUTION = ("CIFAR10", "CIFAR100", "STL10")  # attacked at their own size: the encoder resizes inside
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def read_data_list(name):
+    """data_lists/NAME: 'key<TAB>value' lines -> dict (file order), or plain lines -> list."""
+    with open(os.path.join(DATA_LISTS, name), encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    return dict(line.split("\t", 1) for line in lines) if name.endswith(".tsv") else lines
+
+
+def native_transform():
+    from torchvision import transforms
+    return transforms.Compose([transforms.Lambda(lambda im: im.convert("RGB")), transforms.ToTensor()])
+
+
+def is_wnid(name):
+    return re.fullmatch(r"n\d{8}", name) is not None
+
+
+class FileList(torch.utils.data.Dataset):
+    """Images from a list of (path, label), read with PIL (RGB) and `transform`."""
+
+    def __init__(self, samples, transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from torchvision.datasets.folder import default_loader
+        path, label = self.samples[i]
+        return self.transform(default_loader(path)), label
+
+
+def image_folder(root, transform, exclude=(), recursive=True):
+    """An ImageFolder-layout directory root/<class>/<image> as (FileList, sorted class folder names). Sorted file
+    order, so a --samples subset and the sharding are the same on every machine."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name not in exclude
+                     and not e.name.startswith("."))
+    samples = []
+    for label, c in enumerate(classes):
+        folder = os.path.join(root, c)
+        walk = os.walk(folder, followlinks=True) if recursive else [(folder, None, os.listdir(folder))]
+        files = sorted(os.path.join(d, f) for d, _, fs in walk for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+        samples += [(f, label) for f in files]
+    if not samples:
+        raise UsageError(f"{root}: no images found (expected {root}/<class>/<image>)")
+    return FileList(samples, transform), classes
+
+
+def wnid_names(name, wnids, root, class_names_file=None):
+    """Class names of WordNet ids: from --class-names ('wnid name' lines, or one name per line in sorted wnid
+    order) or else from ImageNet's devkit in <root>/imagenet through torchvision (first synonym)."""
+    if class_names_file is not None:
+        if not os.path.isfile(class_names_file):
+            raise UsageError(f"--class-names {class_names_file}: no such file")
+        with open(class_names_file, encoding="utf-8") as f:
+            pairs = [line.strip().split(None, 1) for line in f if line.strip()]
+        if not all(len(p) == 2 and is_wnid(p[0]) for p in pairs):  # one name per line
+            if len(pairs) != len(wnids):
+                raise UsageError(f"--class-names {class_names_file}: has {len(pairs)} names, {name} has {len(wnids)} "
+                                 "classes ('wnid name' lines serve several datasets at once)")
+            return [" ".join(p) for p in pairs]
+        table = dict(pairs)
+    else:
+        from torchvision.datasets.imagenet import load_meta_file, parse_devkit_archive
+        base = os.path.join(root, "imagenet")
+        if not os.path.isfile(os.path.join(base, "meta.bin")) and os.path.isfile(
+                os.path.join(base, "ILSVRC2012_devkit_t12.tar.gz")):
+            parse_devkit_archive(base)  # writes meta.bin beside it, as torchvision's ImageNet does
+        if not os.path.isfile(os.path.join(base, "meta.bin")):
+            raise UsageError(f"{name}: the class folders are WordNet ids; put ImageNet's ILSVRC2012_devkit_t12.tar.gz "
+                             f"(or torchvision's meta.bin) in {base}, or give --class-names FILE ('wnid name' lines)")
+        table = {w: names[0] for w, names in load_meta_file(base)[0].items()}
+    missing = [w for w in wnids if w not in table]
+    if missing:
+        raise UsageError(f"{name}: no class name for {len(missing)} WordNet id(s), e.g. {missing[0]}")
+    return [table[w] for w in wnids]
+
+
+# ---- loaders: (root, transform, download) -> (dataset, class names or None, WordNet ids or None)
+def _torchvision(cls_name, **split):
+    """A torchvision dataset class with the given split; class names from its `classes`."""
+    def load(root, transform, download):
+        from torchvision import datasets
+        ds = getattr(datasets, cls_name)(root, transform=transform, download=download, **split)
+        return ds, list(ds.classes), None
+    return load
+
+
+def _caltech101(root, transform, download):
+    if download:
+        from torchvision import datasets
+        datasets.Caltech101(root, download=True)
+    # read as a folder: torchvision's reader imports scipy for every item; BACKGROUND_Google is not a class
+    ds, classes = image_folder(os.path.join(root, "caltech101", "101_ObjectCategories"), transform,
+                               exclude=("BACKGROUND_Google",))
+    return ds, classes, None
+
+
+def _caltech256(root, transform, download):
+    if download:
+        from torchvision import datasets
+        datasets.Caltech256(root, download=True)
+    # top-level .jpg only, as torchvision counts them; '001.ak47' -> 'ak47', 'airplanes-101' -> 'airplanes'
+    ds, folders = image_folder(os.path.join(root, "caltech256", "256_ObjectCategories"), transform, recursive=False)
+    return ds, [re.sub(r"-101$", "", re.sub(r"^\d+\.", "", c)) for c in folders], None
+
+
+def _eurosat(root, transform, download):
+    if download:
+        from torchvision import datasets
+        datasets.EuroSAT(root, download=True)
+    ds, folders = image_folder(os.path.join(root, "eurosat", "2750"), transform)
+    names = read_data_list("eurosat.tsv")  # folder (CamelCase) -> a name a caption would use
+    if any(c not in names for c in folders):
+        raise UsageError(f"EuroSAT: unexpected class folder(s) {[c for c in folders if c not in names]} "
+                         f"(expected {', '.join(names)})")
+    return ds, [names[c] for c in folders], None
+
+
+def _country211(root, transform, download):
+    if download:
+        from torchvision import datasets
+        datasets.Country211(root, split="test", download=True)
+    ds, codes = image_folder(os.path.join(root, "country211", "test"), transform)
+    names = read_data_list("iso3166.tsv")  # ISO 3166-1 alpha-2 code -> country name
+    if any(c not in names for c in codes):
+        raise UsageError(f"Country211: unknown country code(s) {[c for c in codes if c not in names]}")
+    return ds, [names[c] for c in codes], None
+
+
+def _sun397(root, transform, download):
+    from torchvision import datasets
+    if download:
+        datasets.SUN397(root, download=True)
+    base = os.path.join(root, "SUN397")
+    with open(os.path.join(base, "ClassName.txt")) as f:
+        classes = [line.strip() for line in f if line.strip()]  # '/a/abbey', '/b/balcony/exterior', ...
+    samples = []  # sorted, unlike torchvision's rglob order
+    for label, c in enumerate(classes):
+        folder = os.path.join(base, c.lstrip("/"))
+        samples += [(os.path.join(folder, f), label) for f in sorted(os.listdir(folder))
+                    if f.startswith("sun_") and f.endswith(".jpg")]
+    return FileList(samples, transform), [c[3:].replace("/", " ") for c in classes], None
+
+
+def _pcam(root, transform, download):
+    from torchvision import datasets
+    ds = datasets.PCAM(root, split="test", transform=transform, download=download)
+    return ds, read_data_list("pcam.txt"), None  # SPEC §6: the two classes as sentences
+
+
+def _stanford_cars(root, transform, download):
+    from torchvision import datasets
+    ds = datasets.StanfordCars(root, split="test", transform=transform)  # no download: torchvision's URL is gone
+    return ds, [re.sub(r"\s+\d{4}$", "", c) for c in ds.classes], None  # year stripped (SPEC §6)
+
+
+def _imagenet(root, transform, download):
+    from torchvision import datasets
+    base = os.path.join(root, "imagenet")
+    if any(os.path.isfile(os.path.join(base, f)) for f in ("meta.bin", "ILSVRC2012_devkit_t12.tar.gz")):
+        ds = datasets.ImageNet(base, split="val", transform=transform)  # unpacks ILSVRC2012_img_val.tar if needed
+        return ds, [c[0] for c in ds.classes], ds.wnids  # first synonym
+    ds, wnids = image_folder(os.path.join(base, "val"), transform)  # val/<wnid>/ without a devkit
+    return ds, None, wnids
+
+
+def _wnid_folder(folder):
+    """ImageNet-R, -A, -Sketch: folders of WordNet ids, named through ImageNet's devkit or --class-names."""
+    def load(root, transform, download):
+        ds, wnids = image_folder(os.path.join(root, folder), transform)
+        return ds, None, wnids
+    return load
+
+
+def _tiny_imagenet(root, transform, download):
+    base = os.path.join(root, "tiny-imagenet-200")
+    if download and not os.path.isdir(base):
+        from torchvision.datasets.utils import download_and_extract_archive
+        download_and_extract_archive(TINY_IMAGENET_URL, root)
+    with open(os.path.join(base, "wnids.txt")) as f:
+        wnids = sorted(line.strip() for line in f if line.strip())
+    with open(os.path.join(base, "words.txt"), encoding="utf-8") as f:
+        words = dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+    annotations = os.path.join(base, "val", "val_annotations.txt")
+    if os.path.isfile(annotations):  # the archive's layout: val/images/*.JPEG + one label line per image
+        label = {w: i for i, w in enumerate(wnids)}
+        with open(annotations) as f:
+            rows = [line.split("\t")[:2] for line in f if line.strip()]
+        ds = FileList(sorted((os.path.join(base, "val", "images", im), label[w]) for im, w in rows), transform)
+    else:  # val/ already sorted into val/<wnid>/
+        ds, folders = image_folder(os.path.join(base, "val"), transform)
+        if folders != wnids:
+            raise UsageError(f"TinyImageNet: {base}/val has {len(folders)} class folders, wnids.txt lists {len(wnids)}")
+    return ds, [words[w].split(",")[0].strip() for w in wnids], wnids  # first synonym
+
+
+# name: (loader, what must exist under --data-root, what goes there, whether --download can fetch it)
+EVAL_DATASETS = {
+    "Caltech101": (_caltech101, "caltech101/101_ObjectCategories", "one folder of images per category", True),
+    "Caltech256": (_caltech256, "caltech256/256_ObjectCategories", "folders 001.ak47/ ... 257.clutter/ of .jpg", True),
+    "CIFAR10": (_torchvision("CIFAR10", train=False), "cifar-10-batches-py", "CIFAR-10, python version", True),
+    "CIFAR100": (_torchvision("CIFAR100", train=False), "cifar-100-python", "CIFAR-100, python version", True),
+    "DTD": (_torchvision("DTD", split="test", partition=1), "dtd/dtd", "images/ and labels/ of dtd-r1.0.1", True),
+    "EuroSAT": (_eurosat, "eurosat/2750", "EuroSAT RGB: one folder of .jpg per class", True),
+    "FGVCAircraft": (_torchvision("FGVCAircraft", split="test", annotation_level="variant"), "fgvc-aircraft-2013b",
+                     "data/ of fgvc-aircraft-2013b", True),
+    "Flowers102": (_torchvision("Flowers102", split="test"), "flowers-102",
+                   "jpg/, imagelabels.mat, setid.mat; needs scipy", True),
+    "Food101": (_torchvision("Food101", split="test"), "food-101", "images/ and meta/", True),
+    "ImageNet": (_imagenet, "imagenet", "ILSVRC2012_devkit_t12.tar.gz (or meta.bin) and val/ or "
+                 "ILSVRC2012_img_val.tar, from image-net.org", False),
+    "OxfordIIITPet": (_torchvision("OxfordIIITPet", split="test"), "oxford-iiit-pet", "images/ and annotations/",
+                      True),
+    "PCAM": (_pcam, "pcam", "camelyonpatch_level_2_split_test_x.h5 and _y.h5; needs h5py", True),
+    "StanfordCars": (_stanford_cars, "stanford_cars", "devkit/, cars_test/ and cars_test_annos_withlabels.mat; "
+                     "needs scipy", False),
+    "STL10": (_torchvision("STL10", split="test"), "stl10_binary", "STL-10 binary version", True),
+    "SUN397": (_sun397, "SUN397", "ClassName.txt and the class folders a/abbey/ ...", True),
+    "Country211": (_country211, "country211/test", "one folder of images per ISO country code", True),
+    "ImageNet-R": (_wnid_folder("imagenet-r"), "imagenet-r", "200 folders named by WordNet id", False),
+    "ImageNet-Sketch": (_wnid_folder("imagenet-sketch"), "imagenet-sketch",
+                        "1000 folders named by WordNet id (the archive's sketch/, renamed)", False),
+    "ImageNet-A": (_wnid_folder("imagenet-a"), "imagenet-a", "200 folders named by WordNet id", False),
+    "TinyImageNet": (_tiny_imagenet, "tiny-imagenet-200", "wnids.txt, words.txt and val/ of tiny-imagenet-200", True),
+}
+
+
+def eval_dataset(spec, root, resolution, download=False, class_names_file=None):
+    """(name, dataset of (image in [0, 1], label), class names refined for prompts, template) for one --datasets
+    entry: a name of EVAL_DATASETS, `demo` (the demo's held-out concepts) or `folder:PATH` (ImageFolder layout).
+    A dataset that is not there raises a one-line UsageError saying what to put where."""
+    templates = read_data_list("templates.tsv")
+    if spec == "demo":  # the same test images as common.demo_evaluate's held-out set
+        ds = DemoImages(DEMO_HELD_OUT, 512 // len(DEMO_HELD_OUT), resolution, seed=2)
+        return "demo", ds, ds.classes, templates["demo"]
+    transform = native_transform() if spec in NATIVE_RESOLUTION else image_transform(resolution)
+    if spec.startswith("folder:"):
+        path = spec[len("folder:"):].rstrip("/") or "/"
+        if not os.path.isdir(path):
+            raise UsageError(f"--datasets {spec}: no such directory")
+        name, key = os.path.basename(os.path.abspath(path)), "folder"
+        ds, folders = image_folder(path, transform)
+        ds, names, wnids = (ds, None, folders) if all(map(is_wnid, folders)) else (ds, folders, None)
+    elif spec in EVAL_DATASETS:
+        name = key = spec
+        loader, where, layout, can_download = EVAL_DATASETS[spec]
+        path = os.path.join(root, where)
+        fetch = "pass --download to fetch it" if can_download else "download it yourself"
+        if not download and not os.path.exists(path):
+            raise UsageError(f"{name}: not found, expected {path} ({layout}); {fetch}")
+        try:
+            ds, names, wnids = loader(root, transform, download)
+        except UsageError:
+            raise
+        except ImportError as e:
+            raise UsageError(f"{name}: needs the Python package '{e.name}' (pip install {e.name})")
+        except Exception as e:  # torchvision's 'Dataset not found or corrupted', a missing file, a failed download
+            message = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UsageError(f"{name}: could not {'download or ' if download else ''}read {path} ({message}); "
+                             f"expected {layout}; {fetch}")
+    else:
+        raise UsageError(f"--datasets {spec}: unknown dataset (one of {', '.join(EVAL_DATASETS)}, demo, all, "
+                         "folder:PATH)")
+    if wnids is not None and (names is None or class_names_file is not None):
+        try:
+            names = wnid_names(name, wnids, root, class_names_file)
+        except ImportError as e:  # parsing the devkit archive needs scipy
+            raise UsageError(f"{name}: reading ImageNet's devkit needs the Python package '{e.name}' "
+                             f"(pip install {e.name}), or give --class-names FILE")
+    return name, ds, [refine_class_name(n) for n in names], templates[key]

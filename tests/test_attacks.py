@@ -1,0 +1,307 @@
+"""The evaluation attacks of common.py (SPEC §6): ε-ball and [0, 1] invariants, ε = 0, no gradient masking on a
+trained model, APGD's checkpoints and best point, the DLR and margin losses against loops, AutoAttack's per-sample
+worst case, the 2-class case, and independence from batching (what makes multi-process results exact)."""
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+import common
+from conftest import tiny_clip
+
+ATTACK_NAMES = list(common.ATTACKS)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model is fastest on one thread, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def classifier(clip_model, class_names):
+    """logits_fn(x) = 100 · s(f(x), T) of `clip_model` for `class_names`, as zero_shot_eval builds it."""
+    clip_model.requires_grad_(False)
+    encoder = common.ImageEncoder(clip_model.visual).eval()
+    text = common.text_features(clip_model, common.prompts_for(class_names), CPU)
+    return encoder, text, lambda x: common.CLIP_LOGIT_SCALE * common.cosine_sim(encoder(x), text)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny CLIP over 5 classes and 6 images, some pixels exactly at 0 and 1 (where clamping binds)."""
+    model = tiny_clip()
+    encoder, text, logits_fn = classifier(model, [f"thing {i}" for i in range(5)])
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 32, 32, generator=g)
+    x[:, :, :4] = 0.0
+    x[:, :, -4:] = 1.0
+    y = torch.randint(5, (6,), generator=g)
+    return model, logits_fn, x, y, torch.arange(6)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo CLIP (pretrained, cached) on 32 held-out test images: a small trained model."""
+    model = common.load_clip("demo")
+    ds = common.DemoImages(common.DEMO_HELD_OUT, 2, 32, seed=2)
+    _, _, logits_fn = classifier(model, ds.classes)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        clean = logits_fn(x)
+    assert (clean.argmax(-1) == y).float().mean() > 0.8  # it is a trained model
+    return logits_fn, x, y, torch.arange(len(y)), clean
+
+
+# ------------------------------------------------------------------------------------------------- invariants
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_attack_stays_in_eps_ball_and_unit_box(tiny, name):
+    model, logits_fn, x, y, index = tiny
+    x0 = x.clone()
+    eps = 8 / 255
+    x_adv = common.ATTACKS[name](logits_fn, x, y, index, eps, 2 / 255, 3, seed=0)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (x_adv != x).any()  # it moved
+    assert torch.equal(x, x0)  # the input is not modified in place
+    assert all(p.grad is None for p in model.parameters())  # input gradients only
+
+
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_eps_zero_leaves_accuracy_at_clean(tiny, name):
+    _, logits_fn, x, y, index = tiny
+    x_adv = common.ATTACKS[name](logits_fn, x, y, index, 0.0, 1 / 255, 3, seed=0)
+    assert torch.equal(x_adv, x)
+    with torch.no_grad():
+        assert torch.equal(logits_fn(x_adv).argmax(-1), logits_fn(x).argmax(-1))
+
+
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_large_eps_breaks_a_trained_model(demo, name):
+    """At ε = 32/255 every attack drives accuracy to about 0: the gradients are informative (no masking)."""
+    logits_fn, x, y, index, clean = demo
+    x_adv = common.ATTACKS[name](logits_fn, x, y, index, 32 / 255, 4 / 255, 20, seed=0)
+    with torch.no_grad():
+        pred = logits_fn(x_adv).argmax(-1)
+    assert (pred == y).float().mean() <= 0.07
+    if name == "pgd-t-least":  # a targeted attack goes where it is sent, not just anywhere
+        assert (pred == clean.argmin(-1)).float().mean() >= 0.5
+    if name == "pgd-t-rand":
+        target = (y + 1 + common.per_sample_randint(index, clean.shape[1] - 1, 0, CPU)) % clean.shape[1]
+        assert (pred == target).float().mean() >= 0.5
+
+
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_attack_does_not_depend_on_batching(tiny, name):
+    """Per-sample random starts, targets and APGD state: a sample's x_adv is the same in any batch, hence the same
+    with any number of processes."""
+    _, logits_fn, x, y, index = tiny
+    whole = common.ATTACKS[name](logits_fn, x, y, index, 8 / 255, 2 / 255, 4, seed=3)
+    parts = [common.ATTACKS[name](logits_fn, x[s], y[s], index[s], 8 / 255, 2 / 255, 4, seed=3)
+             for s in (slice(0, 1), slice(1, 4), slice(4, 6))]
+    assert torch.allclose(whole, torch.cat(parts), atol=1e-6)
+    other_seed = common.ATTACKS[name](logits_fn, x, y, index, 8 / 255, 2 / 255, 4, seed=4)
+    assert not torch.equal(whole, other_seed)  # the seed does reach the random choices
+
+
+# --------------------------------------------------------------------------------------------------- losses
+def test_margin_and_dlr_losses_match_loops():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(20, 7, generator=g) * 5
+    y = torch.randint(7, (20,), generator=g)
+    for i in range(20):
+        z = logits[i].tolist()
+        zy = z[y[i]]
+        best_other = max(v for j, v in enumerate(z) if j != y[i])
+        s = sorted(z, reverse=True)
+        assert math.isclose(common.margin_loss(logits, y)[i].item(), best_other - zy, rel_tol=1e-5, abs_tol=1e-5)
+        expected = -(zy - best_other) / (s[0] - s[2] + 1e-12)
+        assert math.isclose(common.dlr_loss(logits, y)[i].item(), expected, rel_tol=1e-5, abs_tol=1e-6)
+    # DLR is invariant to the logit scale and to a shift; positive exactly where the sample is misclassified
+    assert torch.allclose(common.dlr_loss(3.7 * logits + 2.0, y), common.dlr_loss(logits, y), atol=1e-5)
+    assert torch.equal(common.dlr_loss(logits, y) > 0, logits.argmax(-1) != y)
+    with pytest.raises(ValueError):
+        common.dlr_loss(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------------------ APGD
+def paper_checkpoints(n_iter):
+    """w_j = ⌈p_j N⌉ with p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), exact rationals."""
+    p = [Fraction(0), Fraction(22, 100)]
+    while p[-1] + max(p[-1] - p[-2] - Fraction(3, 100), Fraction(6, 100)) <= 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - Fraction(3, 100), Fraction(6, 100)))
+    return sorted({math.ceil(pj * n_iter) for pj in p})
+
+
+def test_apgd_checkpoints_follow_the_paper():
+    assert common.apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]  # Croce & Hein 2020, §3.2
+    for n in range(1, 301):
+        assert common.apgd_checkpoints(n) == paper_checkpoints(n), n
+
+
+def test_apgd_conditions():
+    t, f = torch.tensor([True]), torch.tensor([False])
+    cond = lambda n_up, window, f_max, f_ckpt, reduced: common.apgd_conditions(  # noqa: E731
+        torch.tensor([float(n_up)]), window, torch.tensor([f_max]), torch.tensor([f_ckpt]), reduced).item()
+    # Condition 1: fewer than ρ = 0.75 of the steps raised the loss (strictly fewer: 12 of 16 is not)
+    assert cond(11, 16, 2.0, 1.0, f) and not cond(12, 16, 2.0, 1.0, f) and not cond(16, 16, 2.0, 1.0, f)
+    # Condition 2: no progress since the last checkpoint and η was not halved there
+    assert cond(16, 16, 1.0, 1.0, f) and not cond(16, 16, 1.0, 1.0, t)
+    assert cond(0, 16, 1.0, 1.0, t)  # Condition 1 alone suffices
+
+
+def test_apgd_returns_the_best_point():
+    """Recording every point APGD evaluates: a sample that no iterate fooled gets its highest-loss iterate, a
+    fooled sample gets a fooling iterate (the highest-loss one)."""
+    torch.manual_seed(0)
+    W = torch.randn(10, 3 * 8 * 8) * 0.3  # a linear 10-class model, so the loss landscape is simple to check
+    seen = []
+
+    def logits_fn(x):
+        logits = x.flatten(1) @ W.t()
+        seen.append((x.detach().clone(), logits.detach().clone()))
+        return logits
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(12, 3, 8, 8, generator=g), torch.randint(10, (12,), generator=g)
+    ce = lambda z, t: torch.nn.functional.cross_entropy(z, t, reduction="none")  # noqa: E731
+    delta = common.per_sample_start(torch.arange(12), x.shape[1:], 2 / 255, 0, CPU)
+    x_out = common.apgd(logits_fn, ce, x, y, 2 / 255, 15, delta)
+    losses = torch.stack([ce(logits, y) for _, logits in seen])  # (iterates, B)
+    fooled = torch.stack([logits.argmax(-1) != y for _, logits in seen])  # (iterates, B)
+    assert len(seen) == 16  # x^(0) and 15 iterations
+    out_logits = x_out.flatten(1) @ W.t()
+    out_loss = ce(out_logits, y)
+    for i in range(12):
+        if fooled[:, i].any():
+            assert out_logits[i].argmax() != y[i]
+            assert torch.isclose(out_loss[i], losses[fooled[:, i], i].max(), atol=1e-5)
+        else:
+            assert torch.isclose(out_loss[i], losses[:, i].max(), atol=1e-5)
+    assert fooled.any() and not fooled[:, :].all()  # the check above covers both kinds of samples
+
+
+def reference_apgd(loss_fn, pred_fn, x, y, start, eps, n_iter, rho=0.75, alpha=0.75):
+    """Algorithm 1 of Croce & Hein (2020) for one sample, with Python lists and scalars: the history of iterates
+    X and losses L, checkpoint tests over the window [w_{j−1}, w_j], a restart overwriting X[w_j] with x_max."""
+    P = lambda z: (x + (z - x).clamp(-eps, eps)).clamp(0, 1)  # noqa: E731
+
+    def grad(z):
+        z = z.clone().requires_grad_(True)
+        g, = torch.autograd.grad(loss_fn(z, y), z)
+        return g
+
+    W = [w for w in paper_checkpoints(n_iter)[1:] if w < n_iter]
+    X, L = [P(x + start)], []
+    L.append(loss_fn(X[0], y).item())
+    seen = [(X[0], L[0])]  # every evaluated point, for the output
+    x_max, f_max, step = X[0], L[0], 2 * eps
+    w_prev, reduced_prev, f_max_prev = 0, False, f_max
+    for k in range(n_iter):
+        z = P(X[k] + step * grad(X[k]).sign())
+        X.append(z if k == 0 else P(X[k] + alpha * (z - X[k]) + (1 - alpha) * (X[k] - X[k - 1])))
+        L.append(loss_fn(X[-1], y).item())
+        seen.append((X[-1], L[-1]))
+        if L[-1] > f_max:
+            x_max, f_max = X[-1], L[-1]
+        if k + 1 in W:
+            w = k + 1
+            rises = sum(L[i + 1] > L[i] for i in range(w_prev, w))
+            reduce = rises < rho * (w - w_prev) or (not reduced_prev and f_max == f_max_prev)
+            if reduce:
+                step /= 2
+                X[w], L[w] = x_max, f_max
+            w_prev, reduced_prev, f_max_prev = w, reduce, f_max
+    fooling = [(z, f) for z, f in seen if pred_fn(z) != y]
+    candidates = fooling or seen
+    return max(candidates, key=lambda zf: zf[1])[0]  # max keeps the first of equal losses, as strict > does
+
+
+@pytest.mark.parametrize("n_iter", [30, 100])  # 30: checkpoints 7, 13, 18, 21, ...; 100: a window where ρ·16 = 12
+def test_apgd_matches_a_per_sample_reference(n_iter):
+    """The batched APGD (per-sample tensors) against Algorithm 1 run one sample at a time."""
+    torch.manual_seed(1)
+    W = torch.randn(10, 3 * 8 * 8) * 0.3
+    logits_fn = lambda x: x.flatten(1) @ W.t()  # noqa: E731
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(8, 3, 8, 8, generator=g), torch.randint(10, (8,), generator=g)
+    eps = 3 / 255
+    delta = common.per_sample_start(torch.arange(8), x.shape[1:], eps, 0, CPU)
+    for loss in (common.cross_entropy_per_sample, common.dlr_loss):
+        batched = common.apgd(logits_fn, loss, x, y, eps, n_iter, delta)
+        for i in range(8):
+            one = reference_apgd(lambda z, t: loss(logits_fn(z[None]), t[None])[0],
+                                 lambda z: logits_fn(z[None]).argmax(), x[i], y[i], delta[i], eps, n_iter)
+            assert torch.allclose(batched[i], one, atol=1e-6), (loss.__name__, i)
+
+
+def test_apgd_ce_makes_progress_on_confident_samples(demo):
+    """At CLIP's scale 100 the trained model's CE is exactly 0 in float32 for most samples; the loss APGD-CE
+    tracks must still see the margin shrink, or every checkpoint would send it back to its start."""
+    logits_fn, x, y, index, clean = demo
+    ce = common.cross_entropy_per_sample
+    reference = torch.nn.functional.cross_entropy(clean, y, reduction="none")
+    assert (reference == 0).float().mean() > 0.5  # the situation this guards against
+    assert (ce(clean, y) > 0).all()
+    assert torch.allclose(ce(clean, y)[reference > 1e-3], reference[reference > 1e-3], rtol=1e-4)
+    delta = common.per_sample_start(index, x.shape[1:], 2 / 255, 0, CPU)
+    x_out = common.apgd(logits_fn, ce, x, y, 2 / 255, 10, delta)
+    with torch.no_grad():
+        start, end = ce(logits_fn((x + delta).clamp(0, 1)), y), ce(logits_fn(x_out), y)
+    assert (end >= start).all() and (end > 2 * start).float().mean() > 0.9
+
+
+# ------------------------------------------------------------------------------------------------ AutoAttack
+def test_aa_is_the_per_sample_worst_case(demo):
+    logits_fn, x, y, index, clean = demo
+    robust = {}
+    for name in ("apgd-ce", "apgd-dlr", "aa"):
+        x_adv = common.ATTACKS[name](logits_fn, x, y, index, 4 / 255, 1 / 255, 10, seed=0)
+        with torch.no_grad():
+            robust[name] = (logits_fn(x_adv).argmax(-1) == y) & (clean.argmax(-1) == y)  # (B,)
+    assert (robust["aa"] <= robust["apgd-ce"]).all() and (robust["aa"] <= robust["apgd-dlr"]).all()
+    assert torch.equal(robust["aa"], robust["apgd-ce"] & robust["apgd-dlr"])  # both runs, the same random starts
+    assert robust["aa"].any() and not robust["aa"].all()  # ε = 4/255 is neither trivial nor hopeless here
+
+
+def test_two_classes_dlr_not_applicable_and_aa_is_apgd_ce():
+    model = tiny_clip(1)
+    encoder, text, logits_fn = classifier(model, ["cat", "dog"])
+    ds = common.SyntheticImages(9, 2, 32, seed=0)
+    dist = common.Dist(0, 1, 0, CPU)
+    r = common.zero_shot_eval(encoder, text, ds, dist, ("apgd-ce", "apgd-dlr", "aa"), 8 / 255, 1 / 255, 3,
+                              batch_size=4)
+    assert r["apgd-dlr"] is None and r["aa"] == r["apgd-ce"] and r["n"] == 9
+    x = torch.stack([ds[i][0] for i in range(9)])
+    y = torch.tensor([ds[i][1] for i in range(9)])
+    a = common.ATTACKS["aa"](logits_fn, x, y, torch.arange(9), 8 / 255, 1 / 255, 3, 0)
+    b = common.ATTACKS["apgd-ce"](logits_fn, x, y, torch.arange(9), 8 / 255, 1 / 255, 3, 0)
+    assert torch.equal(a, b)
+
+
+def test_zero_shot_eval_robust_never_above_clean(tiny):
+    """Only clean-correct samples count as robust, so every robust accuracy is ≤ clean, also for a random model
+    (where an attack can push a wrong prediction onto the label)."""
+    model, _, _, _, _ = tiny
+    encoder, text, _ = classifier(model, [f"thing {i}" for i in range(5)])
+    ds = common.SyntheticImages(11, 5, 32, seed=1)
+    r = common.zero_shot_eval(encoder, text, ds, common.Dist(0, 1, 0, CPU), tuple(ATTACK_NAMES), 8 / 255, 2 / 255,
+                              2, batch_size=4)
+    assert r["n"] == 11
+    assert all(r[name] <= r["clean"] for name in ATTACK_NAMES)
+
+
+def test_random_targets_are_wrong_classes_and_fixed_per_index():
+    index = torch.arange(1000)
+    offsets = common.per_sample_randint(index, 9, seed=0, device=CPU)
+    assert offsets.min() >= 0 and offsets.max() <= 8 and len(offsets.unique()) == 9  # y + 1 + [0, C−2]: never y
+    counts = torch.bincount(offsets, minlength=9).float()
+    assert counts.min() > 70  # about uniform (1000 / 9 ≈ 111 each)
+    assert torch.equal(common.per_sample_randint(index[500:510].flip(0), 9, 0, CPU), offsets[500:510].flip(0))
+    assert not torch.equal(common.per_sample_randint(index, 9, 1, CPU), offsets)

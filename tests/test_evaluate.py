@@ -1,0 +1,399 @@
+"""evaluate.py and the evaluation-dataset registry of common.py (SPEC §6): clean accuracy against an independent
+computation, 1 vs 2 processes, results.json and the Markdown table, every registry name wired to a loader,
+template and class list (checked on small fakes of each format), and one-line errors for bad input."""
+import json
+import os
+import pickle
+
+import clip
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+import evaluate
+from conftest import run_script, tiny_clip
+
+# SPEC §6, written out again here so that a changed data_lists/templates.tsv fails a test
+SPEC_TEMPLATES = {
+    "Caltech101": "A photo of a {}.", "Caltech256": "A photo of a {}.", "CIFAR10": "This is a photo of a {}.",
+    "CIFAR100": "This is a photo of a {}.", "STL10": "This is a photo of a {}.", "SUN397": "This is a photo of a {}.",
+    "ImageNet": "This is a photo of a {}.", "ImageNet-R": "This is a photo of a {}.",
+    "ImageNet-Sketch": "This is a photo of a {}.", "ImageNet-A": "This is a photo of a {}.",
+    "TinyImageNet": "This is a photo of a {}.", "Country211": "A photo I took in {}.",
+    "DTD": "A surface with a {} texture.", "EuroSAT": "A centered satellite photo of {}.",
+    "FGVCAircraft": "A photo of a {}, a type of aircraft.", "Flowers102": "A photo of a {}, a type of flower.",
+    "Food101": "A photo of {}, a type of food.", "OxfordIIITPet": "A photo of a {}, a type of pet.",
+    "PCAM": "This is a photo of {}.", "StanfordCars": "A photo of a {}.",
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_image(path, seed, size=(40, 36), mode="RGB"):
+    """A small random image file (format from the extension)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    channels = 3 if mode == "RGB" else 1
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
+
+
+def make_folder(root, counts):
+    """ImageFolder layout: {class folder: number of PNGs}."""
+    k = 0
+    for cls, n in counts.items():
+        for i in range(n):
+            write_image(os.path.join(root, cls, f"img{i}.png"), seed=k, size=(40 + k % 5, 36 + k % 3))
+            k += 1
+    return str(root)
+
+
+def run_in_process(argv, capsys):
+    """evaluate.py's main through common.run_main, as `python evaluate.py ARGV` runs it: (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        common.run_main(lambda: evaluate.main(argv))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Three classes, 7 images (odd, so 2 processes get 4 and 3), and a 2-class folder."""
+    root = tmp_path_factory.mktemp("data")
+    three = make_folder(root / "shapes", {"red_ring": 3, "green-bar": 2, "Blue Cross": 2})
+    two = make_folder(root / "pair", {"cat": 2, "dog": 3})
+    return three, two
+
+
+# --------------------------------------------------------------------------------------------------- accuracy
+def independent_clean_accuracy(folder, template):
+    """Clean zero-shot accuracy (%) with nothing from common.py: PIL, torchvision transforms, clip's encoders."""
+    from torchvision import transforms
+    model = tiny_clip()  # the weights of the tiny_ckpt fixture
+    classes = sorted(os.listdir(folder))
+    names = [c.replace("_", " ").replace("-", " ").lower() for c in classes]
+    tokens = clip.tokenize([template.format(n) for n in names], context_length=model.context_length)
+    prep = transforms.Compose([transforms.Resize(32, interpolation=transforms.InterpolationMode.BICUBIC),
+                               transforms.CenterCrop(32), transforms.ToTensor()])
+    mean, std = torch.tensor(common.CLIP_MEAN).view(3, 1, 1), torch.tensor(common.CLIP_STD).view(3, 1, 1)
+    correct = total = 0
+    with torch.no_grad():
+        text = F.normalize(model.encode_text(tokens), dim=-1)
+        for label, c in enumerate(classes):
+            for f in sorted(os.listdir(os.path.join(folder, c))):
+                x = (prep(Image.open(os.path.join(folder, c, f)).convert("RGB")) - mean) / std
+                pred = (F.normalize(model.encode_image(x[None]), dim=-1) @ text.t()).argmax().item()
+                correct, total = correct + (pred == label), total + 1
+    return 100.0 * correct / total, total
+
+
+def test_clean_accuracy_matches_an_independent_computation(tiny_ckpt, folders, tmp_path, capsys):
+    three, _ = folders
+    out = tmp_path / "r.json"
+    code, stdout, _ = run_in_process(["--model", tiny_ckpt, "--datasets", f"folder:{three}", "--attacks", "pgd",
+                                      "--steps", "2", "--workers", "0", "--out", str(out)], capsys)
+    assert code == 0
+    r = json.loads(out.read_text())["datasets"]["shapes"]
+    expected, n = independent_clean_accuracy(three, "This is a photo of a {}.")
+    assert r["n"] == n == 7
+    assert r["clean"] == round(expected, 2)
+    assert 0 <= r["pgd"] <= r["clean"]
+    # --template reaches the prompts
+    code, _, _ = run_in_process(["--model", tiny_ckpt, "--datasets", f"folder:{three}", "--attacks", "none",
+                                 "--template", "a {} thing", "--workers", "0", "--out", str(out)], capsys)
+    report = json.loads(out.read_text())
+    assert report["datasets"]["shapes"]["clean"] == round(independent_clean_accuracy(three, "a {} thing")[0], 2)
+    assert report["settings"]["templates"]["shapes"] == "a {} thing"
+
+
+def test_one_process_equals_two(tiny_ckpt, folders, tmp_path):
+    """Every sample counted once with 2 processes on 7 images, and the same numbers as one process."""
+    three, _ = folders
+    results = []
+    for nproc in (1, 2):
+        out = tmp_path / f"r{nproc}.json"
+        p = run_script(["evaluate.py", "--model", tiny_ckpt, "--datasets", f"folder:{three}", "--attacks",
+                        "pgd,apgd-ce,aa,pgd-t-rand", "--steps", "2", "--eps", "8", "--batch-size", "2", "--workers",
+                        "0", "--out", str(out)], nproc=nproc)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "Traceback" not in p.stderr
+        report = json.loads(out.read_text())
+        assert report["settings"]["processes"] == nproc
+        results.append(report["datasets"])
+    assert results[0]["shapes"]["n"] == results[1]["shapes"]["n"] == 7
+    assert results[0] == results[1]
+
+
+def test_results_json_and_markdown_table(tiny_ckpt, folders, tmp_path, capsys):
+    """Two datasets, one with 2 classes: apgd-dlr is null there and left out of its mean; the table has the
+    datasets as columns, the settings as rows and the average last."""
+    three, two = folders
+    out = tmp_path / "sub" / "results.json"
+    code, stdout, _ = run_in_process(["--model", tiny_ckpt, "--datasets", f"folder:{three},folder:{two}",
+                                      "--attacks", "pgd,apgd-dlr,aa", "--steps", "2", "--eps", "4", "--workers", "0",
+                                      "--out", str(out)], capsys)
+    assert code == 0
+    report = json.loads(out.read_text())
+    shapes, pair = report["datasets"]["shapes"], report["datasets"]["pair"]
+    assert set(shapes) == {"n", "clean", "pgd", "apgd-dlr", "aa"} and (shapes["n"], pair["n"]) == (7, 5)
+    assert pair["apgd-dlr"] is None and shapes["apgd-dlr"] is not None
+    mean = report["mean"]
+    assert mean["clean"] == round((shapes["clean"] + pair["clean"]) / 2, 2)
+    assert mean["pgd"] == round((shapes["pgd"] + pair["pgd"]) / 2, 2)
+    assert mean["apgd-dlr"] == shapes["apgd-dlr"]
+    assert any("apgd-dlr" in n and "pair" in n for n in report["notes"])
+    assert report["settings"]["steps"] == {"pgd": 2, "apgd-dlr": 2, "aa": 2} and report["settings"]["eps"] == 4
+
+    md = (tmp_path / "sub" / "results.md").read_text()
+    assert md in stdout
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    assert cells(rows[0]) == ["", "shapes", "pair", "Average"]
+    labels = [cells(r)[0] for r in rows[2:]]
+    assert labels == ["images", "clean", "PGD-2", "APGD-DLR-2", "AA (APGD-CE + APGD-DLR, 2 it.)"]
+    assert cells(rows[3]) == ["clean", f"{shapes['clean']:.2f}", f"{pair['clean']:.2f}", f"{mean['clean']:.2f}"]
+    assert cells(rows[5]) == ["APGD-DLR-2", f"{shapes['apgd-dlr']:.2f}", "n/a", f"{mean['apgd-dlr']:.2f}*"]
+    assert "* mean over the datasets where the attack applies" in md
+
+
+def test_samples_is_a_fixed_subset(tiny_ckpt, folders, tmp_path, capsys):
+    three, _ = folders
+    ds = common.image_folder(three, common.image_transform(32))[0]
+    a, b = evaluate.fixed_subset(ds, 4, 0), evaluate.fixed_subset(ds, 4, 0)
+    assert a.indices == b.indices and len(a) == 4 and a.indices == sorted(a.indices)
+    assert evaluate.fixed_subset(ds, 4, 1).indices != a.indices or evaluate.fixed_subset(ds, 4, 2).indices != a.indices
+    assert evaluate.fixed_subset(ds, 100, 0) is ds
+    out = tmp_path / "r.json"
+    code, _, _ = run_in_process(["--model", tiny_ckpt, "--datasets", f"folder:{three}", "--attacks", "none",
+                                 "--samples", "3", "--workers", "0", "--out", str(out)], capsys)
+    assert code == 0 and json.loads(out.read_text())["datasets"]["shapes"]["n"] == 3
+
+
+def test_demo_dataset_is_the_demo_held_out_set():
+    name, ds, names, template = common.eval_dataset("demo", "unused", 32)
+    assert name == "demo" and len(ds) == 512 and len(names) == 16 and template == "This is a photo of a {}."
+    assert names == [f"{c} {s}" for c, s in common.DEMO_HELD_OUT]
+    assert torch.equal(ds[5][0], common.DemoImages(common.DEMO_HELD_OUT, 32, 32, seed=2)[5][0])
+
+
+# --------------------------------------------------------------------------------------------------- registry
+def test_registry_names_templates_and_the_paper_set():
+    assert set(common.EVAL_DATASETS) == set(SPEC_TEMPLATES)
+    templates = common.read_data_list("templates.tsv")
+    for name, template in SPEC_TEMPLATES.items():
+        assert templates[name] == template
+    assert common.AGFT_DATASETS == ("Caltech101", "Caltech256", "CIFAR10", "CIFAR100", "DTD", "EuroSAT",
+                                    "FGVCAircraft", "Flowers102", "Food101", "ImageNet", "OxfordIIITPet", "PCAM",
+                                    "StanfordCars", "STL10", "SUN397")
+    iso = common.read_data_list("iso3166.tsv")
+    assert len(iso) == 250 and iso["US"] == "United States" and iso["DE"] == "Germany"
+
+
+@pytest.mark.parametrize("name", list(SPEC_TEMPLATES))
+def test_missing_dataset_says_what_to_put_where(name, tmp_path):
+    with pytest.raises(common.UsageError) as e:
+        common.eval_dataset(name, str(tmp_path), 32)
+    message = str(e.value)
+    assert "\n" not in message and name in message and str(tmp_path) in message
+    assert ("--download" in message) == common.EVAL_DATASETS[name][3]
+    assert not any(tmp_path.iterdir())  # nothing created in the user's data root
+
+
+def fake_cifar(root, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)  # the fakes have no official md5
+    rng = np.random.default_rng(0)
+    os.makedirs(root / "cifar-10-batches-py")
+    with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), "labels": [2, 0, 1]}, f)
+    with open(root / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird"]}, f)
+    os.makedirs(root / "cifar-100-python")
+    with open(root / "cifar-100-python" / "test", "wb") as f:
+        pickle.dump({"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8), "fine_labels": [1, 0]}, f)
+    with open(root / "cifar-100-python" / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": ["apple", "aquarium_fish"]}, f)
+
+
+def fake_stl10(root, monkeypatch):
+    import torchvision.datasets.stl10 as tv_stl10
+    monkeypatch.setattr(tv_stl10, "check_integrity", lambda *a, **k: True)
+    base = root / "stl10_binary"
+    os.makedirs(base)
+    np.random.default_rng(0).integers(0, 256, (2, 3, 96, 96), dtype=np.uint8).tofile(base / "test_X.bin")
+    np.array([1, 2], dtype=np.uint8).tofile(base / "test_y.bin")
+    (base / "class_names.txt").write_text("airplane\nbird\n")
+
+
+def fake_files(root):
+    """The on-disk formats that need no special library, each with a few images."""
+    j = lambda *p: str(root.joinpath(*p))  # noqa: E731
+    for c in ("BACKGROUND_Google", "Faces_easy", "yin_yang"):
+        write_image(j("caltech101", "101_ObjectCategories", c, "image_0001.jpg"), 1)
+    for c in ("001.ak47", "251.airplanes-101", "257.clutter"):
+        write_image(j("caltech256", "256_ObjectCategories", c, f"{c[:3]}_0001.jpg"), 2)
+    os.makedirs(j("dtd", "dtd", "labels"))
+    with open(j("dtd", "dtd", "labels", "test1.txt"), "w") as f:
+        for c in ("banded", "zig_zagged"):
+            write_image(j("dtd", "dtd", "images", c, f"{c}_0001.jpg"), 3)
+            f.write(f"{c}/{c}_0001.jpg\n")
+    for c in ("AnnualCrop", "SeaLake"):
+        write_image(j("eurosat", "2750", c, f"{c}_1.jpg"), 4)
+    data = j("fgvc-aircraft-2013b", "data")
+    write_image(os.path.join(data, "images", "0001.jpg"), 5)
+    write_image(os.path.join(data, "images", "0002.jpg"), 6)
+    with open(os.path.join(data, "variants.txt"), "w") as f:
+        f.write("707-320\nA300B4\n")
+    with open(os.path.join(data, "images_variant_test.txt"), "w") as f:
+        f.write("0001 A300B4\n0002 707-320\n")
+    write_image(j("food-101", "images", "apple_pie", "1.jpg"), 7)
+    write_image(j("food-101", "images", "baby_back_ribs", "2.jpg"), 8)
+    os.makedirs(j("food-101", "meta"))
+    with open(j("food-101", "meta", "test.json"), "w") as f:
+        json.dump({"apple_pie": ["apple_pie/1"], "baby_back_ribs": ["baby_back_ribs/2"]}, f)
+    os.makedirs(j("oxford-iiit-pet", "annotations"))
+    with open(j("oxford-iiit-pet", "annotations", "test.txt"), "w") as f:
+        f.write("Abyssinian_1 1 1 1\namerican_bulldog_7 2 2 1\n")
+    write_image(j("oxford-iiit-pet", "images", "Abyssinian_1.jpg"), 9)
+    write_image(j("oxford-iiit-pet", "images", "american_bulldog_7.jpg"), 10)
+    os.makedirs(j("SUN397"))
+    with open(j("SUN397", "ClassName.txt"), "w") as f:
+        f.write("/a/abbey\n/b/balcony/exterior\n")
+    write_image(j("SUN397", "a", "abbey", "sun_a.jpg"), 11)
+    write_image(j("SUN397", "b", "balcony", "exterior", "sun_b.jpg"), 12)
+    for c in ("AD", "US"):
+        write_image(j("country211", "test", c, "1.jpg"), 13)
+    wnids = {"n01440764": ("tench", "Tinca tinca"), "n01443537": ("goldfish", "Carassius auratus"),
+             "n02085620": ("Chihuahua",)}
+    os.makedirs(j("imagenet"))
+    torch.save((wnids, ["n01440764"]), j("imagenet", "meta.bin"))  # torchvision's parsed devkit
+    for w in wnids:
+        write_image(j("imagenet", "val", w, "ILSVRC2012_val_1.JPEG"), 14, mode="L")
+    for folder in ("imagenet-r", "imagenet-a", "imagenet-sketch"):
+        for w in ("n01443537", "n02085620"):
+            write_image(j(folder, w, "a.jpg"), 15)
+    tiny = j("tiny-imagenet-200")
+    write_image(os.path.join(tiny, "val", "images", "val_0.JPEG"), 16, size=(64, 64))
+    write_image(os.path.join(tiny, "val", "images", "val_1.JPEG"), 17, size=(64, 64))
+    with open(os.path.join(tiny, "wnids.txt"), "w") as f:
+        f.write("n01443537\nn01440764\n")
+    with open(os.path.join(tiny, "words.txt"), "w") as f:
+        f.write("n01440764\ttench, Tinca tinca\nn01443537\tgoldfish, Carassius auratus\nn09999999\tother\n")
+    with open(os.path.join(tiny, "val", "val_annotations.txt"), "w") as f:
+        f.write("val_0.JPEG\tn01443537\t0\t0\t10\t10\nval_1.JPEG\tn01440764\t1\t2\t30\t40\n")
+
+
+# name: (refined class names, number of images)
+EXPECTED = {
+    "Caltech101": (["faces easy", "yin yang"], 2),
+    "Caltech256": (["ak47", "airplanes", "clutter"], 3),
+    "CIFAR10": (["airplane", "automobile", "bird"], 3),
+    "CIFAR100": (["apple", "aquarium fish"], 2),
+    "STL10": (["airplane", "bird"], 2),
+    "DTD": (["banded", "zig zagged"], 2),
+    "EuroSAT": (["annual crop land", "sea or lake"], 2),
+    "FGVCAircraft": (["707 320", "a300b4"], 2),
+    "Food101": (["apple pie", "baby back ribs"], 2),
+    "OxfordIIITPet": (["abyssinian", "american bulldog"], 2),
+    "SUN397": (["abbey", "balcony exterior"], 2),
+    "Country211": (["andorra", "united states"], 2),
+    "ImageNet": (["tench", "goldfish", "chihuahua"], 3),
+    "ImageNet-R": (["goldfish", "chihuahua"], 2),
+    "ImageNet-A": (["goldfish", "chihuahua"], 2),
+    "ImageNet-Sketch": (["goldfish", "chihuahua"], 2),
+    "TinyImageNet": (["tench", "goldfish"], 2),
+}
+
+
+def test_registry_reads_each_format(tmp_path, monkeypatch):
+    fake_cifar(tmp_path, monkeypatch)
+    fake_stl10(tmp_path, monkeypatch)
+    fake_files(tmp_path)
+    for name, (names, n) in EXPECTED.items():
+        got_name, ds, got_names, template = common.eval_dataset(name, str(tmp_path), 32)
+        assert (got_name, got_names, len(ds), template) == (name, names, n, SPEC_TEMPLATES[name]), name
+        labels = []
+        for i in range(len(ds)):
+            image, label = ds[i]
+            labels.append(label)
+            native = {"CIFAR10": 32, "CIFAR100": 32, "STL10": 96}.get(name, 32)  # else Resize+CenterCrop(32)
+            assert image.shape == (3, native, native) and image.dtype == torch.float32, name
+            assert 0 <= image.min() and image.max() <= 1
+        assert all(0 <= label < len(names) for label in labels), name
+    # labels follow the files: TinyImageNet's val_1 is a tench (class 0 in sorted wnid order)
+    assert [common.eval_dataset("TinyImageNet", str(tmp_path), 32)[1][i][1] for i in (0, 1)] == [1, 0]
+    assert [common.eval_dataset("FGVCAircraft", str(tmp_path), 32)[1][i][1] for i in (0, 1)] == [1, 0]
+
+
+def test_wordnet_ids_need_the_devkit_or_a_class_name_file(tmp_path):
+    fake_files(tmp_path)
+    os.remove(tmp_path / "imagenet" / "meta.bin")
+    with pytest.raises(common.UsageError, match="ILSVRC2012_devkit_t12.tar.gz"):
+        common.eval_dataset("ImageNet-R", str(tmp_path), 32)
+    table = tmp_path / "names.txt"
+    table.write_text("n01443537 gold fish\nn02085620 chihuahua dog\n")
+    assert common.eval_dataset("ImageNet-R", str(tmp_path), 32, class_names_file=str(table))[2] == \
+        ["gold fish", "chihuahua dog"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("first\nsecond\n")
+    assert common.eval_dataset("ImageNet-A", str(tmp_path), 32, class_names_file=str(plain))[2] == ["first", "second"]
+    with pytest.raises(common.UsageError, match="has 2 names"):  # ImageNet/val has 3 classes
+        common.eval_dataset("ImageNet", str(tmp_path), 32, class_names_file=str(plain))
+    table.write_text("n01443537 gold fish\n")
+    with pytest.raises(common.UsageError, match="n02085620"):
+        common.eval_dataset("ImageNet-A", str(tmp_path), 32, class_names_file=str(table))
+    # folder:PATH with WordNet-id folders goes through the same names
+    assert common.eval_dataset(f"folder:{tmp_path / 'imagenet-r'}", str(tmp_path), 32,
+                               class_names_file=str(plain))[0] == "imagenet-r"
+
+
+@pytest.mark.parametrize("name,folder", [("Flowers102", "flowers-102"), ("StanfordCars", "stanford_cars"),
+                                         ("PCAM", "pcam")])
+def test_formats_needing_scipy_or_h5py_fail_in_one_line(name, folder, tmp_path):
+    """These read .mat / .h5 files through torchvision: a broken or incomplete copy (or a missing scipy / h5py)
+    gives a one-line error that names the dataset and what it needs."""
+    os.makedirs(tmp_path / folder)
+    with pytest.raises(common.UsageError) as e:
+        common.eval_dataset(name, str(tmp_path), 32)
+    assert "\n" not in str(e.value) and str(e.value).startswith(name)
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("argv,message", [
+    (["--datasets", "CIFAR10", "--data-root", "{tmp}"], "CIFAR10: not found"),
+    (["--datasets", "CIFAR11"], "unknown dataset"),
+    (["--datasets", "folder:{tmp}/nowhere"], "no such directory"),
+    (["--attacks", "pgd,fgsm", "--datasets", "demo"], "unknown attack"),
+    (["--eps", "-1", "--datasets", "demo"], "--eps -1.0: must be >= 0"),
+    (["--steps", "0", "--datasets", "demo"], "--steps 0"),
+    (["--model", "{tmp}/garbage.pt", "--datasets", "demo"], "unreadable checkpoint"),
+    (["--model", "{tmp}/missing.pt", "--datasets", "demo"], "no such file"),
+])
+def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys):
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", "random:tiny"]
+    code, _, err = run_in_process(argv + ["--workers", "0", "--out", str(tmp_path / "r.json")], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x02garbage")
+    p = run_script(["evaluate.py", "--model", str(tmp_path / "garbage.pt"), "--datasets", "demo"])
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("error: --model") and p.stderr.count("\n") == 1
