@@ -1,0 +1,250 @@
+"""AdvFLYP: Adversarial Finetuning Like You Pretrain, CLIP's image encoder on web image-caption pairs.
+
+Paper: ../shared/papers/003_* (AdvFLYP), Eq. 1, 6-13 and Algorithm 1; decisions in ../shared/SPEC.md §5.
+The image encoder f_θ is fine-tuned with CLIP's own contrastive loss on adversarial images of a batch of N web
+image-caption pairs, the batch's perturbations optimised jointly against that batch loss; the text encoder is frozen:
+
+    S      = 100 · s(f_θ(x_i + δ_i), t_j)                                   (N, N) image i vs caption j
+    L_CLIP = (CE(S, arange N) + CE(Sᵀ, arange N)) / 2                         (Eq. 1)
+    δ_adv  = argmax_{‖δ_i‖∞ ≤ ε} L_CLIP                                        (Eq. 6, jointly over the batch: PGD-2)
+    min_θ L_CLIP(x + δ_adv) [+ L_logit + L_feat]                               (Eq. 7; Eq. 13 with --reg full)
+
+    L_feat  = mean_i ‖x̂_adv,θ − x̂_adv,orig‖₂ + mean_i ‖x̂_adv,θ − x̂_clean,θ‖₂    (Eq. 8, unit-norm features)
+    L_logit = mean_i KL(P_adv,θ ‖ P_adv,orig) + KL(P_adv,θ ‖ P_clean,θ)          (Eq. 9-12, P: row softmax of
+                                                                                  100 · s over the batch's captions)
+Under DDP the batch is the global one: features are gathered across processes for the loss and for the attack.
+
+Reproduce the paper's main row (ViT-B/32, 1M LAION pairs, ε = 1/255, AdvFLYP_full, lr 1e-4, batch 256):
+    torchrun --nproc_per_node=2 advflyp.py --eps 1 --data /path/to/laion1m --out runs/advflyp-eps1
+    python advflyp.py --eps 1 --data /path/to/laion1m --out runs/advflyp-eps1      # one process
+    (the paper early-stops on TinyImageNet robust accuracy: add --patience 10 --val-data TinyImageNet --val-root ./data)
+The demo (no download, a few minutes on a CPU):
+    python advflyp.py --demo
+Re-running a command with the same --out resumes from its last.pt.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+
+REGULARISERS = ("none", "logit", "feat", "full")
+
+
+# ------------------------------------------------------------------------------------- the method (Eq. 1, 6-13)
+def contrastive_loss(image_features, text_features, logit_scale=100.0):
+    """CLIP's symmetric InfoNCE over a batch of N pairs (Eq. 1): image i and caption i match, the rest are negatives.
+
+    image_features: (N, D) raw f(x_i); text_features: (N, D) g(t_i) (normalised here either way)."""
+    logits = logit_scale * common.cosine_sim(image_features, F.normalize(text_features.float(), dim=-1))  # (N, N)
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def logit_reg(adv_features, orig_adv_features, clean_features, text_features, logit_scale=100.0):
+    """L_logit (Eq. 9-12): mean_i [KL(P_adv,θ ‖ P_adv,orig) + KL(P_adv,θ ‖ P_clean,θ)], each P the row softmax over
+    the batch's captions at logit_scale. All features raw, (N, D); the frozen model's orig_adv_features are a
+    constant; the clean branch keeps its gradient (official code)."""
+    text = F.normalize(text_features.float(), dim=-1)
+    log_p_adv = F.log_softmax(logit_scale * common.cosine_sim(adv_features, text), dim=-1)  # Eq. 9, (N, N)
+    log_p_orig = F.log_softmax(logit_scale * common.cosine_sim(orig_adv_features.detach(), text), dim=-1)  # Eq. 10
+    log_p_clean = F.log_softmax(logit_scale * common.cosine_sim(clean_features, text), dim=-1)  # Eq. 11
+    p_adv = log_p_adv.exp()
+    kl_orig = (p_adv * (log_p_adv - log_p_orig)).sum(-1)  # (N,) KL(P_adv,θ ‖ P_adv,orig)
+    kl_clean = (p_adv * (log_p_adv - log_p_clean)).sum(-1)  # (N,) KL(P_adv,θ ‖ P_clean,θ)
+    return (kl_orig + kl_clean).mean()  # Eq. 12
+
+
+def feature_reg(adv_features, orig_adv_features, clean_features):
+    """L_feat (Eq. 8 as in the official code): mean_i ‖x̂_adv,θ − x̂_adv,orig‖₂ + mean_i ‖x̂_adv,θ − x̂_clean,θ‖₂ on
+    L2-normalised features, unsquared. All (N, D) raw; orig_adv_features is a constant."""
+    adv = F.normalize(adv_features.float(), dim=-1)
+    orig = F.normalize(orig_adv_features.detach().float(), dim=-1)
+    clean = F.normalize(clean_features.float(), dim=-1)
+    return (adv - orig).norm(dim=-1).mean() + (adv - clean).norm(dim=-1).mean()
+
+
+# --------------------------------------------------------------------------------------------------------- config
+def parse_args(argv=None):
+    parser = common.train_parser(__doc__, "advflyp", lr=1e-4, data="./data/laion1m", data_help=(
+        "CSV/TSV of image paths and captions, img2dataset output folder ('files' format), 'synthetic' or 'demo'"))
+    parser.add_argument("--reg", default="full", help="regulariser of Eq. 13: none | logit | feat | full (both)")
+    parser.add_argument("--csv-img-key", default="filepath", help="image-path column of a CSV/TSV --data")
+    parser.add_argument("--csv-caption-key", default="title", help="caption column of a CSV/TSV --data")
+    parser.add_argument("--csv-separator", default=None, help="CSV/TSV separator (default: ',' for .csv, else tab)")
+    parser.add_argument("--patience", type=int, default=0,
+                        help="early stopping: stop after this many epochs without a better validation PGD accuracy "
+                             "and keep the best weights (0: off; the paper uses 10)")
+    parser.add_argument("--val-data", default=None,
+                        help="validation set of --patience: a dataset name of evaluate.py (TinyImageNet, as in the "
+                             "paper), an ImageFolder directory, or 'demo' (the default with --data demo)")
+    parser.add_argument("--val-root", default="./data", help="where --val-data by name lies (evaluate.py's layout)")
+    parser.add_argument("--val-size", type=int, default=1000, help="validation images (a fixed random subset)")
+    parser.add_argument("--val-steps", type=int, default=10, help="PGD steps of the validation attack (α = 1/255)")
+    args = common.parse_train_args(parser, argv, demo_defaults=dict(lr=1e-3), check_data=False)
+    if args.reg not in REGULARISERS:
+        raise common.UsageError(f"--reg {args.reg}: must be one of {', '.join(REGULARISERS)}")
+    if args.data not in ("synthetic", "demo") and not os.path.exists(args.data):
+        raise common.UsageError(f"--data {args.data}: no such file or directory (a CSV/TSV of image paths and "
+                                "captions, an img2dataset output folder, 'synthetic' or 'demo')")
+    if args.patience < 0 or args.val_size < 1 or args.val_steps < 1:
+        raise common.UsageError("--patience must be >= 0, --val-size and --val-steps >= 1")
+    if args.patience and args.val_data is None:
+        if args.data != "demo":
+            raise common.UsageError("--patience needs --val-data (e.g. TinyImageNet, or an ImageFolder directory)")
+        args.val_data = "demo"
+    return args
+
+
+def validation_set(args, resolution):
+    """(dataset, class prompts) of early stopping. 'demo': fresh images of the demo's held-out concepts (seed 3; its
+    reported test images are seed 2); otherwise a fixed random subset of an evaluate.py dataset or ImageFolder."""
+    if args.val_data == "demo":
+        ds = common.DemoImages(common.DEMO_HELD_OUT, 32, resolution, seed=3)
+        return ds, common.prompts_for(ds.classes)
+    spec = f"folder:{args.val_data}" if os.path.isdir(args.val_data) else args.val_data
+    _, ds, names, template = common.eval_dataset(spec, args.val_root, resolution, class_names_file=args.class_names)
+    if len(names) < 2:
+        raise common.UsageError(f"--val-data {args.val_data}: has {len(names)} class, zero-shot needs at least 2")
+    keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.val_size]
+    return torch.utils.data.Subset(ds, sorted(keep.tolist())), common.prompts_for(names, template)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    eps, alpha = args.eps / 255, args.alpha / 255
+
+    # ------------------------------------------------------------------------------- model, data, run directory
+    dist = common.setup_distributed()
+    amp, ctx, scaler = common.amp_setup(args.amp, dist.device)
+    clip_model = common.load_clip(args.model, args.seed)
+    resolution = clip_model.visual.input_resolution
+    dataset = common.caption_dataset(args.data, resolution, args.csv_img_key, args.csv_caption_key,
+                                     args.csv_separator, args.synthetic_size, args.seed)
+    val_set, val_prompts = validation_set(args, resolution) if args.patience else (None, None)
+    sampler = common.GlobalBatchSampler(len(dataset), args.batch_size, dist.rank, dist.world, args.seed)
+    run = common.Run(args, dist)  # nothing is written before this point
+    device = dist.device
+
+    clip_model.to(device).requires_grad_(False)
+    val_text = common.text_features(clip_model, val_prompts, device) if args.patience else None  # (C_val, D)
+    encoder = common.ImageEncoder(clip_model.visual).to(device)  # f_θ, trained
+    orig_encoder = common.frozen_copy(encoder)  # f_θorig, frozen before any update
+    clip_model.visual.requires_grad_(True)
+    optimizer = torch.optim.SGD(clip_model.visual.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    steps_per_epoch = sampler.batches_per_epoch()
+    total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps,
+                                                                                     args.epochs * steps_per_epoch)
+    step = 0
+    unreadable = 0  # unreadable images met in the current epoch, all processes
+    early = {"best": -1.0, "best_step": 0, "bad_epochs": 0, "stopped": False}  # early-stopping state (--patience)
+    best_path = os.path.join(run.dir, "best.pt")
+    ckpt = run.load()
+    if ckpt is not None:
+        clip_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        common.set_rng_state(ckpt["rng"])
+        step, unreadable, early = ckpt["step"], ckpt["unreadable"], ckpt["early_stop"]
+        run.print(f"resuming {run.dir} from step {step}/{total_steps}")
+    before = common.demo_evaluate(orig_encoder, clip_model, dist, ctx, args, run, "before") if args.data == "demo" else None
+    train_encoder = DDP(encoder) if dist.world > 1 else encoder
+    loader = common.make_loader(dataset, sampler, args.workers, device)
+    gather = lambda f: common.all_gather_with_grad(f.float(), dist)  # noqa: E731  (b, D) -> (B, D), the global batch
+    run.print(f"AdvFLYP (reg {args.reg}): {len(dataset)} image-caption pairs, {total_steps} steps of global batch "
+              f"{args.batch_size} on {dist.world} process(es), {device}, amp {amp}")
+
+    # ------------------------------------------------------------------------------------------------- training
+    while step < total_steps and not early["stopped"]:
+        epoch = step // steps_per_epoch
+        if step % steps_per_epoch == 0:
+            unreadable = 0
+        sampler.set_epoch(epoch, start=step % steps_per_epoch)
+        for images, captions, broken in common.progress(loader, dist, desc=f"epoch {epoch}", total=len(sampler)):
+            lr = common.cosine_lr(step, args.lr, args.warmup, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(device, non_blocking=True)  # (b, 3, H, W) in [0, 1], b = batch_size / world
+            unreadable += int(common.all_reduce_sum(broken.to(device).sum(), dist))
+            text = gather(common.text_features(clip_model, list(captions), device))  # (B, D) the batch's captions
+
+            # --- AdvFLYP: the batch's perturbations jointly maximise the batch's contrastive loss (Eq. 6) ---
+            def attack_loss(x):
+                with ctx:
+                    return contrastive_loss(gather(encoder(x)), text)  # one loss of the whole global batch
+
+            encoder.eval()
+            delta = common.random_start((args.batch_size, *images.shape[1:]), eps, args.seed, step, dist.rank,
+                                        dist.world, device)
+            x_adv = common.pgd(attack_loss, images, eps, alpha, args.attack_steps, delta)  # inner max, Eq. 6
+            encoder.train()
+            with ctx:
+                adv = gather(train_encoder(x_adv))  # (B, D) f_θ(x + δ)
+                loss = contrastive_loss(adv, text)  # Eq. 7
+                if args.reg != "none":
+                    clean = gather(train_encoder(images))  # (B, D) f_θ(x), not detached (official code)
+                    with torch.no_grad():
+                        orig = gather(orig_encoder(x_adv))  # (B, D) f_θorig(x + δ)
+                    if args.reg in ("logit", "full"):
+                        loss = loss + logit_reg(adv, orig, clean, text)  # Eq. 9-12
+                    if args.reg in ("feat", "full"):
+                        loss = loss + feature_reg(adv, orig, clean)  # Eq. 8; the sum is Eq. 13
+            # --------------------------------------------------------------------------------------------------
+
+            optimizer.zero_grad(set_to_none=True)
+            # Each process back-propagates through its own rows of the global batch and DDP averages the gradients:
+            # scaling by the number of processes makes that average the gradient of the global loss.
+            scaler.scale(loss * dist.world).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+
+            if step % args.log_every == 0 or step == total_steps:
+                loss_avg = common.all_reduce_sum(loss.detach().float().clone(), dist).item() / dist.world
+                run.log({"step": step, "epoch": epoch, "loss": round(loss_avg, 6), "lr": lr,
+                         "unreadable_images": unreadable, **run.throughput(step, args.batch_size, device)})
+            if step % steps_per_epoch == 0 or step == total_steps:  # end of an epoch (or of the run)
+                record = {"step": step, "epoch": epoch, "unreadable_images": unreadable}
+                if unreadable:
+                    run.print(f"epoch {epoch}: {unreadable} unreadable image(s) skipped, each replaced by the next "
+                              "readable pair")
+                if args.patience:  # early stopping on the validation set's PGD accuracy
+                    val = common.zero_shot_eval(encoder, val_text, val_set, dist, ("pgd",), eps, 1 / 255,
+                                                args.val_steps, ctx=ctx, seed=args.seed, workers=args.workers)
+                    if val["pgd"] > early["best"]:
+                        early.update(best=val["pgd"], best_step=step, bad_epochs=0)
+                        if dist.is_main:
+                            common.atomic_save({"model": clip_model.state_dict(), "step": step, "val": val}, best_path)
+                    else:
+                        early["bad_epochs"] += 1
+                    early["stopped"] = early["bad_epochs"] >= args.patience
+                    record.update(val=val, **early)
+                    run.print(f"step {step}: validation {val}, best PGD {early['best']} at step {early['best_step']}"
+                              + (", early stop" if early["stopped"] else ""))
+                run.log(record)
+            if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
+                state = common.checkpoint_state(clip_model, optimizer, scaler, step, total_steps, args)
+                run.save({**state, "unreadable": unreadable, "early_stop": early})
+            if step >= total_steps or early["stopped"]:
+                break
+
+    # ---------------------------------------------------------------------------------------------------- results
+    if args.patience:  # keep the best validated weights (best.pt is written by rank 0: wait for it)
+        if dist.world > 1:
+            torch.distributed.barrier()
+        if os.path.isfile(best_path):
+            clip_model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+            run.print(f"model.pt: the weights of step {early['best_step']} (validation PGD {early['best']})")
+    run.write_model(clip_model)
+    if before is not None:
+        after = common.demo_evaluate(encoder, clip_model, dist, ctx, args, run, "after")
+        common.demo_report(run, args, before, after)
+    run.print(f"done: {run.dir}/model.pt")
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    common.run_main(main)
