@@ -23,6 +23,15 @@ def tiny_clip(seed=0):
     return common.CLIP(*common.ARCHITECTURES["tiny"]).float().eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the tiny model is fastest on one thread, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """Path of a tiny random CLIP saved as a plain state dict checkpoint."""
