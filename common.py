@@ -1227,6 +1227,12 @@ def _sun397(root, transform, download):
     return FileList(samples, transform), [c[3:].replace("/", " ") for c in classes], None
 
 
+def _flowers102(root, transform, download):
+    from torchvision import datasets
+    ds = datasets.Flowers102(root, split="test", transform=transform, download=download)
+    return ds, read_data_list("flowers102.txt"), None  # torchvision has no names: the 102 categories, label order
+
+
 def _pcam(root, transform, download):
     from torchvision import datasets
     ds = datasets.PCAM(root, split="test", transform=transform, download=download)
@@ -1289,7 +1295,7 @@ EVAL_DATASETS = {
     "EuroSAT": (_eurosat, "eurosat/2750", "EuroSAT RGB: one folder of .jpg per class", True),
     "FGVCAircraft": (_torchvision("FGVCAircraft", split="test", annotation_level="variant"), "fgvc-aircraft-2013b",
                      "data/ of fgvc-aircraft-2013b", True),
-    "Flowers102": (_torchvision("Flowers102", split="test"), "flowers-102",
+    "Flowers102": (_flowers102, "flowers-102",
                    "jpg/, imagelabels.mat, setid.mat; needs scipy", True),
     "Food101": (_torchvision("Food101", split="test"), "food-101", "images/ and meta/", True),
     "ImageNet": (_imagenet, "imagenet", "ILSVRC2012_devkit_t12.tar.gz (or meta.bin) and val/ or "

@@ -354,11 +354,127 @@ def test_wordnet_ids_need_the_devkit_or_a_class_name_file(tmp_path):
                                class_names_file=str(plain))[0] == "imagenet-r"
 
 
+def fake_mat_and_h5(root, monkeypatch):
+    """Flowers102 and StanfordCars (MATLAB .mat files, read with scipy) and PCAM (HDF5, read with h5py), in the
+    layouts torchvision reads, each with a few images."""
+    import h5py
+    from scipy.io import savemat
+    import torchvision.datasets.flowers102 as tv_flowers
+    monkeypatch.setattr(tv_flowers, "check_integrity", lambda *a, **k: True)  # the fakes have no official md5
+    flowers = root / "flowers-102"
+    for i in (1, 2, 3):
+        write_image(str(flowers / "jpg" / f"image_{i:05d}.jpg"), 20 + i)
+    savemat(flowers / "imagelabels.mat", {"labels": np.array([[77, 1, 102]])})  # 1-based, per image id
+    savemat(flowers / "setid.mat", {"trnid": np.array([[2]]), "valid": np.array([[2]]), "tstid": np.array([[3, 1]])})
+    cars = root / "stanford_cars"
+    os.makedirs(cars / "devkit")
+    savemat(cars / "devkit" / "cars_meta.mat",
+            {"class_names": np.array(["AM General Hummer SUV 2000", "Tesla Model S Sedan 2012"], dtype=object)})
+    annotations = np.array([("00002.jpg", 2), ("00001.jpg", 1)], dtype=[("fname", object), ("class", object)])
+    savemat(cars / "cars_test_annos_withlabels.mat", {"annotations": annotations})
+    for i in (1, 2):
+        write_image(str(cars / "cars_test" / f"{i:05d}.jpg"), 30 + i)
+    os.makedirs(root / "pcam")
+    with h5py.File(root / "pcam" / "camelyonpatch_level_2_split_test_x.h5", "w") as f:
+        f["x"] = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
+    with h5py.File(root / "pcam" / "camelyonpatch_level_2_split_test_y.h5", "w") as f:
+        f["y"] = np.array([1, 0, 1], dtype=np.uint8).reshape(3, 1, 1, 1)
+
+
+def test_registry_reads_the_mat_and_h5_formats(tmp_path, monkeypatch):
+    fake_mat_and_h5(tmp_path, monkeypatch)
+    flowers = common.read_data_list("flowers102.txt")
+    assert len(flowers) == len(set(flowers)) == 102 and flowers[0] == "pink primrose" and flowers[76] == \
+        "passion flower"
+    # name: (refined class names (Flowers102: the first and last only), labels in dataset order, image side)
+    expected = {"Flowers102": (["pink primrose", "blackberry lily"], [101, 76], 32),
+                "StanfordCars": (["am general hummer suv", "tesla model s sedan"], [1, 0], 32),
+                "PCAM": (["healthy lymph node tissue", "lymph node tumor tissue"], [1, 0, 1], 32)}
+    for name, (names, labels, side) in expected.items():
+        got_name, ds, got_names, template = common.eval_dataset(name, str(tmp_path), side)
+        assert got_name == name and template == SPEC_TEMPLATES[name]
+        assert [got_names[0], got_names[-1]] == names, name
+        assert [ds[i][1] for i in range(len(ds))] == labels, name
+        assert all(ds[i][0].shape == (3, side, side) and 0 <= ds[i][0].min() and ds[i][0].max() <= 1
+                   for i in range(len(ds)))
+    assert len(common.eval_dataset("Flowers102", str(tmp_path), 32)[2]) == 102
+
+
+def fake_devkit(base, monkeypatch):
+    """ImageNet's ILSVRC2012_devkit_t12.tar.gz as torchvision parses it (data/meta.mat with the synsets, of which
+    only the leaves (num_children 0) are classes, and the validation ground truth), plus val/<wnid>/ folders."""
+    import tarfile
+    from scipy.io import savemat
+    import torchvision.datasets.imagenet as tv_imagenet
+    monkeypatch.setattr(tv_imagenet, "check_integrity", lambda path, md5=None: os.path.isfile(path))  # md5 unchecked
+    fields = [("ILSVRC2012_ID", object), ("WNID", object), ("words", object), ("gloss", object),
+              ("num_children", object), ("children", object), ("wordnet_height", object), ("num_train_images", object)]
+    synsets = np.array([(1, "n01440764", "tench, Tinca tinca", "a fish", 0, np.zeros(0), 0, 1300),
+                        (2, "n01443537", "goldfish, Carassius auratus", "a fish", 0, np.zeros(0), 0, 1300),
+                        (3, "n00000001", "fish", "a parent synset", 2, np.array([1, 2]), 1, 0)], dtype=fields)
+    staging = base / "staging" / "ILSVRC2012_devkit_t12" / "data"
+    os.makedirs(staging)
+    savemat(staging / "meta.mat", {"synsets": synsets})
+    (staging / "ILSVRC2012_validation_ground_truth.txt").write_text("2\n1\n")
+    with tarfile.open(base / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+        tar.add(base / "staging" / "ILSVRC2012_devkit_t12", arcname="ILSVRC2012_devkit_t12")
+    for split in ("val", "train"):
+        for k, wnid in enumerate(("n01440764", "n01443537")):
+            write_image(str(base / split / wnid / f"ILSVRC2012_{split}_{k}.JPEG"), 40 + k)
+
+
+def test_imagenet_class_names_from_the_devkit_archive(tmp_path, monkeypatch):
+    """Evaluation and training read ImageNet's class names (first synonym) out of the devkit archive itself."""
+    fake_devkit(tmp_path / "imagenet", monkeypatch)
+    name, ds, names, _ = common.eval_dataset("ImageNet", str(tmp_path), 32)
+    assert (name, names, len(ds)) == ("ImageNet", ["tench", "goldfish"], 2)
+    assert (tmp_path / "imagenet" / "meta.bin").is_file()  # parsed once, as torchvision's ImageNet does
+    ds, names = common.training_dataset(str(tmp_path / "imagenet"), 32)
+    assert names == ["tench", "goldfish"] and sorted(ds[i][1] for i in range(len(ds))) == [0, 1]
+    for w in ("n01440764", "n01443537"):  # the WordNet-id datasets name their folders through the same devkit
+        write_image(str(tmp_path / "imagenet-r" / w / "a.jpg"), 1)
+    os.remove(tmp_path / "imagenet" / "meta.bin")
+    assert common.eval_dataset("ImageNet-R", str(tmp_path), 32)[2] == ["tench", "goldfish"]
+
+
+def test_download_fetches_then_reads(tmp_path, monkeypatch):
+    """--download goes through torchvision's download code (here a stand-in that writes the fake archives'
+    contents instead of fetching them) and then reads what it left; without it, the same root is 'not found'."""
+    import torchvision.datasets.cifar as tv_cifar
+    import torchvision.datasets.utils as tv_utils
+    fetched = []
+
+    def fake_download(url, download_root, *a, **k):  # torchvision.datasets.utils.download_and_extract_archive
+        fetched.append(url)
+        if "cifar-10" in url:
+            fake_cifar(tmp_path, monkeypatch)
+        else:
+            fake_files(tmp_path)
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", fake_download)
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
+    with pytest.raises(common.UsageError, match="CIFAR10: not found.*pass --download"):
+        common.eval_dataset("CIFAR10", str(tmp_path), 32)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: bool(fetched))  # absent until fetched
+    name, ds, names, _ = common.eval_dataset("CIFAR10", str(tmp_path), 32, download=True)
+    assert (name, names, len(ds)) == ("CIFAR10", ["airplane", "automobile", "bird"], 3)
+    assert len(fetched) == 1 and fetched[0].startswith("https://")
+    # TinyImageNet is fetched by the registry itself (torchvision has no class for it)
+    name, ds, names, _ = common.eval_dataset("TinyImageNet", str(tmp_path), 32, download=True)
+    assert (names, len(ds)) == (["tench", "goldfish"], 2) and fetched[1] == common.TINY_IMAGENET_URL
+    # a download that fails is one line naming the dataset
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", lambda *a, **k: (_ for _ in ()).throw(
+        OSError("network is unreachable\nsecond line")))
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: False)
+    with pytest.raises(common.UsageError) as e:
+        common.eval_dataset("CIFAR100", str(tmp_path / "empty"), 32, download=True)
+    assert "\n" not in str(e.value) and str(e.value).startswith("CIFAR100: could not download or read")
+    assert "network is unreachable" in str(e.value)
+
+
 @pytest.mark.parametrize("name,folder", [("Flowers102", "flowers-102"), ("StanfordCars", "stanford_cars"),
                                          ("PCAM", "pcam")])
-def test_formats_needing_scipy_or_h5py_fail_in_one_line(name, folder, tmp_path):
-    """These read .mat / .h5 files through torchvision: a broken or incomplete copy (or a missing scipy / h5py)
-    gives a one-line error that names the dataset and what it needs."""
+def test_incomplete_mat_or_h5_copies_fail_in_one_line(name, folder, tmp_path):
+    """A broken or incomplete copy of a .mat / .h5 dataset gives a one-line error naming the dataset."""
     os.makedirs(tmp_path / folder)
     with pytest.raises(common.UsageError) as e:
         common.eval_dataset(name, str(tmp_path), 32)
