@@ -20,6 +20,8 @@ Reproduce the paper's main row (ViT-B/32, 1M LAION pairs, ε = 1/255, AdvFLYP_fu
     (the paper early-stops on TinyImageNet robust accuracy: add --patience 10 --val-data TinyImageNet --val-root ./data)
 The demo (no download, a few minutes on a CPU):
     python advflyp.py --demo
+Benchmark (no dataset, no weights: images/s, s/step and peak memory go to the run's log.jsonl):
+    python advflyp.py --model random:ViT-B/32 --data synthetic --max-steps 30      # batch 256, logged every 10 steps
 Re-running a command with the same --out resumes from its last.pt.
 """
 import os
@@ -139,7 +141,7 @@ def main(argv=None):
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps,
                                                                                      args.epochs * steps_per_epoch)
     step = 0
-    unreadable = 0  # unreadable images met in the current epoch, all processes
+    unreadable = 0  # unreadable images this process met in the current epoch (summed over processes to report)
     early = {"best": -1.0, "best_step": 0, "bad_epochs": 0, "stopped": False}  # early-stopping state (--patience)
     best_path = os.path.join(run.dir, "best.pt")
     ckpt = run.load()
@@ -148,9 +150,11 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         common.set_rng_state(ckpt["rng"])
-        step, unreadable, early = ckpt["step"], ckpt["unreadable"], ckpt["early_stop"]
+        step, early = ckpt["step"], ckpt["early_stop"]
+        unreadable = ckpt["unreadable"] if dist.is_main else 0  # the saved count is of all processes
         run.print(f"resuming {run.dir} from step {step}/{total_steps}")
     before = common.demo_evaluate(orig_encoder, clip_model, dist, ctx, args, run, "before") if args.data == "demo" else None
+    encoder, orig_encoder = (common.compile_encoder(e, args.compile) for e in (encoder, orig_encoder))  # --compile
     train_encoder = DDP(encoder) if dist.world > 1 else encoder
     loader = common.make_loader(dataset, sampler, args.workers, device)
     gather = lambda f: common.all_gather_with_grad(f.float(), dist)  # noqa: E731  (b, D) -> (B, D), the global batch
@@ -168,7 +172,7 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = images.to(device, non_blocking=True)  # (b, 3, H, W) in [0, 1], b = batch_size / world
-            unreadable += int(common.all_reduce_sum(broken.to(device).sum(), dist))
+            unreadable += int(broken.sum())  # a CPU tensor from the loader: no device sync
             text = gather(common.text_features(clip_model, list(captions), device))  # (B, D) the batch's captions
 
             # --- AdvFLYP: the batch's perturbations jointly maximise the batch's contrastive loss (Eq. 6) ---
@@ -202,14 +206,17 @@ def main(argv=None):
             scaler.update()
             step += 1
 
+            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step % args.save_every == 0 \
+                    or step == total_steps:  # every process is here at the same steps: sum the counts
+                unreadable_all = int(common.all_reduce_sum(torch.tensor([unreadable], device=device), dist).item())
             if step % args.log_every == 0 or step == total_steps:
                 loss_avg = common.all_reduce_sum(loss.detach().float().clone(), dist).item() / dist.world
                 run.log({"step": step, "epoch": epoch, "loss": round(loss_avg, 6), "lr": lr,
-                         "unreadable_images": unreadable, **run.throughput(step, args.batch_size, device)})
+                         "unreadable_images": unreadable_all, **run.throughput(step, args.batch_size, device)})
             if step % steps_per_epoch == 0 or step == total_steps:  # end of an epoch (or of the run)
-                record = {"step": step, "epoch": epoch, "unreadable_images": unreadable}
-                if unreadable:
-                    run.print(f"epoch {epoch}: {unreadable} unreadable image(s) skipped, each replaced by the next "
+                record = {"step": step, "epoch": epoch, "unreadable_images": unreadable_all}
+                if unreadable_all:
+                    run.print(f"epoch {epoch}: {unreadable_all} unreadable image(s) skipped, each replaced by the next "
                               "readable pair")
                 if args.patience:  # early stopping on the validation set's PGD accuracy
                     val = common.zero_shot_eval(encoder, val_text, val_set, dist, ("pgd",), eps, 1 / 255,
@@ -227,7 +234,7 @@ def main(argv=None):
                 run.log(record)
             if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
                 state = common.checkpoint_state(clip_model, optimizer, scaler, step, total_steps, args)
-                run.save({**state, "unreadable": unreadable, "early_stop": early})
+                run.save({**state, "unreadable": unreadable_all, "early_stop": early})
             if step >= total_steps or early["stopped"]:
                 break
 

@@ -13,6 +13,8 @@ Reproduce the paper's main row (ViT-B/32, ImageNet, ε = 1/255, γ = 0.4, 1/τ =
     python agft.py --eps 1 --gamma 0.4 --data /path/to/imagenet --out runs/agft-eps1      # one process
 The demo (no download, a few minutes on a CPU):
     python agft.py --demo
+Benchmark (no dataset, no weights: images/s, s/step and peak memory go to the run's log.jsonl):
+    python agft.py --model random:ViT-B/32 --data synthetic --max-steps 30      # batch 256, logged every 10 steps
 Re-running a command with the same --out resumes from its last.pt.
 """
 import torch
@@ -90,6 +92,7 @@ def main(argv=None):
         step = ckpt["step"]
         run.print(f"resuming {run.dir} from step {step}/{total_steps}")
     before = common.demo_evaluate(orig_encoder, clip_model, dist, ctx, args, run, "before") if args.data == "demo" else None
+    encoder, orig_encoder = (common.compile_encoder(e, args.compile) for e in (encoder, orig_encoder))  # --compile
     train_encoder = DDP(encoder) if dist.world > 1 else encoder
     loader = common.make_loader(dataset, sampler, args.workers, device)
     run.print(f"AGFT: {len(dataset)} images, {len(text)} classes, {total_steps} steps of global batch "

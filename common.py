@@ -175,6 +175,12 @@ def cosine_sim(image_features, text_feats):
     return F.normalize(image_features.float(), dim=-1) @ text_feats.float().t()
 
 
+def compile_encoder(encoder, enabled):
+    """torch.compile(encoder) with --compile, else the encoder itself. The compiled module shares the encoder's
+    parameters and follows its .train()/.eval(); each mode and grad setting compiles once, on first use."""
+    return torch.compile(encoder) if enabled else encoder
+
+
 def frozen_copy(module):
     """The original encoder f_θorig: a copy made before training that never gets gradients."""
     return copy.deepcopy(module).requires_grad_(False).eval()
@@ -525,6 +531,8 @@ def train_parser(doc, method, **defaults):
     p.add_argument("--save-every", type=int, default=500, help="write last.pt every this many steps (and each epoch)")
     p.add_argument("--log-every", type=int, default=10, help="log every this many steps")
     p.add_argument("--synthetic-size", type=int, default=10_000, help="number of images of --data synthetic")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the image encoders (off by default: it did not pay on a CPU, see README)")
     p.add_argument("--demo", action="store_true",
                    help="the built-in demo: tiny CLIP, procedural data, before/after zero-shot table (no download)")
     p.set_defaults(method=method, **defaults)
@@ -867,37 +875,57 @@ DEFAULT_ATTACK_STEPS = {"pgd": 20, "cw": 20, "apgd-ce": 100, "apgd-dlr": 100, "a
 ATTACK_MIN_CLASSES = {"apgd-dlr": 3}  # below this the attack is not applicable: reported as None, not a number
 
 
+def clock(device):
+    """time.perf_counter() after the device's queued work has finished (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def zero_shot_eval(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
-                   batch_size=256, ctx=nullcontext(), seed=0, workers=0, desc=None):
+                   batch_size=256, ctx=nullcontext(), seed=0, workers=0, desc=None, timing=None, attack_all=False):
     """Zero-shot clean and robust accuracy (%) of `encoder` on `dataset` with class text features `text_feats`.
 
     Logits are CLIP_LOGIT_SCALE · s(f(x), T). A sample counts as robust to an attack only if it is classified
-    correctly both clean and at x_adv (so robust ≤ clean per sample); only clean-correct samples are attacked.
-    An attack that needs more classes than there are (ATTACK_MIN_CLASSES) gives None. Counts are summed across
-    processes; every sample is counted once. Returns {"n": int, "clean": %, attack: % or None, ...}."""
+    correctly both clean and at x_adv (so robust ≤ clean per sample); only clean-correct samples are attacked
+    (attack_all=True attacks every sample, for benchmarks: the accuracies are the same). An attack that needs more
+    classes than there are (ATTACK_MIN_CLASSES) gives None. Counts are summed across processes; every sample is
+    counted once. Returns {"n": int, "clean": %, attack: % or None, ...}.
+    timing: a dict to fill with images per second of the clean pass and of each attack (all processes together)."""
     encoder.eval()
     logits_fn = lambda x: CLIP_LOGIT_SCALE * cosine_sim(encoder(x), text_feats)  # noqa: E731
     applicable = [len(text_feats) >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
     correct = torch.zeros(1 + len(attacks), dtype=torch.float64, device=dist.device)
     n = torch.zeros(1, dtype=torch.float64, device=dist.device)
+    seconds, images = [0.0] * (1 + len(attacks)), [0] * (1 + len(attacks))  # for `timing`; clean, then each attack
+    tick = (lambda: clock(dist.device)) if timing is not None else (lambda: 0.0)  # no syncs unless timing
     for x, y, index in progress(eval_loader(dataset, batch_size, dist, workers), dist, desc=desc, leave=False):
         x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
         n += len(y)
+        t = tick()
         with ctx, torch.no_grad():
             ok = logits_fn(x).argmax(-1) == y  # (B,) clean-correct
+        seconds[0], images[0] = seconds[0] + tick() - t, images[0] + len(y)
         correct[0] += ok.sum()
-        x, y, index = x[ok], y[ok], index[ok.cpu()]
+        keep = torch.ones_like(ok) if attack_all else ok
+        x, y, index, ok = x[keep], y[keep], index[keep.cpu()], ok[keep]
         for k, name in enumerate(attacks, start=1):
             if not applicable[k - 1] or len(y) == 0:
                 continue
+            t = tick()
             with ctx:
                 x_adv = ATTACKS[name](logits_fn, x, y, index, eps, alpha, steps or DEFAULT_ATTACK_STEPS[name], seed)
             with ctx, torch.no_grad():
-                correct[k] += (logits_fn(x_adv).argmax(-1) == y).sum()
+                correct[k] += ((logits_fn(x_adv).argmax(-1) == y) & ok).sum()
+            seconds[k], images[k] = seconds[k] + tick() - t, images[k] + len(y)
     all_reduce_sum(correct, dist)
     all_reduce_sum(n, dist)
     n = int(n.item())
     acc = (100.0 * correct / max(n, 1)).tolist()
+    if timing is not None:  # images of all processes over the mean wall time of one process
+        work = all_reduce_sum(torch.tensor([seconds, images], dtype=torch.float64, device=dist.device), dist).tolist()
+        timing.update({name: round(im * dist.world / sec, 2) if sec > 0 else None
+                       for name, sec, im in zip(["clean", *attacks], *work)})
     return {"n": n, "clean": round(acc[0], 2),
             **{name: round(a, 2) if ok_ else None for name, a, ok_ in zip(attacks, acc[1:], applicable)}}
 
@@ -1081,6 +1109,7 @@ AGFT_DATASETS = ("Caltech101", "Caltech256", "CIFAR10", "CIFAR100", "DTD", "Euro
 NATIVE_RESOLUTION = ("CIFAR10", "CIFAR100", "STL10")  # attacked at their own size: the encoder resizes inside
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+SYNTHETIC_EVAL_SIZE = 1024  # images of the `synthetic` evaluation set (benchmarks); --samples takes fewer
 
 
 def read_data_list(name):
@@ -1324,6 +1353,9 @@ def eval_dataset(spec, root, resolution, download=False, class_names_file=None):
     if spec == "demo":  # the same test images as common.demo_evaluate's held-out set
         ds = DemoImages(DEMO_HELD_OUT, 512 // len(DEMO_HELD_OUT), resolution, seed=2)
         return "demo", ds, ds.classes, templates["demo"]
+    if spec == "synthetic":  # for benchmarks: random images at the model's resolution, 1000 classes like ImageNet
+        ds = SyntheticImages(SYNTHETIC_EVAL_SIZE, 1000, resolution, seed=3)
+        return "synthetic", ds, ds.classes, templates["folder"]
     transform = native_transform() if spec in NATIVE_RESOLUTION else image_transform(resolution)
     if spec.startswith("folder:"):
         path = spec[len("folder:"):].rstrip("/") or "/"
@@ -1350,8 +1382,8 @@ def eval_dataset(spec, root, resolution, download=False, class_names_file=None):
             raise UsageError(f"{name}: could not {'download or ' if download else ''}read {path} ({message}); "
                              f"expected {layout}; {fetch}")
     else:
-        raise UsageError(f"--datasets {spec}: unknown dataset (one of {', '.join(EVAL_DATASETS)}, demo, all, "
-                         "folder:PATH)")
+        raise UsageError(f"--datasets {spec}: unknown dataset (one of {', '.join(EVAL_DATASETS)}, demo, synthetic, "
+                         "all, folder:PATH)")
     if wnids is not None and (names is None or class_names_file is not None):
         try:
             names = wnid_names(name, wnids, root, class_names_file)

@@ -21,6 +21,9 @@ Reproduce the AGFT paper's evaluation rows (ViT-B/32, ε = 1/255, the 15 dataset
 The original CLIP row: --model ViT-B/32. The demo (no download, a few minutes on a CPU):
     python evaluate.py --model demo --datasets demo --attacks pgd,cw,apgd-ce,apgd-dlr,aa,pgd-t-rand,pgd-t-least --eps 4
 Writes --out (JSON) and a Markdown table beside it (same name, .md), and prints the table.
+Benchmark (no dataset, no weights; images/s per attack go to the log and to "img_per_s" in --out):
+    python evaluate.py --model random:ViT-B/32 --datasets synthetic --samples 512 --attacks pgd,aa --attack-all \\
+        --out runs/bench-eval.json
 """
 import argparse
 import os
@@ -40,7 +43,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B/32", help="released CLIP name, checkpoint file, random:ARCH or demo")
     p.add_argument("--datasets", default="all",
-                   help="comma-separated: dataset names (see README), demo, folder:PATH, or all (the AGFT paper's 15)")
+                   help="comma-separated: dataset names (see README), demo, folder:PATH, all (the AGFT paper's 15), "
+                        "or synthetic (random images and 1000 classes, for benchmarks)")
     p.add_argument("--data-root", default="./data", help="directory holding the datasets (layout in the README)")
     p.add_argument("--download", action="store_true", help="download the datasets torchvision can fetch")
     p.add_argument("--class-names", default=None,
@@ -59,12 +63,16 @@ def parse_args(argv=None):
                    help="mixed precision for the model and the attacks (default: fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed for random starts, random targets, --samples, random:ARCH")
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per rank")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (see README)")
+    p.add_argument("--attack-all", action="store_true",
+                   help="attack every image, also those misclassified clean (same accuracies; for benchmarks with "
+                        "random weights, where few images are classified correctly)")
     p.add_argument("--out", default="results.json", help="results file (JSON); the Markdown table goes beside it")
     args = p.parse_args(argv)
 
     specs = [s.strip() for s in args.datasets.split(",") if s.strip()]
     specs = [n for s in specs for n in (common.AGFT_DATASETS if s.lower() == "all" else [s])]
-    known = {n.lower(): n for n in list(common.EVAL_DATASETS) + ["demo"]}  # names are case-insensitive
+    known = {n.lower(): n for n in list(common.EVAL_DATASETS) + ["demo", "synthetic"]}  # case-insensitive
     for s in specs:
         if not s.startswith("folder:") and s.lower() not in known:
             raise common.UsageError(f"--datasets {s}: unknown dataset (one of {', '.join(known.values())}, all, "
@@ -118,6 +126,10 @@ def load_datasets(args, dist, resolution):
     return sets if dist.is_main else load(False)
 
 
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
 def fixed_subset(dataset, n, seed):
     """The same n images on every run and process: a seeded permutation's first n indices, in dataset order."""
     if n is None or n >= len(dataset):
@@ -162,22 +174,25 @@ def main(argv=None):
     amp, ctx, _ = common.amp_setup(args.amp, dist.device)
     model = common.load_clip(args.model, args.seed).to(dist.device).requires_grad_(False).eval()  # no param grads
     sets = load_datasets(args, dist, model.visual.input_resolution)
-    encoder = common.ImageEncoder(model.visual).to(dist.device).eval()
+    encoder = common.compile_encoder(common.ImageEncoder(model.visual).to(dist.device).eval(), args.compile)
     steps = {a: args.steps or common.DEFAULT_ATTACK_STEPS[a] for a in args.attacks}
     log = print if dist.is_main else (lambda *a, **k: None)
     log(f"evaluating {args.model} on {len(sets)} dataset(s), ε = {args.eps:g}/255, attacks: "
         f"{', '.join(f'{a} ({steps[a]} steps)' for a in args.attacks) or 'none'}; {dist.world} process(es), "
         f"{dist.device}, amp {amp}", flush=True)
 
-    results, templates = {}, {}
+    results, templates, throughput = {}, {}, {}
     for name, dataset, class_names, template in sets:
         t0 = time.time()
         templates[name] = args.template or template
         dataset = fixed_subset(dataset, args.samples, args.seed)
         text = common.text_features(model, common.prompts_for(class_names, templates[name]), dist.device)  # (C, D)
+        throughput[name] = {}  # images/s of the clean pass and of each attack (with its final classification)
         results[name] = common.zero_shot_eval(encoder, text, dataset, dist, tuple(args.attacks), eps, alpha,
-                                              args.steps, args.batch_size, ctx, args.seed, args.workers, desc=name)
-        log(f"{name}: {len(class_names)} classes, {results[name]}  ({time.time() - t0:.0f}s)", flush=True)
+                                              args.steps, args.batch_size, ctx, args.seed, args.workers, desc=name,
+                                              timing=throughput[name], attack_all=args.attack_all)
+        log(f"{name}: {len(class_names)} classes, {results[name]}  ({time.time() - t0:.0f}s; images/s "
+            f"{throughput[name]})", flush=True)
 
     columns = ["clean"] + args.attacks
     mean, notes = summarize(results, columns)
@@ -187,7 +202,9 @@ def main(argv=None):
     report = {"datasets": results, "mean": mean,
               "settings": {"model": args.model, "eps": args.eps, "alpha": args.alpha, "steps": steps,
                            "samples": args.samples, "seed": args.seed, "amp": amp, "processes": dist.world,
-                           "templates": templates},
+                           "batch_size": args.batch_size, "compile": args.compile, "attack_all": args.attack_all,
+                           "device": device_name(dist.device), "templates": templates},
+              "img_per_s": throughput,
               "notes": list(dict.fromkeys(notes))}
     labels = {"clean": "clean", **{a: ATTACK_LABELS[a].format(n=steps[a]) for a in args.attacks}}
     title = (f"Zero-shot accuracy (%) of {args.model}, ℓ∞ ε = {args.eps:g}/255"

@@ -131,6 +131,22 @@ def test_one_process_equals_two(tiny_ckpt, folders, tmp_path):
     assert results[0] == results[1]
 
 
+def test_attack_all_gives_the_same_accuracies(tiny_ckpt, folders, tmp_path, capsys):
+    """--attack-all (for benchmarks) also attacks the clean-misclassified images; a sample still counts as robust
+    only if it is correct clean, and random starts follow the sample's index, so the accuracies do not change."""
+    three, _ = folders
+    results = []
+    for extra in ([], ["--attack-all"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        code, _, _ = run_in_process(["--model", tiny_ckpt, "--datasets", f"folder:{three}", "--attacks", "pgd,aa",
+                                     "--steps", "3", "--eps", "8", "--workers", "0", "--out", str(out), *extra], capsys)
+        assert code == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0]["datasets"] == results[1]["datasets"]
+    assert 0 < results[0]["datasets"]["shapes"]["clean"] < 100  # some images are skipped without --attack-all
+    assert results[1]["settings"]["attack_all"] and not results[0]["settings"]["attack_all"]
+
+
 def test_results_json_and_markdown_table(tiny_ckpt, folders, tmp_path, capsys):
     """Two datasets, one with 2 classes: apgd-dlr is null there and left out of its mean; the table has the
     datasets as columns, the settings as rows and the average last."""

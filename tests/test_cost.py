@@ -1,0 +1,142 @@
+"""Cost accounting (README "Performance"): the encoder passes each training step and each attack makes, counted on
+real runs, and the benchmark mode of every script (run with tiny settings; its timings are not asserted)."""
+import json
+import os
+
+import clip
+import pytest
+import torch
+
+import advflyp
+import agft
+import common
+import evaluate
+import tecoa
+from conftest import run_script
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Passes of the image encoder per training step, the README's cost table, with K = --attack-steps:
+# (PGD forwards with an input-only backward, no-grad forwards of the frozen original, training-mode forwards).
+# One backward through the training-mode forwards follows.
+PASSES_PER_STEP = {
+    "agft": (agft.main, [], lambda k: (k, 1, 1)),  # f_orig(x) for the soft target, f_θ(x_adv)
+    "tecoa": (tecoa.main, [], lambda k: (k, 0, 1)),  # f_θ(x_adv)
+    "pmg-aft": (tecoa.main, ["--pmg"], lambda k: (k, 1, 2)),  # f_orig(x_adv); f_θ(x_adv), f_θ(x)
+    "advflyp-none": (advflyp.main, ["--reg", "none"], lambda k: (k, 0, 1)),  # f_θ(x_adv)
+    "advflyp-full": (advflyp.main, ["--reg", "full"], lambda k: (k, 1, 2)),  # f_orig(x_adv); f_θ(x_adv), f_θ(x)
+}
+
+
+@pytest.fixture
+def counter(monkeypatch):
+    """Counts ImageEncoder forward passes by kind, and calls of CLIP's text encoder."""
+    counts = {"attack": 0, "frozen": 0, "train": 0, "other": 0, "text": 0}
+    image_forward, encode_text = common.ImageEncoder.forward, clip.model.CLIP.encode_text
+
+    def counted_image_forward(self, x):
+        frozen = not any(p.requires_grad for p in self.parameters())
+        if frozen and not torch.is_grad_enabled():
+            kind = "frozen"  # the original encoder f_θorig, under no_grad
+        elif not self.training and torch.is_grad_enabled() and x.requires_grad:
+            kind = "attack"  # an attack step: eval mode, gradient w.r.t. the input
+        elif self.training and torch.is_grad_enabled():
+            kind = "train"
+        else:
+            kind = "other"
+        counts[kind] += 1
+        return image_forward(self, x)
+
+    def counted_encode_text(self, text):
+        counts["text"] += 1
+        return encode_text(self, text)
+
+    monkeypatch.setattr(common.ImageEncoder, "forward", counted_image_forward)
+    monkeypatch.setattr(clip.model.CLIP, "encode_text", counted_encode_text)
+    return counts
+
+
+def train_counts(main, extra, steps, attack_steps, out, counts):
+    for k in counts:
+        counts[k] = 0
+    main(["--model", "random:tiny", "--data", "synthetic", "--synthetic-size", "16", "--batch-size", "4",
+          "--max-steps", str(steps), "--attack-steps", str(attack_steps), "--workers", "0", "--amp", "off",
+          "--log-every", "1", "--out", str(out), *extra])
+    return dict(counts)
+
+
+@pytest.mark.parametrize("method", list(PASSES_PER_STEP))
+def test_encoder_passes_per_training_step_match_the_cost_table(method, counter, tmp_path):
+    main, extra, per_step = PASSES_PER_STEP[method]
+    runs = {(n, k): train_counts(main, extra, n, k, tmp_path / f"{n}-{k}", counter) for n, k in [(1, 1), (3, 2)]}
+    for (n, k), c in runs.items():
+        assert (c["attack"], c["frozen"], c["train"]) == tuple(n * v for v in per_step(k)), (method, n, k, c)
+        assert c["other"] == 0, c
+    if method.startswith("advflyp"):  # each step's own captions, once per step, never per attack iteration
+        assert runs[3, 2]["text"] - runs[1, 1]["text"] == 2
+    else:  # the class prompts, once per run
+        assert runs[3, 2]["text"] == runs[1, 1]["text"]
+    for n, k in runs:  # the benchmark numbers are in the log
+        records = [json.loads(line) for line in open(tmp_path / f"{n}-{k}" / "log.jsonl")]
+        records = [r for r in records if "img_per_s" in r]  # AdvFLYP adds an end-of-epoch record
+        assert [r["step"] for r in records] == list(range(1, n + 1))
+        assert all(r["img_per_s"] > 0 and r["s_per_step"] > 0 and r["peak_mem_mib"] > 0 for r in records)
+
+
+def test_attack_forwards_per_batch_and_text_once_per_dataset(counter, tmp_path):
+    """evaluate.py: per batch, one clean forward, then S gradient forwards for PGD / C&W (S + 1 for APGD, which also
+    evaluates its start) and one forward to classify x_adv; the class prompts are encoded once per dataset."""
+    def run(steps):
+        for k in counter:
+            counter[k] = 0
+        evaluate.main(["--model", "random:tiny", "--datasets", "synthetic,demo", "--samples", "6", "--batch-size",
+                       "4", "--attacks", "pgd,cw,apgd-ce", "--attack-all", "--steps", str(steps), "--workers", "0",
+                       "--out", str(tmp_path / f"r{steps}.json")])
+        return dict(counter)
+
+    one, three = run(1), run(3)
+    batches = 2 * 2  # 6 images in batches of 4, two datasets
+    for s, c in ((1, one), (3, three)):
+        assert c["attack"] == batches * (s + s + (s + 1)), c
+        assert c["frozen"] == batches * (1 + 3), c  # no-grad: clean + the final classification of each attack
+        assert c["train"] == c["other"] == 0
+    assert one["text"] == three["text"] == 2 + 1  # 1000 synthetic classes in two chunks of 500, 16 demo prompts
+    report = json.load(open(tmp_path / "r3.json"))
+    for name in ("synthetic", "demo"):
+        assert set(report["img_per_s"][name]) == {"clean", "pgd", "cw", "apgd-ce"}
+        assert all(v > 0 for v in report["img_per_s"][name].values())
+
+
+@pytest.mark.parametrize("script,extra", [("agft.py", []), ("tecoa.py", ["--pmg"]), ("advflyp.py", [])])
+def test_benchmark_mode_runs(script, extra, tmp_path):
+    """The README's benchmark command, with a tiny model and batch instead of ViT-B/32 and 256."""
+    out = tmp_path / "bench"
+    proc = run_script([script, "--model", "random:tiny", "--data", "synthetic", "--max-steps", "2", "--batch-size",
+                       "8", "--synthetic-size", "16", "--log-every", "1", "--workers", "0", "--out", str(out), *extra])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in open(out / "log.jsonl") if '"img_per_s"' in line]
+    assert len(records) == 2 and all(r["s_per_step"] > 0 for r in records)
+
+
+def test_evaluate_benchmark_mode_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_script(["evaluate.py", "--model", "random:tiny", "--datasets", "synthetic", "--samples", "8",
+                       "--attacks", "pgd,aa", "--steps", "2", "--attack-all", "--workers", "0", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.load(open(out))
+    assert report["datasets"]["synthetic"]["n"] == 8 and set(report["img_per_s"]["synthetic"]) == {"clean", "pgd", "aa"}
+    assert report["settings"]["device"].startswith("cpu") and os.path.isfile(tmp_path / "bench.md")
+
+
+def test_compile_gives_the_same_weights(tmp_path):
+    """--compile (torch.compile of the image encoders, compiled here by inductor on the CPU) trains the same model."""
+    weights = []
+    for extra in ([], ["--compile"]):
+        out = tmp_path / f"run{len(extra)}"
+        proc = run_script(["agft.py", "--model", "random:tiny", "--data", "synthetic", "--synthetic-size", "16",
+                           "--batch-size", "8", "--max-steps", "2", "--workers", "0", "--out", str(out), *extra])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        weights.append(common.read_checkpoint_weights(str(out / "last.pt")))
+    assert json.load(open(tmp_path / "run1" / "args.json"))["compile"] is True
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-4, atol=1e-6)
