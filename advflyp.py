@@ -162,6 +162,7 @@ def main(argv=None):
               f"{args.batch_size} on {dist.world} process(es), {device}, amp {amp}")
 
     # ------------------------------------------------------------------------------------------------- training
+    run.start_timer(step)
     while step < total_steps and not early["stopped"]:
         epoch = step // steps_per_epoch
         if step % steps_per_epoch == 0:

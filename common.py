@@ -613,6 +613,10 @@ class Run:
             with open(os.path.join(self.dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def start_timer(self, step):
+        """Start timing at `step`, right before the first training step (setup and resume excluded)."""
+        self.t_last, self.steps_since = time.time(), step
+
     def throughput(self, step, global_batch, device):
         """images/s and s/step since the last call, and peak memory (MiB) of this process."""
         now = time.time()

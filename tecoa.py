@@ -106,6 +106,7 @@ def main(argv=None):
               f"{args.batch_size} on {dist.world} process(es), {device}, amp {amp}")
 
     # ------------------------------------------------------------------------------------------------- training
+    run.start_timer(step)
     while step < total_steps:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch, start=step % steps_per_epoch)
