@@ -10,7 +10,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import ROOT, load_weights, run_script
 
