@@ -140,19 +140,14 @@ def main(argv=None):
     steps_per_epoch = sampler.batches_per_epoch()
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps,
                                                                                      args.epochs * steps_per_epoch)
-    step = 0
-    unreadable = 0  # unreadable images this process met in the current epoch (summed over processes to report)
-    early = {"best": -1.0, "best_step": 0, "bad_epochs": 0, "stopped": False}  # early-stopping state (--patience)
     best_path = os.path.join(run.dir, "best.pt")
-    ckpt = run.load()
-    if ckpt is not None:
-        clip_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        common.set_rng_state(ckpt["rng"])
-        step, early = ckpt["step"], ckpt["early_stop"]
-        unreadable = ckpt["unreadable"] if dist.is_main else 0  # the saved count is of all processes
-        run.print(f"resuming {run.dir} from step {step}/{total_steps}")
+    ckpt = run.resume(clip_model, optimizer, scaler, total_steps)  # last.pt, if this --out has one
+    step = ckpt["step"] if ckpt else 0
+    # unreadable images this process met in the current epoch (summed over processes to report); the saved count is
+    # of all processes, so rank 0 carries it on
+    unreadable = ckpt["unreadable"] if ckpt and dist.is_main else 0
+    early = ckpt["early_stop"] if ckpt else {"best": -1.0, "best_step": 0, "bad_epochs": 0,  # --patience state
+                                             "stopped": False}
     before = common.demo_evaluate(orig_encoder, clip_model, dist, ctx, args, run, "before") if args.data == "demo" else None
     encoder, orig_encoder = (common.compile_encoder(e, args.compile) for e in (encoder, orig_encoder))  # --compile
     train_encoder = DDP(encoder) if dist.world > 1 else encoder

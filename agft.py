@@ -82,15 +82,8 @@ def main(argv=None):
     steps_per_epoch = sampler.batches_per_epoch()
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps,
                                                                                      args.epochs * steps_per_epoch)
-    step = 0
-    ckpt = run.load()
-    if ckpt is not None:
-        clip_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        common.set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        run.print(f"resuming {run.dir} from step {step}/{total_steps}")
+    ckpt = run.resume(clip_model, optimizer, scaler, total_steps)  # last.pt, if this --out has one
+    step = ckpt["step"] if ckpt else 0
     before = common.demo_evaluate(orig_encoder, clip_model, dist, ctx, args, run, "before") if args.data == "demo" else None
     encoder, orig_encoder = (common.compile_encoder(e, args.compile) for e in (encoder, orig_encoder))  # --compile
     train_encoder = DDP(encoder) if dist.world > 1 else encoder

@@ -637,6 +637,18 @@ class Run:
         except Exception as e:
             raise UsageError(f"{self.ckpt_path}: unreadable checkpoint ({type(e).__name__}); move it away to restart")
 
+    def resume(self, clip_model, optimizer, scaler, total_steps):
+        """Restore model, optimizer, grad scaler and RNG states from last.pt (the inverse of checkpoint_state) and
+        return the checkpoint, or None when there is none; the caller reads "step" and its own extra entries."""
+        ckpt = self.load()
+        if ckpt is not None:
+            clip_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"])
+            self.print(f"resuming {self.dir} from step {ckpt['step']}/{total_steps}")
+        return ckpt
+
     def save(self, state):
         if self.dist.is_main:
             atomic_save(state, self.ckpt_path)

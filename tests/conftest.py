@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny random CLIP checkpoint, the demo CLIP cache, and helpers to run the scripts."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -49,6 +51,20 @@ def run_script(args, nproc=1, timeout=600, env=None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + list(args)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def run_and_kill(args, ready, timeout=120):
+    """Start `python ARGS` in its own process group, wait until ready() is true (or the run ends, or `timeout` s pass),
+    then SIGKILL the group; returns the exit code (-SIGKILL if it was killed while running)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable] + list(args), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.wait()
 
 
 def load_weights(path):

@@ -3,10 +3,8 @@ end to end (CSV and img2dataset data with a broken image, 1 vs 2 processes, resu
 the demo, model.pt, one-line errors)."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ROOT, load_weights, run_script, tiny_clip
+from conftest import ROOT, load_weights, run_and_kill, run_script, tiny_clip
 
 import advflyp  # noqa: E402
 import clip  # noqa: E402
@@ -289,15 +287,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(one_process_run, tiny_ck
     out, _ = one_process_run
     resumed = str(tmp_path / "resumed")
     args = train_args(tiny_ckpt, csv_data, resumed, "--save-every", "1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable] + args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt = os.path.join(resumed, "last.pt")
-    deadline = time.time() + 120
-    while not os.path.exists(ckpt) and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    run_and_kill(args, lambda: os.path.exists(ckpt))
     assert not os.path.exists(os.path.join(resumed, "model.pt")), "the run finished before it could be killed"
     step = torch.load(ckpt, weights_only=True)["step"]
     assert 1 <= step < 8

@@ -4,9 +4,6 @@ bad input)."""
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import clip
 import numpy as np
@@ -14,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, load_weights, run_script, tiny_clip
+from conftest import load_weights, run_and_kill, run_script, tiny_clip
 
 import agft  # noqa: E402
 import common  # noqa: E402
@@ -241,18 +238,9 @@ def test_kill_and_resume_matches_uninterrupted(tiny_ckpt, tmp_path):
     ref = str(tmp_path / "ref")
     assert run_script(args + ["--out", ref]).returncode == 0
     out = str(tmp_path / "killed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable] + args + ["--out", out], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = os.path.join(out, "log.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(log) and sum(1 for _ in open(log)) >= 5:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    code = run_and_kill(args + ["--out", out], lambda: os.path.exists(log) and sum(1 for _ in open(log)) >= 5)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
     assert not os.path.exists(os.path.join(out, "model.pt"))
     step_at_kill = torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"]
     assert 0 < step_at_kill < 12

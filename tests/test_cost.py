@@ -140,3 +140,20 @@ def test_compile_gives_the_same_weights(tmp_path):
     assert json.load(open(tmp_path / "run1" / "args.json"))["compile"] is True
     for k in weights[0]:
         torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-4, atol=1e-6)
+
+
+def test_throughput_counts_only_the_steps_of_this_process_run(monkeypatch, tmp_path):
+    """The benchmark clock starts at the first step of each run: after a resume from step 2, the first record covers
+    one step, not the three since step 0 (which would inflate images/s threefold)."""
+    steps_timed = []
+    throughput = common.Run.throughput
+
+    def spy(self, step, global_batch, device):
+        steps_timed.append(step - self.steps_since)
+        return throughput(self, step, global_batch, device)
+    monkeypatch.setattr(common.Run, "throughput", spy)
+    argv = ["--model", "random:tiny", "--data", "synthetic", "--synthetic-size", "16", "--batch-size", "4",
+            "--workers", "0", "--log-every", "1", "--out", str(tmp_path / "run")]
+    agft.main(argv + ["--max-steps", "2"])
+    agft.main(argv + ["--max-steps", "4"])  # resumes from last.pt at step 2
+    assert steps_timed == [1, 1, 1, 1]

@@ -2,16 +2,14 @@
 processes, resume after kill -9, the demo, model.pt of all three methods, one-line errors)."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_weights, run_script
+from conftest import ROOT, load_weights, run_and_kill, run_script
 
 import clip  # noqa: E402
 import common  # noqa: E402
@@ -149,15 +147,8 @@ def test_pmg_two_processes_match_one(runs, tiny_ckpt, tmp_path):
 def test_resume_after_kill_matches_an_uninterrupted_run(runs, tiny_ckpt, tmp_path):
     out = str(tmp_path / "resumed")
     args = train_args("tecoa.py", tiny_ckpt, out, "--pmg", "--save-every", "1")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable] + args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt = os.path.join(out, "last.pt")
-    deadline = time.time() + 120
-    while not os.path.exists(ckpt) and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    run_and_kill(args, lambda: os.path.exists(ckpt))
     assert not os.path.exists(os.path.join(out, "model.pt")), "the run finished before it could be killed"
     assert 1 <= torch.load(ckpt, weights_only=True)["step"] < 12
     r = run_script(args)
