@@ -281,6 +281,9 @@ def test_two_processes_train_on_the_global_batch(one_process_run, tiny_ckpt, csv
     losses = lambda p: [rec["loss"] for rec in map(json.loads, open(p)) if "loss" in rec]  # noqa: E731
     assert np.allclose(losses(os.path.join(out, "log.jsonl")), losses(str(tmp_path / "two" / "log.jsonl")),
                        rtol=1e-4)
+    # the unreadable image is met by one of the two processes; each epoch's count is summed over both
+    counts = lambda p: [rec["unreadable_images"] for rec in map(json.loads, open(p)) if "loss" not in rec]  # noqa: E731
+    assert counts(str(tmp_path / "two" / "log.jsonl")) == counts(os.path.join(out, "log.jsonl")) == [1, 1, 1, 1]
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(one_process_run, tiny_ckpt, csv_data, tmp_path):
