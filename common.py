@@ -469,6 +469,17 @@ def demo_clip(steps=800, log=print):
 
 
 # ------------------------------------------------------------------------------------------------------------- PGD
+def input_grad(loss_fn, x, has_aux=False):
+    """∇_x loss_fn(x) for a scalar loss: the one place where every attack differentiates, w.r.t. the input only
+    (torch.autograd.grad), so parameters never accumulate .grad. has_aux=True: loss_fn returns (loss, aux) and this
+    returns (grad, aux) (APGD reads its per-sample losses and logits from aux)."""
+    x = x.detach().requires_grad_(True)
+    out = loss_fn(x)
+    loss, aux = out if has_aux else (out, None)
+    grad, = torch.autograd.grad(loss, x)
+    return (grad, aux) if has_aux else grad
+
+
 def random_start(global_shape, eps, seed, step, rank, world, device):
     """PGD's uniform random start U(-ε, ε) for this rank's share of a global batch. Drawn for the whole global
     batch from a generator seeded by (seed, step), so it does not depend on the number of processes."""
@@ -483,16 +494,14 @@ def pgd(loss_fn, x, eps, alpha, steps, delta=None):
 
     x_0 = clamp(x + δ, 0, 1) with δ ~ U(-ε, ε) unless `delta` is given;
     x_{s+1} = clamp(x + clamp(x_s + α·sign(∇ loss(x_s)) − x, −ε, ε), 0, 1); the last iterate is returned.
-    Only the input gradient is computed (torch.autograd.grad), so parameters never accumulate .grad; callers put
-    the model in eval mode."""
+    Only the input gradient is computed (input_grad), so parameters never accumulate .grad; callers put the model
+    in eval mode."""
     x = x.detach()
     if delta is None:
         delta = torch.empty_like(x).uniform_(-eps, eps)
     x_adv = (x + delta).clamp(0, 1)
     for _ in range(steps):
-        x_adv.requires_grad_(True)
-        grad, = torch.autograd.grad(loss_fn(x_adv), x_adv)
-        x_adv = x_adv.detach() + alpha * grad.sign()
+        x_adv = x_adv + alpha * input_grad(loss_fn, x_adv).sign()
         x_adv = (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1)
     return x_adv.detach()
 
@@ -784,12 +793,14 @@ def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=
     project = lambda z: (x + (z - x).clamp(-eps, eps)).clamp(0, 1)  # noqa: E731  P_S
     per = lambda v: v.view(-1, *[1] * (x.dim() - 1))  # noqa: E731  (B,) -> (B, 1, 1, 1)
 
-    def evaluate(z):  # -> f(z) (B,), fooled (B,) bool, ∇f(z) (B, 3, H, W)
-        z = z.detach().requires_grad_(True)
+    def loss_and_logits(z):
         logits = logits_fn(z)
         loss = loss_of_logits(logits, y).float()
-        grad, = torch.autograd.grad(loss.sum(), z)  # samples are independent: ∇ of the sum is per-sample ∇
-        return loss.detach(), logits.argmax(-1).ne(y), grad.detach()
+        return loss.sum(), (loss.detach(), logits.detach())  # samples are independent: ∇ of the sum is per-sample ∇
+
+    def evaluate(z):  # -> f(z) (B,), fooled (B,) bool, ∇f(z) (B, 3, H, W)
+        grad, (loss, logits) = input_grad(loss_and_logits, z, has_aux=True)
+        return loss, logits.argmax(-1).ne(y), grad
 
     checkpoints = set(apgd_checkpoints(steps)[1:])
     eta = torch.full((len(x),), 2.0 * eps, device=x.device)  # η^(0) = 2ε
