@@ -1,9 +1,20 @@
-"""Shared code for agft.py, tecoa.py, advflyp.py and evaluate.py.
+"""Shared code for agft.py, tecoa.py, advflyp.py and evaluate.py: everything that is the same for every method, behind
+plain names, so that the method scripts read top to bottom. Equations and choices follow ../shared/SPEC.md.
 
-The method scripts are meant to be read top to bottom; everything that is the same for all of them lives here behind
-plain names: error handling, CLIP loading and the pixel-space wrapper, distributed + AMP setup, datasets (ImageNet,
-ImageFolder, synthetic, the procedural demo), the PGD attack, the learning-rate schedule, the run directory
-(args.json, log.jsonl, last.pt, model.pt) and zero-shot evaluation. Equations and choices follow ../shared/SPEC.md.
+Sections, in the order data flows (search for the `# ---- name` rule):
+    errors               UsageError (one-line errors, exit 2), run_main
+    model                load_clip (names, checkpoints, random:ARCH, demo), ImageEncoder (pixel space, [0, 1]),
+                         text_features, cosine_sim, frozen_copy, save_torchscript
+    distributed and AMP  setup_distributed (torchrun, NCCL/gloo, a host-side gloo group), all_reduce_sum,
+                         all_gather_with_grad, Preemption (SIGTERM/SIGUSR1), amp_setup
+    data                 training_dataset (ImageNet, ImageFolder, synthetic), GlobalBatchSampler, make_loader;
+                         caption data (AdvFLYP: CSV/TSV, img2dataset); evaluation datasets (EVAL_DATASETS,
+                         eval_dataset) and eval_loader
+    attacks              input_grad, pgd (training and evaluation), APGD, C&W, targeted PGD; the ATTACKS registry
+    training harness     cosine_lr, train_parser / parse_train_args, Run (the run directory: args.json, log.jsonl,
+                         last.pt, model.pt), checkpoint_state
+    evaluation           zero_shot_eval (clean and robust accuracy)
+    demo                 the procedural task (DemoImages), its tiny pretrained CLIP (demo_clip), demo tables
 """
 import argparse
 import copy
@@ -13,11 +24,14 @@ import os
 import random
 import re
 import resource
+import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # the clip package imports it
 import clip  # noqa: E402
@@ -33,24 +47,38 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_LOGIT_SCALE = 100.0  # exp(logit_scale) of the released models; all evaluation uses it (SPEC §1)
 
 
-# ----------------------------------------------------------------------------------------------------------- errors
+# ------------------------------------------------------------------------------------------------------------- errors
+PREEMPTED = 75  # exit status after a preemption signal: the state is saved, rerun the same command (EX_TEMPFAIL)
+
+
 class UsageError(Exception):
     """A problem with the user's input: reported as one line, without a traceback."""
 
 
+class Preempted(Exception):
+    """Raised once the state is saved after a preemption signal (see Preemption): exit status PREEMPTED."""
+
+
 def run_main(main):
-    """Run `main()`, turning UsageError into `error: ...` on stderr and exit status 2 (rank 0 alone prints)."""
+    """Run `main()`, turning UsageError into `error: ...` on stderr and exit status 2, and Preempted into its
+    message on stdout and exit status PREEMPTED (rank 0 alone prints)."""
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
         main()
     except UsageError as e:
-        if os.environ.get("RANK", "0") == "0":
+        if main_rank:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        if main_rank:
+            print(e, flush=True)
+        cleanup_distributed()
+        sys.exit(PREEMPTED)
     except KeyboardInterrupt:
         sys.exit(130)
 
 
-# ------------------------------------------------------------------------------------------------------------ model
+# -------------------------------------------------------------------------------------------------------------- model
 # Released architectures (the hyperparameters clip.model.CLIP takes), for `random:ARCH`: same shapes, random weights.
 #   name: (embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
 #          context_length, vocab_size, transformer_width, transformer_heads, transformer_layers)
@@ -190,13 +218,19 @@ def prompts_for(class_names, template="This is a photo of a {}."):
     return [template.format(c) for c in class_names]
 
 
-# ------------------------------------------------------------------------------------------- distributed and AMP
+# ------------------------------------------------------------------------------------------------ distributed and AMP
+# How long ranks wait in a collective for work that only one rank does (a download, unpacking a dataset, pretraining
+# the demo CLIP): hours, not the default process group's 10 (NCCL) or 30 (gloo) minutes, which catch hung steps.
+SETUP_TIMEOUT = timedelta(hours=float(os.environ.get("CLIP_AFT_SETUP_TIMEOUT_HOURS", "6")))
+
+
 @dataclass
 class Dist:
     rank: int
     world: int
     local_rank: int
     device: torch.device
+    cpu_group: object = None  # a gloo group with SETUP_TIMEOUT, for host-side waits and flags (None: one process)
 
     @property
     def is_main(self):
@@ -204,7 +238,8 @@ class Dist:
 
 
 def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process. NCCL on CUDA, gloo on CPU."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is one process. NCCL on CUDA, gloo on CPU, plus
+    a gloo group on the host (Dist.cpu_group) whose collectives wait up to SETUP_TIMEOUT."""
     if int(os.environ.get("RANK", -1)) == -1:
         return Dist(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -215,7 +250,7 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
         torch_dist.init_process_group("gloo")
-    return Dist(rank, world, local_rank, device)
+    return Dist(rank, world, local_rank, device, torch_dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT))
 
 
 def cleanup_distributed():
@@ -227,6 +262,49 @@ def all_reduce_sum(t, dist):
     if dist.world > 1:
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
     return t
+
+
+def all_gather_with_grad(t, dist):
+    """(b, ...) on each of W processes -> (W·b, ...), rank-major: the global batch in the order GlobalBatchSampler
+    splits it. This rank's rows keep their autograd graph and the other ranks' rows are constants, so a loss of the
+    global batch back-propagates through this rank's rows only (DDP then averages over ranks: scale the loss by W)."""
+    if dist.world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.world)]
+    torch_dist.all_gather(parts, t.detach().contiguous())
+    parts[dist.rank] = t
+    return torch.cat(parts)
+
+
+class Preemption:
+    """A cluster's preemption notice (SIGTERM: SLURM, Kubernetes, torchrun passing it on; SIGUSR1: SLURM's
+    --signal=USR1@SECONDS) sets a flag instead of killing the process. The training loop and evaluate.py ask
+    `requested(dist)` between steps, save, and raise Preempted (exit status PREEMPTED); the flags of all ranks are
+    combined on the host (Dist.cpu_group), so every rank stops after the same step."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = None  # the signal's name, once one arrived
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def requested(self, dist):
+        """True on every rank as soon as any rank has received a signal (a collective: call it on all ranks)."""
+        flag = torch.tensor([self.received is not None], dtype=torch.int32)
+        if dist.world > 1:
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=dist.cpu_group)
+        return bool(flag.item())
+
+
+def ignore_preemption_signals(worker_id=None):
+    """DataLoader workers' worker_init_fn: a cluster signals every process of the job, and a worker killed by SIGTERM
+    would fail the main process's next batch; the main process decides when to stop, and shuts its workers down."""
+    for s in Preemption.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def amp_setup(amp, device):
@@ -242,7 +320,12 @@ def amp_setup(amp, device):
     return amp, ctx, scaler
 
 
-# ------------------------------------------------------------------------------------------------------------- data
+# --------------------------------------------------------------------------------------------------------------- data
+# Image files read by the folder and caption-file readers (the union of PIL's common formats; .gif included).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".gif", ".tif", ".tiff", ".webp")
+
+
+# training data: ImageNet, ImageFolder, synthetic (the demo's data is in the demo section)
 def image_transform(resolution):
     """Resize (bicubic) + CenterCrop to the model's resolution, to a tensor in [0, 1] (no normalisation here)."""
     from torchvision import transforms
@@ -358,613 +441,14 @@ def make_loader(dataset, batch_sampler, workers, device):
     """DataLoader with workers, pinned memory and persistent workers on CUDA."""
     cuda = device.type == "cuda"
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=cuda,
-                                       persistent_workers=cuda and workers > 0)
+                                       persistent_workers=cuda and workers > 0,
+                                       worker_init_fn=ignore_preemption_signals)
 
 
-# ------------------------------------------------------------------------------------------------------- the demo
-# A task that needs no download: coloured shapes on textured backgrounds, 32x32 pixels. A concept is a colour and a
-# shape ("a red ring"). A tiny CLIP is pretrained contrastively on captions of all 64 concepts; fine-tuning sees the
-# 32 "proxy" concepts, and zero-shot evaluation uses the other 32, held out, with their own class prompts.
-DEMO_COLOURS = {
-    "red": (0.90, 0.12, 0.12), "green": (0.12, 0.75, 0.20), "blue": (0.15, 0.30, 0.95), "yellow": (0.95, 0.88, 0.12),
-    "purple": (0.60, 0.20, 0.80), "cyan": (0.12, 0.82, 0.88), "orange": (1.00, 0.55, 0.05), "white": (0.94, 0.94, 0.94),
-}
-DEMO_SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross", "bar", "frame")
-DEMO_CONCEPTS = [(c, s) for c in DEMO_COLOURS for s in DEMO_SHAPES]
-_held_out = lambda i: (i // 8 + 2 * (i % 8)) % 4 == 0  # noqa: E731  (16 concepts, every colour and shape twice)
-DEMO_PROXY = [cs for i, cs in enumerate(DEMO_CONCEPTS) if not _held_out(i)]  # 48 concepts seen by fine-tuning
-DEMO_HELD_OUT = [cs for i, cs in enumerate(DEMO_CONCEPTS) if _held_out(i)]  # 16 concepts, zero-shot only
-DEMO_CAPTIONS = ("a {c} {s}.", "a photo of a {c} {s}.", "a {s} that is {c}.", "a drawing of a {c} {s}.",
-                 "a {c} {s} on a dark background.", "a small {c} {s}.")
-
-
-def demo_image(colour, shape, g, resolution=32):
-    """One image of `colour` `shape`, all randomness from generator `g`: (3, R, R) in [0, 1]."""
-    R = resolution
-    u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=g))  # noqa: E731
-    r = u(0.22, 0.34) * R
-    cy, cx = u(r, R - r), u(r, R - r)
-    yy, xx = torch.meshgrid(torch.arange(R) + 0.5, torch.arange(R) + 0.5, indexing="ij")
-    dy, dx = yy - cy, xx - cx
-    d, m = (dx ** 2 + dy ** 2).sqrt(), torch.maximum(dx.abs(), dy.abs())
-    mask = {
-        "circle": d <= r,
-        "square": m <= 0.85 * r,
-        "triangle": (dy >= -r) & (dy <= 0.8 * r) & (dx.abs() <= 0.6 * (dy + r)),
-        "diamond": dx.abs() + dy.abs() <= r,
-        "ring": (d <= r) & (d >= 0.55 * r),
-        "cross": ((dx.abs() <= r / 3) & (dy.abs() <= r)) | ((dy.abs() <= r / 3) & (dx.abs() <= r)),
-        "bar": (dy.abs() <= r / 3.5) & (dx.abs() <= r),
-        "frame": (m <= 0.85 * r) & (m >= 0.5 * r),
-    }[shape].float()
-    background = u(0.05, 0.35) + 0.08 * torch.randn(3, R, R, generator=g)  # grey level and texture
-    colour = torch.tensor(DEMO_COLOURS[colour]) + 0.06 * torch.randn(3, generator=g)
-    image = background * (1 - mask) + colour.view(3, 1, 1) * mask + 0.03 * torch.randn(3, R, R, generator=g)
-    return image.clamp(0, 1)
-
-
-class DemoImages(torch.utils.data.Dataset):
-    """`per_concept` images of each concept in `concepts`, labelled by concept index; item i depends only on
-    (seed, i). `captions=True` yields (image, caption) pairs instead, for contrastive pretraining."""
-
-    def __init__(self, concepts, per_concept, resolution=32, seed=0, captions=False):
-        self.concepts, self.per_concept, self.resolution, self.seed = concepts, per_concept, resolution, seed
-        self.captions = captions
-        self.classes = [f"{c} {s}" for c, s in concepts]
-
-    def __len__(self):
-        return len(self.concepts) * self.per_concept
-
-    def __getitem__(self, i):
-        label = i % len(self.concepts)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        colour, shape = self.concepts[label]
-        image = demo_image(colour, shape, g, 32)
-        if self.resolution != 32:
-            image = F.interpolate(image[None], size=self.resolution, mode="bicubic", align_corners=False)[0].clamp(0, 1)
-        if self.captions:
-            template = DEMO_CAPTIONS[int(torch.randint(len(DEMO_CAPTIONS), (), generator=g))]
-            return image, template.format(c=colour, s=shape)
-        return image, label
-
-
-def demo_cache_path():
-    root = os.environ.get("CLIP_AFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clip-aft")
-    return os.path.join(root, "demo-clip-v1.pt")
-
-
-def demo_clip(steps=800, log=print):
-    """The demo's tiny CLIP (ARCHITECTURES['tiny']), pretrained contrastively on captioned demo images of all 64
-    concepts. Deterministic; cached in $CLIP_AFT_CACHE (default ~/.cache/clip-aft) after the first call."""
-    path = demo_cache_path()
-    if os.path.isfile(path):
-        return clip_from_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
-    log(f"pretraining the demo CLIP ({steps} steps, cached in {path}) ...")
-    torch.manual_seed(0)
-    model = CLIP(*ARCHITECTURES["tiny"]).float().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    data = DemoImages(DEMO_CONCEPTS, 10_000, seed=0, captions=True)
-    batch = len(DEMO_CONCEPTS)  # one image of each concept per batch: no duplicate captions, no false negatives
-    t0 = time.time()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, 2e-3, 100, steps)
-        items = [data[step * batch + j] for j in range(batch)]
-        images = torch.stack([im for im, _ in items])
-        tokens = clip.tokenize([c for _, c in items], context_length=model.context_length)
-        image_f = F.normalize(ImageEncoder(model.visual)(images), dim=-1)
-        text_f = F.normalize(model.encode_text(tokens), dim=-1)
-        logits = model.logit_scale.exp().clamp(max=CLIP_LOGIT_SCALE) * image_f @ text_f.t()
-        target = torch.arange(batch)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2  # CLIP's InfoNCE
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % 250 == 0:
-            log(f"  step {step + 1}/{steps}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
-    model.eval()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_save({"model": model.state_dict(), "steps": steps}, path)
-    return model
-
-
-# ------------------------------------------------------------------------------------------------------------- PGD
-def input_grad(loss_fn, x, has_aux=False):
-    """∇_x loss_fn(x) for a scalar loss: the one place where every attack differentiates, w.r.t. the input only
-    (torch.autograd.grad), so parameters never accumulate .grad. has_aux=True: loss_fn returns (loss, aux) and this
-    returns (grad, aux) (APGD reads its per-sample losses and logits from aux)."""
-    x = x.detach().requires_grad_(True)
-    out = loss_fn(x)
-    loss, aux = out if has_aux else (out, None)
-    grad, = torch.autograd.grad(loss, x)
-    return (grad, aux) if has_aux else grad
-
-
-def random_start(global_shape, eps, seed, step, rank, world, device):
-    """PGD's uniform random start U(-ε, ε) for this rank's share of a global batch. Drawn for the whole global
-    batch from a generator seeded by (seed, step), so it does not depend on the number of processes."""
-    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-    delta = (torch.rand(global_shape, generator=g, device=device) * 2 - 1) * eps
-    local = global_shape[0] // world
-    return delta[rank * local:(rank + 1) * local]
-
-
-def pgd(loss_fn, x, eps, alpha, steps, delta=None):
-    """ℓ∞ PGD (SPEC §2): maximise loss_fn(x_adv) (a scalar) over the ε-ball around x, inside [0, 1].
-
-    x_0 = clamp(x + δ, 0, 1) with δ ~ U(-ε, ε) unless `delta` is given;
-    x_{s+1} = clamp(x + clamp(x_s + α·sign(∇ loss(x_s)) − x, −ε, ε), 0, 1); the last iterate is returned.
-    Only the input gradient is computed (input_grad), so parameters never accumulate .grad; callers put the model
-    in eval mode."""
-    x = x.detach()
-    if delta is None:
-        delta = torch.empty_like(x).uniform_(-eps, eps)
-    x_adv = (x + delta).clamp(0, 1)
-    for _ in range(steps):
-        x_adv = x_adv + alpha * input_grad(loss_fn, x_adv).sign()
-        x_adv = (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1)
-    return x_adv.detach()
-
-
-# ------------------------------------------------------------------------------------------------- training harness
-def cosine_lr(step, base_lr, warmup, total):
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def train_parser(doc, method, **defaults):
-    """The flags every training script shares; `defaults` are the method's paper settings."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="ViT-B/32", help="released CLIP name, checkpoint file, random:ARCH or demo")
-    p.add_argument("--data", default="./data/imagenet", help=defaults.pop(
-        "data_help", "ImageNet root (train/ + devkit), ImageFolder directory, 'synthetic' or 'demo'"))
-    p.add_argument("--class-names", default=None, help="file with one class name per line (sorted folder order)")
-    p.add_argument("--out", default=None, help="run directory (default runs/<method>-<timestamp>); reused = resume")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size, split across processes")
-    p.add_argument("--lr", type=float, default=defaults.pop("lr"), help="peak learning rate (SGD)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
-    p.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps before cosine decay")
-    p.add_argument("--eps", type=float, default=1.0, help="training ε, in units of 1/255 (ℓ∞)")
-    p.add_argument("--alpha", type=float, default=None, help="PGD step size in units of 1/255 (default: = eps)")
-    p.add_argument("--attack-steps", type=int, default=2, help="PGD steps of the inner maximisation")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="mixed precision (auto: bf16 on CUDA, off on CPU)")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader worker processes per rank")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order, PGD random starts, random weights")
-    p.add_argument("--save-every", type=int, default=500, help="write last.pt every this many steps (and each epoch)")
-    p.add_argument("--log-every", type=int, default=10, help="log every this many steps")
-    p.add_argument("--synthetic-size", type=int, default=10_000, help="number of images of --data synthetic")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the image encoders (off by default: it did not pay on a CPU, see README)")
-    p.add_argument("--demo", action="store_true",
-                   help="the built-in demo: tiny CLIP, procedural data, before/after zero-shot table (no download)")
-    p.set_defaults(method=method, **defaults)
-    return p
-
-
-# Demo settings shared by the methods (a method adds its own lr): tiny model, 32x32 images, minutes on a CPU.
-DEMO_DEFAULTS = dict(model="demo", data="demo", epochs=6, batch_size=64, warmup=20, eps=4.0, workers=0,
-                     save_every=1000, log_every=10, weight_decay=0.0)
-
-
-def parse_train_args(parser, argv=None, demo_defaults=None, check_data=True):
-    """Parse, apply --demo defaults (flags given explicitly still win), derive values, validate (--data too, unless
-    check_data=False: a script whose --data is not an image-folder dataset validates it itself)."""
-    args = parser.parse_args(argv)
-    if args.demo:
-        parser.set_defaults(**{**DEMO_DEFAULTS, **(demo_defaults or {})})
-        args = parser.parse_args(argv)
-    if args.alpha is None:
-        args.alpha = args.eps
-    for name in ("eps", "alpha"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} {getattr(args, name)}: must be >= 0")
-    for name in ("epochs", "batch_size", "save_every", "log_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UsageError(f"--max-steps {args.max_steps}: must be >= 1")
-    if args.lr <= 0:
-        raise UsageError(f"--lr {args.lr}: must be > 0")
-    if check_data and args.data not in ("synthetic", "demo") and not os.path.isdir(args.data):
-        raise UsageError(f"--data {args.data}: no such directory (an ImageNet root with train/ and the devkit, "
-                         "an ImageFolder directory, 'synthetic' or 'demo')")
-    if args.out is None:
-        args.out = os.path.join("runs", f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out}: exists and is not a directory")
-    return args
-
-
-def atomic_save(obj, path):
-    """torch.save to path.tmp, fsync, rename: a crash never leaves a half-written file under `path`."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-class Run:
-    """The run directory: args.json, log.jsonl, last.pt (resume), model.pt (TorchScript), results.json.
-    Only rank 0 writes; every rank reads last.pt when resuming."""
-
-    def __init__(self, args, dist):
-        self.dir, self.dist = args.out, dist
-        self.ckpt_path = os.path.join(self.dir, "last.pt")
-        if dist.is_main:
-            os.makedirs(self.dir, exist_ok=True)
-            if not os.path.exists(self.ckpt_path):
-                write_json(vars(args), os.path.join(self.dir, "args.json"))
-        self.t_last, self.steps_since = time.time(), 0
-
-    def print(self, *a):
-        if self.dist.is_main:
-            print(*a, flush=True)
-
-    def log(self, record):
-        """Append one JSON object to log.jsonl and print it (rank 0)."""
-        if self.dist.is_main:
-            with open(os.path.join(self.dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def start_timer(self, step):
-        """Start timing at `step`, right before the first training step (setup and resume excluded)."""
-        self.t_last, self.steps_since = time.time(), step
-
-    def throughput(self, step, global_batch, device):
-        """images/s and s/step since the last call, and peak memory (MiB) of this process."""
-        now = time.time()
-        dt, n = now - self.t_last, max(1, step - self.steps_since)
-        self.t_last, self.steps_since = now, step
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-        return {"img_per_s": round(n * global_batch / dt, 2), "s_per_step": round(dt / n, 4), "peak_mem_mib": round(peak)}
-
-    def load(self):
-        """The last.pt checkpoint (weights_only) or None."""
-        if not os.path.exists(self.ckpt_path):
-            return None
-        try:
-            return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"{self.ckpt_path}: unreadable checkpoint ({type(e).__name__}); move it away to restart")
-
-    def resume(self, clip_model, optimizer, scaler, total_steps):
-        """Restore model, optimizer, grad scaler and RNG states from last.pt (the inverse of checkpoint_state) and
-        return the checkpoint, or None when there is none; the caller reads "step" and its own extra entries."""
-        ckpt = self.load()
-        if ckpt is not None:
-            clip_model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            self.print(f"resuming {self.dir} from step {ckpt['step']}/{total_steps}")
-        return ckpt
-
-    def save(self, state):
-        if self.dist.is_main:
-            atomic_save(state, self.ckpt_path)
-
-    def write_model(self, clip_model):
-        if self.dist.is_main:
-            save_torchscript(clip_model, os.path.join(self.dir, "model.pt"))
-
-    def write_results(self, results):
-        if self.dist.is_main:
-            write_json(results, os.path.join(self.dir, "results.json"))
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint_state(clip_model, optimizer, scaler, step, total_steps, args):
-    """Everything needed to resume exactly; only tensors, numbers, strings, lists and dicts (weights_only)."""
-    return {"model": clip_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "scheduler": {"kind": "cosine", "warmup": args.warmup, "total": total_steps, "base_lr": args.lr},
-            "step": step, "rng": rng_state(), "args": vars(args)}
-
-
-def progress(iterable, dist, **kw):
-    """tqdm on rank 0 (when attached to a terminal), the bare iterable elsewhere."""
-    if not dist.is_main or not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, dynamic_ncols=True, **kw)
-
-
-# ------------------------------------------------------------------------------------------------------ evaluation
-class Indexed(torch.utils.data.Dataset):
-    """Wraps a dataset to also return each item's index (for per-sample random starts)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        image, label = self.dataset[i]
-        return image, label, i
-
-
-def eval_loader(dataset, batch_size, dist, workers=0):
-    """This rank's shard of `dataset`: indices rank, rank + W, ... (every sample exactly once, no padding)."""
-    shard = torch.utils.data.Subset(Indexed(dataset), list(range(dist.rank, len(dataset), dist.world)))
-    return torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=dist.device.type == "cuda")
-
-
-def per_sample_start(index, shape, eps, seed, device):
-    """U(-ε, ε) noise for each sample from a generator seeded by its dataset index: independent of batching and
-    of the number of processes. index: (B,) -> (B, *shape)."""
-    out = torch.empty((len(index), *shape), device=device)
-    for j, i in enumerate(index.tolist()):
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
-        out[j] = (torch.rand(shape, generator=g, device=device) * 2 - 1) * eps
-    return out
-
-
-def ce_attack_loss(logits_fn, y):
-    """Sum over the batch of CE(logits, y): PGD's evaluation loss (SPEC §2). Summing keeps each sample's gradient
-    independent of the batch size."""
-    return lambda x_adv: F.cross_entropy(logits_fn(x_adv), y, reduction="sum")
-
-
-def attack_pgd(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """Untargeted PGD on CE at CLIP's logit scale (SPEC §6 `pgd`)."""
-    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
-    return pgd(ce_attack_loss(logits_fn, y), x, eps, alpha, steps, delta)
-
-
-def margin_loss(logits, y):
-    """C&W margin max_{j≠y} z_j − z_y (κ = 0): (B, C), (B,) -> (B,); positive iff the sample is misclassified."""
-    z_y = logits.gather(1, y[:, None])[:, 0]
-    z_other = logits.scatter(1, y[:, None], float("-inf")).amax(1)  # max over j ≠ y
-    return z_other - z_y
-
-
-def dlr_loss(logits, y):
-    """Difference of Logits Ratio (Croce & Hein 2020, Eq. 6): −(z_y − max_{j≠y} z_j) / (z_π1 − z_π3 + 1e-12),
-    π the logits sorted in decreasing order. (B, C), (B,) -> (B,). Scale-invariant; needs C ≥ 3."""
-    if logits.shape[1] < 3:
-        raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
-    z = logits.sort(dim=1, descending=True).values  # (B, C): z_π1 ≥ z_π2 ≥ ...
-    return margin_loss(logits, y) / (z[:, 0] - z[:, 2] + 1e-12)
-
-
-def attack_cw(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """ℓ∞ C&W as in the AGFT/TeCoA evaluations (SPEC §6 `cw`): PGD, same schedule as `pgd`, on the margin loss."""
-    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
-    return pgd(lambda x_adv: margin_loss(logits_fn(x_adv), y).sum(), x, eps, alpha, steps, delta)
-
-
-def apgd_checkpoints(n_iter):
-    """APGD's checkpoints w_j = ⌈p_j · N_iter⌉ (Croce & Hein 2020, §3.2): p_0 = 0, p_1 = 0.22,
-    p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06) while p_j ≤ 1. Computed in integer hundredths, so ⌈·⌉ is exact
-    (in floats 0.22 · 100 = 22.000000000000004 would round up to 23)."""
-    p = [0, 22]
-    while p[-1] + max(p[-1] - p[-2] - 3, 6) <= 100:
-        p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
-    return sorted({-(-pj * n_iter // 100) for pj in p})  # ceil; duplicates merge for small N_iter
-
-
-def apgd_conditions(n_up, window, f_max, f_max_ckpt, reduced_ckpt, rho=0.75):
-    """APGD's test at checkpoint w_j (Croce & Hein 2020, §3.2), per sample (B,) -> (B,) bool, True = halve η and
-    restart from x_max. Condition 1: the loss rose in fewer than ρ · (w_j − w_{j−1}) of the steps since w_{j−1}
-    (n_up of window). Condition 2: η was not halved at w_{j−1} and f_max has not improved since then."""
-    return (n_up < rho * window) | (~reduced_ckpt & (f_max == f_max_ckpt))
-
-
-def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=0.75):
-    """APGD (Croce & Hein 2020, Algorithm 1), ℓ∞: maximise loss_of_logits(logits, y) (per sample, (B,)) over the
-    ε-ball around x inside [0, 1]. Every sample has its own step size, best point and checkpoint tests, so the
-    result does not depend on the batch. Starts at clamp(x + delta, 0, 1).
-
-    Returns the best point x_max of Algorithm 1; where some iterate fooled the model, the highest-loss such iterate
-    instead (AutoAttack's reference code counts a sample as broken as soon as any iterate fools the model)."""
-    x = x.detach()
-    project = lambda z: (x + (z - x).clamp(-eps, eps)).clamp(0, 1)  # noqa: E731  P_S
-    per = lambda v: v.view(-1, *[1] * (x.dim() - 1))  # noqa: E731  (B,) -> (B, 1, 1, 1)
-
-    def loss_and_logits(z):
-        logits = logits_fn(z)
-        loss = loss_of_logits(logits, y).float()
-        return loss.sum(), (loss.detach(), logits.detach())  # samples are independent: ∇ of the sum is per-sample ∇
-
-    def evaluate(z):  # -> f(z) (B,), fooled (B,) bool, ∇f(z) (B, 3, H, W)
-        grad, (loss, logits) = input_grad(loss_and_logits, z, has_aux=True)
-        return loss, logits.argmax(-1).ne(y), grad
-
-    checkpoints = set(apgd_checkpoints(steps)[1:])
-    eta = torch.full((len(x),), 2.0 * eps, device=x.device)  # η^(0) = 2ε
-    x_k = project(x + delta)
-    f_k, fooled, grad = evaluate(x_k)
-    x_prev = x_k
-    x_max, f_max, grad_max = x_k, f_k, grad  # best point so far, by loss (restarts go back to it)
-    x_out, f_out, out_fooled = x_k, f_k, fooled  # best point by (fooled, loss): the output
-    n_up = torch.zeros(len(x), device=x.device)  # Σ 1[f(x^(i+1)) > f(x^(i))] since the last checkpoint
-    f_max_ckpt, reduced_ckpt, w_last = f_max, torch.zeros_like(fooled), 0  # state at the last checkpoint
-    for k in range(steps):
-        z = project(x_k + per(eta) * grad.sign())  # z^(k+1)
-        a = 1.0 if k == 0 else momentum  # x^(1) = z^(1); then momentum 0.75 (Alg. 1)
-        x_next = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev))
-        f_next, fooled, grad = evaluate(x_next)
-        n_up += f_next > f_k
-        x_prev, x_k, f_k = x_k, x_next, f_next
-        better = f_k > f_max
-        x_max, f_max = torch.where(per(better), x_k, x_max), torch.where(better, f_k, f_max)
-        grad_max = torch.where(per(better), grad, grad_max)
-        out = (fooled & ~out_fooled) | ((fooled == out_fooled) & (f_k > f_out))
-        x_out, f_out, out_fooled = torch.where(per(out), x_k, x_out), torch.where(out, f_k, f_out), out_fooled | fooled
-        if k + 1 in checkpoints and k + 1 < steps:  # k + 1 = w_j: halve η and restart from x_max if
-            reduce = apgd_conditions(n_up, k + 1 - w_last, f_max, f_max_ckpt, reduced_ckpt, rho)
-            eta = torch.where(reduce, eta / 2, eta)
-            x_k, f_k, grad = torch.where(per(reduce), x_max, x_k), torch.where(reduce, f_max, f_k), \
-                torch.where(per(reduce), grad_max, grad)
-            n_up, f_max_ckpt, reduced_ckpt, w_last = torch.zeros_like(n_up), f_max, reduce, k + 1
-    return x_out.detach()
-
-
-def cross_entropy_per_sample(logits, y):
-    """CE(logits, y) = log(1 + Σ_{j≠y} exp(z_j − z_y)), (B, C), (B,) -> (B,), without the cancellation of
-    logsumexp(z) − z_y: at CLIP's scale 100 a confident sample's CE is below float32's resolution around 1 and
-    F.cross_entropy returns exactly 0, which would hide APGD's progress from its best-point and checkpoint tests."""
-    rest = (logits - logits.gather(1, y[:, None])).scatter(1, y[:, None], float("-inf"))  # z_j − z_y, j ≠ y
-    return F.softplus(torch.logsumexp(rest, dim=1))
-
-
-def attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """APGD on the cross-entropy at CLIP's logit scale (SPEC §6 `apgd-ce`); α is unused (step size 2ε, adaptive)."""
-    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
-    return apgd(logits_fn, cross_entropy_per_sample, x, y, eps, steps, delta)
-
-
-def attack_apgd_dlr(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """APGD on the DLR loss (SPEC §6 `apgd-dlr`); needs ≥ 3 classes (ATTACK_MIN_CLASSES)."""
-    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
-    return apgd(logits_fn, dlr_loss, x, y, eps, steps, delta)
-
-
-def attack_aa(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """AutoAttack as the AGFT paper runs it (its App. 7: APGD-CE and APGD-DLR): APGD-DLR attacks the samples that
-    survived APGD-CE, so the returned point fools the model iff one of the two runs did (per-sample worst case).
-    On 2-class sets DLR is undefined and `aa` is APGD-CE alone."""
-    x_adv = attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed)
-    with torch.no_grad():
-        logits = logits_fn(x_adv)
-    alive = (logits.argmax(-1) == y).nonzero()[:, 0]  # survivors of APGD-CE
-    if logits.shape[1] >= 3 and len(alive):
-        x_adv[alive] = attack_apgd_dlr(logits_fn, x[alive], y[alive], index[alive.cpu()], eps, alpha, steps, seed)
-    return x_adv
-
-
-def per_sample_randint(index, high, seed, device):
-    """One integer in [0, high) per sample from a generator seeded by its dataset index (a stream apart from
-    per_sample_start's): independent of batching and of the number of processes. index: (B,) -> (B,)."""
-    draw = lambda i: int(torch.randint(high, (), generator=torch.Generator().manual_seed(  # noqa: E731
-        seed * 1_000_003 + i + (1 << 40))))
-    return torch.tensor([draw(i) for i in index.tolist()], dtype=torch.long, device=device)
-
-
-def pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed):
-    """PGD (same schedule and random start as `pgd`) minimising CE(logits, target), i.e. maximising its negative."""
-    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
-    return pgd(lambda x_adv: -F.cross_entropy(logits_fn(x_adv), target, reduction="sum"), x, eps, alpha, steps, delta)
-
-
-def attack_pgd_t_rand(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """Targeted PGD towards a uniformly random wrong class (SPEC §6 `pgd-t-rand`)."""
-    with torch.no_grad():
-        n_classes = logits_fn(x[:1]).shape[1]
-    target = (y + 1 + per_sample_randint(index, n_classes - 1, seed, y.device)) % n_classes  # never y
-    return pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed)
-
-
-def attack_pgd_t_least(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """Targeted PGD towards the least-likely class of the clean prediction (SPEC §6 `pgd-t-least`)."""
-    with torch.no_grad():
-        target = logits_fn(x).argmin(-1)
-    return pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed)
-
-
-# name -> fn(logits_fn, x, y, index, eps, alpha, steps, seed) -> x_adv
-ATTACKS = {"pgd": attack_pgd, "cw": attack_cw, "apgd-ce": attack_apgd_ce, "apgd-dlr": attack_apgd_dlr,
-           "aa": attack_aa, "pgd-t-rand": attack_pgd_t_rand, "pgd-t-least": attack_pgd_t_least}
-DEFAULT_ATTACK_STEPS = {"pgd": 20, "cw": 20, "apgd-ce": 100, "apgd-dlr": 100, "aa": 100, "pgd-t-rand": 20,
-                        "pgd-t-least": 20}
-ATTACK_MIN_CLASSES = {"apgd-dlr": 3}  # below this the attack is not applicable: reported as None, not a number
-
-
-def clock(device):
-    """time.perf_counter() after the device's queued work has finished (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def zero_shot_eval(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
-                   batch_size=256, ctx=nullcontext(), seed=0, workers=0, desc=None, timing=None, attack_all=False):
-    """Zero-shot clean and robust accuracy (%) of `encoder` on `dataset` with class text features `text_feats`.
-
-    Logits are CLIP_LOGIT_SCALE · s(f(x), T). A sample counts as robust to an attack only if it is classified
-    correctly both clean and at x_adv (so robust ≤ clean per sample); only clean-correct samples are attacked
-    (attack_all=True attacks every sample, for benchmarks: the accuracies are the same). An attack that needs more
-    classes than there are (ATTACK_MIN_CLASSES) gives None. Counts are summed across processes; every sample is
-    counted once. Returns {"n": int, "clean": %, attack: % or None, ...}.
-    timing: a dict to fill with images per second of the clean pass and of each attack (all processes together)."""
-    encoder.eval()
-    logits_fn = lambda x: CLIP_LOGIT_SCALE * cosine_sim(encoder(x), text_feats)  # noqa: E731
-    applicable = [len(text_feats) >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
-    correct = torch.zeros(1 + len(attacks), dtype=torch.float64, device=dist.device)
-    n = torch.zeros(1, dtype=torch.float64, device=dist.device)
-    seconds, images = [0.0] * (1 + len(attacks)), [0] * (1 + len(attacks))  # for `timing`; clean, then each attack
-    tick = (lambda: clock(dist.device)) if timing is not None else (lambda: 0.0)  # no syncs unless timing
-    for x, y, index in progress(eval_loader(dataset, batch_size, dist, workers), dist, desc=desc, leave=False):
-        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-        n += len(y)
-        t = tick()
-        with ctx, torch.no_grad():
-            ok = logits_fn(x).argmax(-1) == y  # (B,) clean-correct
-        seconds[0], images[0] = seconds[0] + tick() - t, images[0] + len(y)
-        correct[0] += ok.sum()
-        keep = torch.ones_like(ok) if attack_all else ok
-        x, y, index, ok = x[keep], y[keep], index[keep.cpu()], ok[keep]
-        for k, name in enumerate(attacks, start=1):
-            if not applicable[k - 1] or len(y) == 0:
-                continue
-            t = tick()
-            with ctx:
-                x_adv = ATTACKS[name](logits_fn, x, y, index, eps, alpha, steps or DEFAULT_ATTACK_STEPS[name], seed)
-            with ctx, torch.no_grad():
-                correct[k] += ((logits_fn(x_adv).argmax(-1) == y) & ok).sum()
-            seconds[k], images[k] = seconds[k] + tick() - t, images[k] + len(y)
-    all_reduce_sum(correct, dist)
-    all_reduce_sum(n, dist)
-    n = int(n.item())
-    acc = (100.0 * correct / max(n, 1)).tolist()
-    if timing is not None:  # images of all processes over the mean wall time of one process
-        work = all_reduce_sum(torch.tensor([seconds, images], dtype=torch.float64, device=dist.device), dist).tolist()
-        timing.update({name: round(im * dist.world / sec, 2) if sec > 0 else None
-                       for name, sec, im in zip(["clean", *attacks], *work)})
-    return {"n": n, "clean": round(acc[0], 2),
-            **{name: round(a, 2) if ok_ else None for name, a, ok_ in zip(attacks, acc[1:], applicable)}}
-
-
-# ----------------------------------------------------------------------------------------------------- caption data
-# AdvFLYP (SPEC §5) trains on web image-caption pairs. Every caption dataset yields (image in [0, 1], caption, broken).
-# An image that cannot be read is replaced by the next readable pair in the list and `broken` is 1. The substitute
-# depends only on the index, so the batches are the same with any number of processes or DataLoader workers and
-# after a resume, and the sum of `broken` over an epoch counts each unreadable image once.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
+# caption data (AdvFLYP, SPEC §5: web image-caption pairs). Every caption dataset yields (image in [0, 1], caption,
+# broken). An image that cannot be read is replaced by the next readable pair in the list and `broken` is 1. The
+# substitute depends only on the index, so the batches are the same with any number of processes or DataLoader
+# workers and after a resume, and the sum of `broken` over an epoch counts each unreadable image once.
 class CaptionPairs(torch.utils.data.Dataset):
     """Image files with captions: `images[i]` is a path and `caption(i)` its text."""
 
@@ -1083,58 +567,14 @@ def caption_dataset(spec, resolution, img_key="filepath", caption_key="title", s
                      "an img2dataset output folder, 'synthetic' or 'demo')")
 
 
-def all_gather_with_grad(t, dist):
-    """(b, ...) on each of W processes -> (W·b, ...), rank-major: the global batch in the order GlobalBatchSampler
-    splits it. This rank's rows keep their autograd graph and the other ranks' rows are constants, so a loss of the
-    global batch back-propagates through this rank's rows only (DDP then averages over ranks: scale the loss by W)."""
-    if dist.world == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.world)]
-    torch_dist.all_gather(parts, t.detach().contiguous())
-    parts[dist.rank] = t
-    return torch.cat(parts)
-
-
-# ------------------------------------------------------------------------------------------------- demo evaluation
-def demo_evaluate(encoder, clip_model, dist, ctx, args, run, when):
-    """Zero-shot clean and PGD-20 (α = 1/255, ε = --eps) accuracy on the demo's held-out and proxy concepts."""
-    out = {}
-    for name, concepts in (("held_out", DEMO_HELD_OUT), ("proxy", DEMO_PROXY)):
-        ds = DemoImages(concepts, 512 // len(concepts), clip_model.visual.input_resolution, seed=2)  # test images, unseen in training
-        text = text_features(clip_model, prompts_for(ds.classes), dist.device)
-        out[name] = zero_shot_eval(encoder, text, ds, dist, ("pgd",), args.eps / 255, 1 / 255, 20, ctx=ctx,
-                                   seed=args.seed, desc=f"{when}: {name}")
-    run.print(f"{when}: held-out {out['held_out']}  proxy {out['proxy']}")
-    return out
-
-
-def demo_report(run, args, before, after):
-    """Print the demo's before/after table and write results.json."""
-    rows = [("before (original CLIP)", before), (f"after ({args.method.upper()})", after)]
-    run.print(f"\nZero-shot accuracy (%), ε = {args.eps:g}/255, PGD-20:")
-    run.print(f"{'':24s} {'held-out clean':>15s} {'held-out PGD':>13s} {'proxy clean':>12s} {'proxy PGD':>10s}")
-    for label, r in rows:
-        run.print(f"{label:24s} {r['held_out']['clean']:15.2f} {r['held_out']['pgd']:13.2f} "
-                  f"{r['proxy']['clean']:12.2f} {r['proxy']['pgd']:10.2f}")
-    run.write_results({
-        "before": before["held_out"], "after": after["held_out"],
-        "proxy": {"before": before["proxy"], "after": after["proxy"]},
-        "eps": args.eps, "method": args.method,
-        "held_out_concepts": [f"{c} {s}" for c, s in DEMO_HELD_OUT],
-        "proxy_concepts": [f"{c} {s}" for c, s in DEMO_PROXY],
-    })
-
-
-# ------------------------------------------------------------------------------------------ evaluation datasets
-# The zero-shot benchmark (SPEC §6). Every name maps to a loader returning (dataset of (image in [0, 1], label),
+# evaluation datasets: the zero-shot benchmark (SPEC §6). Every name maps to a loader returning (dataset of (image in [0, 1], label),
 # class names or None, WordNet ids or None); templates and the class names torchvision lacks are data in
 # data_lists/. Test split where torchvision has one; the whole set for Caltech101, Caltech256, SUN397, EuroSAT.
 DATA_LISTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_lists")
+# `--datasets all`: the 15 datasets of the AGFT paper, in the column order of its tables
 AGFT_DATASETS = ("Caltech101", "Caltech256", "CIFAR10", "CIFAR100", "DTD", "EuroSAT", "FGVCAircraft", "Flowers102",
-                 "Food101", "ImageNet", "OxfordIIITPet", "PCAM", "StanfordCars", "STL10", "SUN397")  # `all`: the
-# 15 datasets of the AGFT paper, in the column order of its tables
+                 "Food101", "ImageNet", "OxfordIIITPet", "PCAM", "StanfordCars", "STL10", "SUN397")
 NATIVE_RESOLUTION = ("CIFAR10", "CIFAR100", "STL10")  # attacked at their own size: the encoder resizes inside
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 SYNTHETIC_EVAL_SIZE = 1024  # images of the `synthetic` evaluation set (benchmarks); --samples takes fewer
 
@@ -1418,3 +858,633 @@ def eval_dataset(spec, root, resolution, download=False, class_names_file=None):
             raise UsageError(f"{name}: reading ImageNet's devkit needs the Python package '{e.name}' "
                              f"(pip install {e.name}), or give --class-names FILE")
     return name, ds, [refine_class_name(n) for n in names], templates[key]
+
+
+# evaluation loading: every sample exactly once across processes
+class Indexed(torch.utils.data.Dataset):
+    """Wraps a dataset to also return each item's index (for per-sample random starts)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return image, label, i
+
+
+def eval_loader(dataset, batch_size, dist, workers=0):
+    """This rank's shard of `dataset`: indices rank, rank + W, ... (every sample exactly once, no padding)."""
+    shard = torch.utils.data.Subset(Indexed(dataset), list(range(dist.rank, len(dataset), dist.world)))
+    return torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_preemption_signals)
+
+
+# ------------------------------------------------------------------------------------------------------------ attacks
+def input_grad(loss_fn, x, has_aux=False):
+    """∇_x loss_fn(x) for a scalar loss: the one place where every attack differentiates, w.r.t. the input only
+    (torch.autograd.grad), so parameters never accumulate .grad. has_aux=True: loss_fn returns (loss, aux) and this
+    returns (grad, aux) (APGD reads its per-sample losses and logits from aux)."""
+    x = x.detach().requires_grad_(True)
+    out = loss_fn(x)
+    loss, aux = out if has_aux else (out, None)
+    grad, = torch.autograd.grad(loss, x)
+    return (grad, aux) if has_aux else grad
+
+
+def random_start(global_shape, eps, seed, step, rank, world, device):
+    """PGD's uniform random start U(-ε, ε) for this rank's share of a global batch. Drawn for the whole global
+    batch from a generator seeded by (seed, step), so it does not depend on the number of processes."""
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    delta = (torch.rand(global_shape, generator=g, device=device) * 2 - 1) * eps
+    local = global_shape[0] // world
+    return delta[rank * local:(rank + 1) * local]
+
+
+def pgd(loss_fn, x, eps, alpha, steps, delta=None):
+    """ℓ∞ PGD (SPEC §2): maximise loss_fn(x_adv) (a scalar) over the ε-ball around x, inside [0, 1].
+
+    x_0 = clamp(x + δ, 0, 1) with δ ~ U(-ε, ε) unless `delta` is given;
+    x_{s+1} = clamp(x + clamp(x_s + α·sign(∇ loss(x_s)) − x, −ε, ε), 0, 1); the last iterate is returned.
+    Only the input gradient is computed (input_grad), so parameters never accumulate .grad; callers put the model
+    in eval mode."""
+    x = x.detach()
+    if delta is None:
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+    x_adv = (x + delta).clamp(0, 1)
+    for _ in range(steps):
+        x_adv = x_adv + alpha * input_grad(loss_fn, x_adv).sign()
+        x_adv = (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1)
+    return x_adv.detach()
+
+
+def per_sample_start(index, shape, eps, seed, device):
+    """U(-ε, ε) noise for each sample from a generator seeded by its dataset index: independent of batching and
+    of the number of processes. index: (B,) -> (B, *shape)."""
+    out = torch.empty((len(index), *shape), device=device)
+    for j, i in enumerate(index.tolist()):
+        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
+        out[j] = (torch.rand(shape, generator=g, device=device) * 2 - 1) * eps
+    return out
+
+
+def ce_attack_loss(logits_fn, y):
+    """Sum over the batch of CE(logits, y): PGD's evaluation loss (SPEC §2). Summing keeps each sample's gradient
+    independent of the batch size."""
+    return lambda x_adv: F.cross_entropy(logits_fn(x_adv), y, reduction="sum")
+
+
+def attack_pgd(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """Untargeted PGD on CE at CLIP's logit scale (SPEC §6 `pgd`)."""
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    return pgd(ce_attack_loss(logits_fn, y), x, eps, alpha, steps, delta)
+
+
+def margin_loss(logits, y):
+    """C&W margin max_{j≠y} z_j − z_y (κ = 0): (B, C), (B,) -> (B,); positive iff the sample is misclassified."""
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    z_other = logits.scatter(1, y[:, None], float("-inf")).amax(1)  # max over j ≠ y
+    return z_other - z_y
+
+
+def dlr_loss(logits, y):
+    """Difference of Logits Ratio (Croce & Hein 2020, Eq. 6): −(z_y − max_{j≠y} z_j) / (z_π1 − z_π3 + 1e-12),
+    π the logits sorted in decreasing order. (B, C), (B,) -> (B,). Scale-invariant; needs C ≥ 3."""
+    if logits.shape[1] < 3:
+        raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
+    z = logits.sort(dim=1, descending=True).values  # (B, C): z_π1 ≥ z_π2 ≥ ...
+    return margin_loss(logits, y) / (z[:, 0] - z[:, 2] + 1e-12)
+
+
+def attack_cw(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """ℓ∞ C&W as in the AGFT/TeCoA evaluations (SPEC §6 `cw`): PGD, same schedule as `pgd`, on the margin loss."""
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    return pgd(lambda x_adv: margin_loss(logits_fn(x_adv), y).sum(), x, eps, alpha, steps, delta)
+
+
+def apgd_checkpoints(n_iter):
+    """APGD's checkpoints w_j = ⌈p_j · N_iter⌉ (Croce & Hein 2020, §3.2): p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06) while p_j ≤ 1. Computed in integer hundredths, so ⌈·⌉ is exact
+    (in floats 0.22 · 100 = 22.000000000000004 would round up to 23)."""
+    p = [0, 22]
+    while p[-1] + max(p[-1] - p[-2] - 3, 6) <= 100:
+        p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
+    return sorted({-(-pj * n_iter // 100) for pj in p})  # ceil; duplicates merge for small N_iter
+
+
+def apgd_conditions(n_up, window, f_max, f_max_ckpt, reduced_ckpt, rho=0.75):
+    """APGD's test at checkpoint w_j (Croce & Hein 2020, §3.2), per sample (B,) -> (B,) bool, True = halve η and
+    restart from x_max. Condition 1: the loss rose in fewer than ρ · (w_j − w_{j−1}) of the steps since w_{j−1}
+    (n_up of window). Condition 2: η was not halved at w_{j−1} and f_max has not improved since then."""
+    return (n_up < rho * window) | (~reduced_ckpt & (f_max == f_max_ckpt))
+
+
+def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=0.75):
+    """APGD (Croce & Hein 2020, Algorithm 1), ℓ∞: maximise loss_of_logits(logits, y) (per sample, (B,)) over the
+    ε-ball around x inside [0, 1]. Every sample has its own step size, best point and checkpoint tests, so the
+    result does not depend on the batch. Starts at clamp(x + delta, 0, 1).
+
+    Returns the best point x_max of Algorithm 1; where some iterate fooled the model, the highest-loss such iterate
+    instead (AutoAttack's reference code counts a sample as broken as soon as any iterate fools the model)."""
+    x = x.detach()
+    project = lambda z: (x + (z - x).clamp(-eps, eps)).clamp(0, 1)  # noqa: E731  P_S
+    per = lambda v: v.view(-1, *[1] * (x.dim() - 1))  # noqa: E731  (B,) -> (B, 1, 1, 1)
+
+    def loss_and_logits(z):
+        logits = logits_fn(z)
+        loss = loss_of_logits(logits, y).float()
+        return loss.sum(), (loss.detach(), logits.detach())  # samples are independent: ∇ of the sum is per-sample ∇
+
+    def evaluate(z):  # -> f(z) (B,), fooled (B,) bool, ∇f(z) (B, 3, H, W)
+        grad, (loss, logits) = input_grad(loss_and_logits, z, has_aux=True)
+        return loss, logits.argmax(-1).ne(y), grad
+
+    checkpoints = set(apgd_checkpoints(steps)[1:])
+    eta = torch.full((len(x),), 2.0 * eps, device=x.device)  # η^(0) = 2ε
+    x_k = project(x + delta)
+    f_k, fooled, grad = evaluate(x_k)
+    x_prev = x_k
+    x_max, f_max, grad_max = x_k, f_k, grad  # best point so far, by loss (restarts go back to it)
+    x_out, f_out, out_fooled = x_k, f_k, fooled  # best point by (fooled, loss): the output
+    n_up = torch.zeros(len(x), device=x.device)  # Σ 1[f(x^(i+1)) > f(x^(i))] since the last checkpoint
+    f_max_ckpt, reduced_ckpt, w_last = f_max, torch.zeros_like(fooled), 0  # state at the last checkpoint
+    for k in range(steps):
+        z = project(x_k + per(eta) * grad.sign())  # z^(k+1)
+        a = 1.0 if k == 0 else momentum  # x^(1) = z^(1); then momentum 0.75 (Alg. 1)
+        x_next = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev))
+        f_next, fooled, grad = evaluate(x_next)
+        n_up += f_next > f_k
+        x_prev, x_k, f_k = x_k, x_next, f_next
+        better = f_k > f_max
+        x_max, f_max = torch.where(per(better), x_k, x_max), torch.where(better, f_k, f_max)
+        grad_max = torch.where(per(better), grad, grad_max)
+        out = (fooled & ~out_fooled) | ((fooled == out_fooled) & (f_k > f_out))
+        x_out, f_out, out_fooled = torch.where(per(out), x_k, x_out), torch.where(out, f_k, f_out), out_fooled | fooled
+        if k + 1 in checkpoints and k + 1 < steps:  # k + 1 = w_j: halve η and restart from x_max if
+            reduce = apgd_conditions(n_up, k + 1 - w_last, f_max, f_max_ckpt, reduced_ckpt, rho)
+            eta = torch.where(reduce, eta / 2, eta)
+            x_k, f_k, grad = torch.where(per(reduce), x_max, x_k), torch.where(reduce, f_max, f_k), \
+                torch.where(per(reduce), grad_max, grad)
+            n_up, f_max_ckpt, reduced_ckpt, w_last = torch.zeros_like(n_up), f_max, reduce, k + 1
+    return x_out.detach()
+
+
+def cross_entropy_per_sample(logits, y):
+    """CE(logits, y) = log(1 + Σ_{j≠y} exp(z_j − z_y)), (B, C), (B,) -> (B,), without the cancellation of
+    logsumexp(z) − z_y: at CLIP's scale 100 a confident sample's CE is below float32's resolution around 1 and
+    F.cross_entropy returns exactly 0, which would hide APGD's progress from its best-point and checkpoint tests."""
+    rest = (logits - logits.gather(1, y[:, None])).scatter(1, y[:, None], float("-inf"))  # z_j − z_y, j ≠ y
+    return F.softplus(torch.logsumexp(rest, dim=1))
+
+
+def attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """APGD on the cross-entropy at CLIP's logit scale (SPEC §6 `apgd-ce`); α is unused (step size 2ε, adaptive)."""
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    return apgd(logits_fn, cross_entropy_per_sample, x, y, eps, steps, delta)
+
+
+def attack_apgd_dlr(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """APGD on the DLR loss (SPEC §6 `apgd-dlr`); needs ≥ 3 classes (ATTACK_MIN_CLASSES)."""
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    return apgd(logits_fn, dlr_loss, x, y, eps, steps, delta)
+
+
+def attack_aa(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """AutoAttack as the AGFT paper runs it (its App. 7: APGD-CE and APGD-DLR): APGD-DLR attacks the samples that
+    survived APGD-CE, so the returned point fools the model iff one of the two runs did (per-sample worst case).
+    On 2-class sets DLR is undefined and `aa` is APGD-CE alone."""
+    x_adv = attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed)
+    with torch.no_grad():
+        logits = logits_fn(x_adv)
+    alive = (logits.argmax(-1) == y).nonzero()[:, 0]  # survivors of APGD-CE
+    if logits.shape[1] >= 3 and len(alive):
+        x_adv[alive] = attack_apgd_dlr(logits_fn, x[alive], y[alive], index[alive.cpu()], eps, alpha, steps, seed)
+    return x_adv
+
+
+def per_sample_randint(index, high, seed, device):
+    """One integer in [0, high) per sample from a generator seeded by its dataset index (a stream apart from
+    per_sample_start's): independent of batching and of the number of processes. index: (B,) -> (B,)."""
+    draw = lambda i: int(torch.randint(high, (), generator=torch.Generator().manual_seed(  # noqa: E731
+        seed * 1_000_003 + i + (1 << 40))))
+    return torch.tensor([draw(i) for i in index.tolist()], dtype=torch.long, device=device)
+
+
+def pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed):
+    """PGD (same schedule and random start as `pgd`) minimising CE(logits, target), i.e. maximising its negative."""
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    return pgd(lambda x_adv: -F.cross_entropy(logits_fn(x_adv), target, reduction="sum"), x, eps, alpha, steps, delta)
+
+
+def attack_pgd_t_rand(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """Targeted PGD towards a uniformly random wrong class (SPEC §6 `pgd-t-rand`)."""
+    with torch.no_grad():
+        n_classes = logits_fn(x[:1]).shape[1]
+    target = (y + 1 + per_sample_randint(index, n_classes - 1, seed, y.device)) % n_classes  # never y
+    return pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed)
+
+
+def attack_pgd_t_least(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """Targeted PGD towards the least-likely class of the clean prediction (SPEC §6 `pgd-t-least`)."""
+    with torch.no_grad():
+        target = logits_fn(x).argmin(-1)
+    return pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed)
+
+
+# name -> fn(logits_fn, x, y, index, eps, alpha, steps, seed) -> x_adv
+ATTACKS = {"pgd": attack_pgd, "cw": attack_cw, "apgd-ce": attack_apgd_ce, "apgd-dlr": attack_apgd_dlr,
+           "aa": attack_aa, "pgd-t-rand": attack_pgd_t_rand, "pgd-t-least": attack_pgd_t_least}
+DEFAULT_ATTACK_STEPS = {"pgd": 20, "cw": 20, "apgd-ce": 100, "apgd-dlr": 100, "aa": 100, "pgd-t-rand": 20,
+                        "pgd-t-least": 20}
+ATTACK_MIN_CLASSES = {"apgd-dlr": 3}  # below this the attack is not applicable: reported as None, not a number
+
+
+# --------------------------------------------------------------------------------------------------- training harness
+def cosine_lr(step, base_lr, warmup, total):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_parser(doc, method, **defaults):
+    """The flags every training script shares; `defaults` are the method's paper settings."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B/32", help="released CLIP name, checkpoint file, random:ARCH or demo")
+    p.add_argument("--data", default="./data/imagenet", help=defaults.pop(
+        "data_help", "ImageNet root (train/ + devkit), ImageFolder directory, 'synthetic' or 'demo'"))
+    p.add_argument("--class-names", default=None, help="file with one class name per line (sorted folder order)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<method>-<timestamp>); reused = resume")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size, split across processes")
+    p.add_argument("--lr", type=float, default=defaults.pop("lr"), help="peak learning rate (SGD)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
+    p.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps before cosine decay")
+    p.add_argument("--eps", type=float, default=1.0, help="training ε, in units of 1/255 (ℓ∞)")
+    p.add_argument("--alpha", type=float, default=None, help="PGD step size in units of 1/255 (default: = eps)")
+    p.add_argument("--attack-steps", type=int, default=2, help="PGD steps of the inner maximisation")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision (auto: bf16 on CUDA, off on CPU)")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader worker processes per rank")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order, PGD random starts, random weights")
+    p.add_argument("--save-every", type=int, default=500, help="write last.pt every this many steps (and each epoch)")
+    p.add_argument("--log-every", type=int, default=10, help="log every this many steps")
+    p.add_argument("--synthetic-size", type=int, default=10_000, help="number of images of --data synthetic")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the image encoders (off by default: it did not pay on a CPU, see README)")
+    p.add_argument("--demo", action="store_true",
+                   help="the built-in demo: tiny CLIP, procedural data, before/after zero-shot table (no download)")
+    p.set_defaults(method=method, **defaults)
+    return p
+
+
+# Demo settings shared by the methods (a method adds its own lr): tiny model, 32x32 images, minutes on a CPU.
+DEMO_DEFAULTS = dict(model="demo", data="demo", epochs=6, batch_size=64, warmup=20, eps=4.0, workers=0,
+                     save_every=1000, log_every=10, weight_decay=0.0)
+
+
+def parse_train_args(parser, argv=None, demo_defaults=None, check_data=True):
+    """Parse, apply --demo defaults (flags given explicitly still win), derive values, validate (--data too, unless
+    check_data=False: a script whose --data is not an image-folder dataset validates it itself)."""
+    args = parser.parse_args(argv)
+    if args.demo:
+        parser.set_defaults(**{**DEMO_DEFAULTS, **(demo_defaults or {})})
+        args = parser.parse_args(argv)
+    if args.alpha is None:
+        args.alpha = args.eps
+    for name in ("eps", "alpha"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} {getattr(args, name)}: must be >= 0")
+    for name in ("epochs", "batch_size", "save_every", "log_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps {args.max_steps}: must be >= 1")
+    if args.lr <= 0:
+        raise UsageError(f"--lr {args.lr}: must be > 0")
+    if check_data and args.data not in ("synthetic", "demo") and not os.path.isdir(args.data):
+        raise UsageError(f"--data {args.data}: no such directory (an ImageNet root with train/ and the devkit, "
+                         "an ImageFolder directory, 'synthetic' or 'demo')")
+    if args.out is None:
+        args.out = os.path.join("runs", f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: exists and is not a directory")
+    return args
+
+
+def atomic_save(obj, path):
+    """torch.save to path.tmp, fsync, rename: a crash never leaves a half-written file under `path`."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+class Run:
+    """The run directory: args.json, log.jsonl, last.pt (resume), model.pt (TorchScript), results.json.
+    Only rank 0 writes; every rank reads last.pt when resuming."""
+
+    def __init__(self, args, dist):
+        self.dir, self.dist = args.out, dist
+        self.ckpt_path = os.path.join(self.dir, "last.pt")
+        if dist.is_main:
+            os.makedirs(self.dir, exist_ok=True)
+            if not os.path.exists(self.ckpt_path):
+                write_json(vars(args), os.path.join(self.dir, "args.json"))
+        self.t_last, self.steps_since = time.time(), 0
+
+    def print(self, *a):
+        if self.dist.is_main:
+            print(*a, flush=True)
+
+    def log(self, record):
+        """Append one JSON object to log.jsonl and print it (rank 0)."""
+        if self.dist.is_main:
+            with open(os.path.join(self.dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def start_timer(self, step):
+        """Start timing at `step`, right before the first training step (setup and resume excluded)."""
+        self.t_last, self.steps_since = time.time(), step
+
+    def throughput(self, step, global_batch, device):
+        """images/s and s/step since the last call, and peak memory (MiB) of this process."""
+        now = time.time()
+        dt, n = now - self.t_last, max(1, step - self.steps_since)
+        self.t_last, self.steps_since = now, step
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        return {"img_per_s": round(n * global_batch / dt, 2), "s_per_step": round(dt / n, 4), "peak_mem_mib": round(peak)}
+
+    def load(self):
+        """The last.pt checkpoint (weights_only) or None."""
+        if not os.path.exists(self.ckpt_path):
+            return None
+        try:
+            return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"{self.ckpt_path}: unreadable checkpoint ({type(e).__name__}); move it away to restart")
+
+    def resume(self, clip_model, optimizer, scaler, total_steps):
+        """Restore model, optimizer, grad scaler and RNG states from last.pt (the inverse of checkpoint_state) and
+        return the checkpoint, or None when there is none; the caller reads "step" and its own extra entries."""
+        ckpt = self.load()
+        if ckpt is not None:
+            clip_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"])
+            self.print(f"resuming {self.dir} from step {ckpt['step']}/{total_steps}")
+        return ckpt
+
+    def save(self, state):
+        if self.dist.is_main:
+            atomic_save(state, self.ckpt_path)
+
+    def write_model(self, clip_model):
+        if self.dist.is_main:
+            save_torchscript(clip_model, os.path.join(self.dir, "model.pt"))
+
+    def write_results(self, results):
+        if self.dist.is_main:
+            write_json(results, os.path.join(self.dir, "results.json"))
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_state(clip_model, optimizer, scaler, step, total_steps, args):
+    """Everything needed to resume exactly; only tensors, numbers, strings, lists and dicts (weights_only)."""
+    return {"model": clip_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "scheduler": {"kind": "cosine", "warmup": args.warmup, "total": total_steps, "base_lr": args.lr},
+            "step": step, "rng": rng_state(), "args": vars(args)}
+
+
+def progress(iterable, dist, **kw):
+    """tqdm on rank 0 (when attached to a terminal), the bare iterable elsewhere."""
+    if not dist.is_main or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, dynamic_ncols=True, **kw)
+
+
+# --------------------------------------------------------------------------------------------------------- evaluation
+def clock(device):
+    """time.perf_counter() after the device's queued work has finished (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def zero_shot_eval(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
+                   batch_size=256, ctx=nullcontext(), seed=0, workers=0, desc=None, timing=None, attack_all=False):
+    """Zero-shot clean and robust accuracy (%) of `encoder` on `dataset` with class text features `text_feats`.
+
+    Logits are CLIP_LOGIT_SCALE · s(f(x), T). A sample counts as robust to an attack only if it is classified
+    correctly both clean and at x_adv (so robust ≤ clean per sample); only clean-correct samples are attacked
+    (attack_all=True attacks every sample, for benchmarks: the accuracies are the same). An attack that needs more
+    classes than there are (ATTACK_MIN_CLASSES) gives None. Counts are summed across processes; every sample is
+    counted once. Returns {"n": int, "clean": %, attack: % or None, ...}.
+    timing: a dict to fill with images per second of the clean pass and of each attack (all processes together)."""
+    encoder.eval()
+    logits_fn = lambda x: CLIP_LOGIT_SCALE * cosine_sim(encoder(x), text_feats)  # noqa: E731
+    applicable = [len(text_feats) >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
+    correct = torch.zeros(1 + len(attacks), dtype=torch.float64, device=dist.device)
+    n = torch.zeros(1, dtype=torch.float64, device=dist.device)
+    seconds, images = [0.0] * (1 + len(attacks)), [0] * (1 + len(attacks))  # for `timing`; clean, then each attack
+    tick = (lambda: clock(dist.device)) if timing is not None else (lambda: 0.0)  # no syncs unless timing
+    for x, y, index in progress(eval_loader(dataset, batch_size, dist, workers), dist, desc=desc, leave=False):
+        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+        n += len(y)
+        t = tick()
+        with ctx, torch.no_grad():
+            ok = logits_fn(x).argmax(-1) == y  # (B,) clean-correct
+        seconds[0], images[0] = seconds[0] + tick() - t, images[0] + len(y)
+        correct[0] += ok.sum()
+        keep = torch.ones_like(ok) if attack_all else ok
+        x, y, index, ok = x[keep], y[keep], index[keep.cpu()], ok[keep]
+        for k, name in enumerate(attacks, start=1):
+            if not applicable[k - 1] or len(y) == 0:
+                continue
+            t = tick()
+            with ctx:
+                x_adv = ATTACKS[name](logits_fn, x, y, index, eps, alpha, steps or DEFAULT_ATTACK_STEPS[name], seed)
+            with ctx, torch.no_grad():
+                correct[k] += ((logits_fn(x_adv).argmax(-1) == y) & ok).sum()
+            seconds[k], images[k] = seconds[k] + tick() - t, images[k] + len(y)
+    all_reduce_sum(correct, dist)
+    all_reduce_sum(n, dist)
+    n = int(n.item())
+    acc = (100.0 * correct / max(n, 1)).tolist()
+    if timing is not None:  # images of all processes over the mean wall time of one process
+        work = all_reduce_sum(torch.tensor([seconds, images], dtype=torch.float64, device=dist.device), dist).tolist()
+        timing.update({name: round(im * dist.world / sec, 2) if sec > 0 else None
+                       for name, sec, im in zip(["clean", *attacks], *work)})
+    return {"n": n, "clean": round(acc[0], 2),
+            **{name: round(a, 2) if ok_ else None for name, a, ok_ in zip(attacks, acc[1:], applicable)}}
+
+
+# --------------------------------------------------------------------------------------------------------------- demo
+# A task that needs no download: coloured shapes on textured backgrounds, 32x32 pixels. A concept is a colour and a
+# shape ("a red ring"). A tiny CLIP is pretrained contrastively on captions of all 64 concepts; fine-tuning sees the
+# 32 "proxy" concepts, and zero-shot evaluation uses the other 32, held out, with their own class prompts.
+DEMO_COLOURS = {
+    "red": (0.90, 0.12, 0.12), "green": (0.12, 0.75, 0.20), "blue": (0.15, 0.30, 0.95), "yellow": (0.95, 0.88, 0.12),
+    "purple": (0.60, 0.20, 0.80), "cyan": (0.12, 0.82, 0.88), "orange": (1.00, 0.55, 0.05), "white": (0.94, 0.94, 0.94),
+}
+DEMO_SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross", "bar", "frame")
+DEMO_CONCEPTS = [(c, s) for c in DEMO_COLOURS for s in DEMO_SHAPES]
+
+
+_held_out = lambda i: (i // 8 + 2 * (i % 8)) % 4 == 0  # noqa: E731  (16 concepts, every colour and shape twice)
+
+
+DEMO_PROXY = [cs for i, cs in enumerate(DEMO_CONCEPTS) if not _held_out(i)]  # 48 concepts seen by fine-tuning
+DEMO_HELD_OUT = [cs for i, cs in enumerate(DEMO_CONCEPTS) if _held_out(i)]  # 16 concepts, zero-shot only
+DEMO_CAPTIONS = ("a {c} {s}.", "a photo of a {c} {s}.", "a {s} that is {c}.", "a drawing of a {c} {s}.",
+                 "a {c} {s} on a dark background.", "a small {c} {s}.")
+
+
+def demo_image(colour, shape, g, resolution=32):
+    """One image of `colour` `shape`, all randomness from generator `g`: (3, R, R) in [0, 1]."""
+    R = resolution
+    u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=g))  # noqa: E731
+    r = u(0.22, 0.34) * R
+    cy, cx = u(r, R - r), u(r, R - r)
+    yy, xx = torch.meshgrid(torch.arange(R) + 0.5, torch.arange(R) + 0.5, indexing="ij")
+    dy, dx = yy - cy, xx - cx
+    d, m = (dx ** 2 + dy ** 2).sqrt(), torch.maximum(dx.abs(), dy.abs())
+    mask = {
+        "circle": d <= r,
+        "square": m <= 0.85 * r,
+        "triangle": (dy >= -r) & (dy <= 0.8 * r) & (dx.abs() <= 0.6 * (dy + r)),
+        "diamond": dx.abs() + dy.abs() <= r,
+        "ring": (d <= r) & (d >= 0.55 * r),
+        "cross": ((dx.abs() <= r / 3) & (dy.abs() <= r)) | ((dy.abs() <= r / 3) & (dx.abs() <= r)),
+        "bar": (dy.abs() <= r / 3.5) & (dx.abs() <= r),
+        "frame": (m <= 0.85 * r) & (m >= 0.5 * r),
+    }[shape].float()
+    background = u(0.05, 0.35) + 0.08 * torch.randn(3, R, R, generator=g)  # grey level and texture
+    colour = torch.tensor(DEMO_COLOURS[colour]) + 0.06 * torch.randn(3, generator=g)
+    image = background * (1 - mask) + colour.view(3, 1, 1) * mask + 0.03 * torch.randn(3, R, R, generator=g)
+    return image.clamp(0, 1)
+
+
+class DemoImages(torch.utils.data.Dataset):
+    """`per_concept` images of each concept in `concepts`, labelled by concept index; item i depends only on
+    (seed, i). `captions=True` yields (image, caption) pairs instead, for contrastive pretraining."""
+
+    def __init__(self, concepts, per_concept, resolution=32, seed=0, captions=False):
+        self.concepts, self.per_concept, self.resolution, self.seed = concepts, per_concept, resolution, seed
+        self.captions = captions
+        self.classes = [f"{c} {s}" for c, s in concepts]
+
+    def __len__(self):
+        return len(self.concepts) * self.per_concept
+
+    def __getitem__(self, i):
+        label = i % len(self.concepts)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        colour, shape = self.concepts[label]
+        image = demo_image(colour, shape, g, 32)
+        if self.resolution != 32:
+            image = F.interpolate(image[None], size=self.resolution, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        if self.captions:
+            template = DEMO_CAPTIONS[int(torch.randint(len(DEMO_CAPTIONS), (), generator=g))]
+            return image, template.format(c=colour, s=shape)
+        return image, label
+
+
+def demo_cache_path():
+    root = os.environ.get("CLIP_AFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clip-aft")
+    return os.path.join(root, "demo-clip-v1.pt")
+
+
+def demo_clip(steps=800, log=print):
+    """The demo's tiny CLIP (ARCHITECTURES['tiny']), pretrained contrastively on captioned demo images of all 64
+    concepts. Deterministic; cached in $CLIP_AFT_CACHE (default ~/.cache/clip-aft) after the first call."""
+    path = demo_cache_path()
+    if os.path.isfile(path):
+        return clip_from_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    log(f"pretraining the demo CLIP ({steps} steps, cached in {path}) ...")
+    torch.manual_seed(0)
+    model = CLIP(*ARCHITECTURES["tiny"]).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    data = DemoImages(DEMO_CONCEPTS, 10_000, seed=0, captions=True)
+    batch = len(DEMO_CONCEPTS)  # one image of each concept per batch: no duplicate captions, no false negatives
+    t0 = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, 2e-3, 100, steps)
+        items = [data[step * batch + j] for j in range(batch)]
+        images = torch.stack([im for im, _ in items])
+        tokens = clip.tokenize([c for _, c in items], context_length=model.context_length)
+        image_f = F.normalize(ImageEncoder(model.visual)(images), dim=-1)
+        text_f = F.normalize(model.encode_text(tokens), dim=-1)
+        logits = model.logit_scale.exp().clamp(max=CLIP_LOGIT_SCALE) * image_f @ text_f.t()
+        target = torch.arange(batch)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2  # CLIP's InfoNCE
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 250 == 0:
+            log(f"  step {step + 1}/{steps}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
+    model.eval()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_save({"model": model.state_dict(), "steps": steps}, path)
+    return model
+
+
+def demo_evaluate(encoder, clip_model, dist, ctx, args, run, when):
+    """Zero-shot clean and PGD-20 (α = 1/255, ε = --eps) accuracy on the demo's held-out and proxy concepts."""
+    out = {}
+    for name, concepts in (("held_out", DEMO_HELD_OUT), ("proxy", DEMO_PROXY)):
+        ds = DemoImages(concepts, 512 // len(concepts), clip_model.visual.input_resolution, seed=2)  # test images, unseen in training
+        text = text_features(clip_model, prompts_for(ds.classes), dist.device)
+        out[name] = zero_shot_eval(encoder, text, ds, dist, ("pgd",), args.eps / 255, 1 / 255, 20, ctx=ctx,
+                                   seed=args.seed, desc=f"{when}: {name}")
+    run.print(f"{when}: held-out {out['held_out']}  proxy {out['proxy']}")
+    return out
+
+
+def demo_report(run, args, before, after):
+    """Print the demo's before/after table and write results.json."""
+    rows = [("before (original CLIP)", before), (f"after ({args.method.upper()})", after)]
+    run.print(f"\nZero-shot accuracy (%), ε = {args.eps:g}/255, PGD-20:")
+    run.print(f"{'':24s} {'held-out clean':>15s} {'held-out PGD':>13s} {'proxy clean':>12s} {'proxy PGD':>10s}")
+    for label, r in rows:
+        run.print(f"{label:24s} {r['held_out']['clean']:15.2f} {r['held_out']['pgd']:13.2f} "
+                  f"{r['proxy']['clean']:12.2f} {r['proxy']['pgd']:10.2f}")
+    run.write_results({
+        "before": before["held_out"], "after": after["held_out"],
+        "proxy": {"before": before["proxy"], "after": after["proxy"]},
+        "eps": args.eps, "method": args.method,
+        "held_out_concepts": [f"{c} {s}" for c, s in DEMO_HELD_OUT],
+        "proxy_concepts": [f"{c} {s}" for c, s in DEMO_PROXY],
+    })
