@@ -121,13 +121,13 @@ def main(argv=None):
     # ------------------------------------------------------------------------------- model, data, run directory
     dist = common.setup_distributed()
     amp, ctx, scaler = common.amp_setup(args.amp, dist.device)
-    clip_model = common.load_clip(args.model, args.seed)
+    clip_model = common.load_clip(args.model, args.seed, dist)
     resolution = clip_model.visual.input_resolution
     dataset = common.caption_dataset(args.data, resolution, args.csv_img_key, args.csv_caption_key,
                                      args.csv_separator, args.synthetic_size, args.seed)
     val_set, val_prompts = validation_set(args, resolution) if args.patience else (None, None)
     sampler = common.GlobalBatchSampler(len(dataset), args.batch_size, dist.rank, dist.world, args.seed)
-    run = common.Run(args, dist)  # nothing is written before this point
+    run = common.Run(args, dist, len(dataset))  # nothing is written before this point
     device = dist.device
 
     clip_model.to(device).requires_grad_(False)
@@ -141,13 +141,9 @@ def main(argv=None):
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps,
                                                                                      args.epochs * steps_per_epoch)
     best_path = os.path.join(run.dir, "best.pt")
-    ckpt = run.resume(clip_model, optimizer, scaler, total_steps)  # last.pt, if this --out has one
-    step = ckpt["step"] if ckpt else 0
-    # unreadable images this process met in the current epoch (summed over processes to report); the saved count is
-    # of all processes, so rank 0 carries it on
-    unreadable = ckpt["unreadable"] if ckpt and dist.is_main else 0
-    early = ckpt["early_stop"] if ckpt else {"best": -1.0, "best_step": 0, "bad_epochs": 0,  # --patience state
-                                             "stopped": False}
+    step = run.start(clip_model, optimizer, scaler, total_steps, steps_per_epoch)  # resumes from last.pt, if any
+    early = run.checkpoint["early_stop"] if run.checkpoint else {"best": -1.0, "best_step": 0, "bad_epochs": 0,
+                                                                 "stopped": False}  # --patience state
     before = common.demo_evaluate(orig_encoder, clip_model, dist, ctx, args, run, "before") if args.data == "demo" else None
     encoder, orig_encoder = (common.compile_encoder(e, args.compile) for e in (encoder, orig_encoder))  # --compile
     train_encoder = DDP(encoder) if dist.world > 1 else encoder
@@ -156,19 +152,30 @@ def main(argv=None):
     run.print(f"AdvFLYP (reg {args.reg}): {len(dataset)} image-caption pairs, {total_steps} steps of global batch "
               f"{args.batch_size} on {dist.world} process(es), {device}, amp {amp}")
 
+    def validate(step):  # --patience: early stopping on the validation set's PGD accuracy, at each epoch's end
+        val = common.zero_shot_eval(encoder, val_text, val_set, dist, ("pgd",), eps, 1 / 255, args.val_steps,
+                                    ctx=ctx, seed=args.seed, workers=args.workers)
+        if val["pgd"] > early["best"]:
+            early.update(best=val["pgd"], best_step=step, bad_epochs=0)
+            if dist.is_main:
+                common.atomic_save({"model": clip_model.state_dict(), "step": step, "val": val}, best_path)
+        else:
+            early["bad_epochs"] += 1
+        early["stopped"] = early["bad_epochs"] >= args.patience
+        run.log({"step": step, "epoch": (step - 1) // steps_per_epoch, "val": val, **early})
+        run.print(f"step {step}: validation {val}, best PGD {early['best']} at step {early['best_step']}"
+                  + (", early stop" if early["stopped"] else ""))
+
     # ------------------------------------------------------------------------------------------------- training
     run.start_timer(step)
     while step < total_steps and not early["stopped"]:
         epoch = step // steps_per_epoch
-        if step % steps_per_epoch == 0:
-            unreadable = 0
         sampler.set_epoch(epoch, start=step % steps_per_epoch)
-        for images, captions, broken in common.progress(loader, dist, desc=f"epoch {epoch}", total=len(sampler)):
+        for images, captions, unreadable in common.progress(loader, dist, desc=f"epoch {epoch}", total=len(sampler)):
             lr = common.cosine_lr(step, args.lr, args.warmup, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = images.to(device, non_blocking=True)  # (b, 3, H, W) in [0, 1], b = batch_size / world
-            unreadable += int(broken.sum())  # a CPU tensor from the loader: no device sync
             text = gather(common.text_features(clip_model, list(captions), device))  # (B, D) the batch's captions
 
             # --- AdvFLYP: the batch's perturbations jointly maximise the batch's contrastive loss (Eq. 6) ---
@@ -201,36 +208,8 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             step += 1
-
-            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step % args.save_every == 0 \
-                    or step == total_steps:  # every process is here at the same steps: sum the counts
-                unreadable_all = int(common.all_reduce_sum(torch.tensor([unreadable], device=device), dist).item())
-            if step % args.log_every == 0 or step == total_steps:
-                loss_avg = common.all_reduce_sum(loss.detach().float().clone(), dist).item() / dist.world
-                run.log({"step": step, "epoch": epoch, "loss": round(loss_avg, 6), "lr": lr,
-                         "unreadable_images": unreadable_all, **run.throughput(step, args.batch_size, device)})
-            if step % steps_per_epoch == 0 or step == total_steps:  # end of an epoch (or of the run)
-                record = {"step": step, "epoch": epoch, "unreadable_images": unreadable_all}
-                if unreadable_all:
-                    run.print(f"epoch {epoch}: {unreadable_all} unreadable image(s) skipped, each replaced by the next "
-                              "readable pair")
-                if args.patience:  # early stopping on the validation set's PGD accuracy
-                    val = common.zero_shot_eval(encoder, val_text, val_set, dist, ("pgd",), eps, 1 / 255,
-                                                args.val_steps, ctx=ctx, seed=args.seed, workers=args.workers)
-                    if val["pgd"] > early["best"]:
-                        early.update(best=val["pgd"], best_step=step, bad_epochs=0)
-                        if dist.is_main:
-                            common.atomic_save({"model": clip_model.state_dict(), "step": step, "val": val}, best_path)
-                    else:
-                        early["bad_epochs"] += 1
-                    early["stopped"] = early["bad_epochs"] >= args.patience
-                    record.update(val=val, **early)
-                    run.print(f"step {step}: validation {val}, best PGD {early['best']} at step {early['best_step']}"
-                              + (", early stop" if early["stopped"] else ""))
-                run.log(record)
-            if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
-                state = common.checkpoint_state(clip_model, optimizer, scaler, step, total_steps, args)
-                run.save({**state, "unreadable": unreadable_all, "early_stop": early})
+            run.step_done(step, loss, lr, unreadable, extra={"early_stop": early},  # log, check, checkpoint; stops
+                          epoch_end=validate if args.patience else None)  # after a preemption signal
             if step >= total_steps or early["stopped"]:
                 break
 

@@ -64,12 +64,12 @@ def main(argv=None):
     # ------------------------------------------------------------------------------- model, data, run directory
     dist = common.setup_distributed()
     amp, ctx, scaler = common.amp_setup(args.amp, dist.device)
-    clip_model = common.load_clip(args.model, args.seed)
+    clip_model = common.load_clip(args.model, args.seed, dist)
     resolution = clip_model.visual.input_resolution
     dataset, class_names = common.training_dataset(args.data, resolution, args.class_names, args.synthetic_size,
                                                    args.seed)
     sampler = common.GlobalBatchSampler(len(dataset), args.batch_size, dist.rank, dist.world, args.seed)
-    run = common.Run(args, dist)  # nothing is written before this point
+    run = common.Run(args, dist, len(dataset), class_names)  # nothing is written before this point
     device = dist.device
 
     clip_model.to(device).requires_grad_(False)
@@ -82,8 +82,7 @@ def main(argv=None):
     steps_per_epoch = sampler.batches_per_epoch()
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps,
                                                                                      args.epochs * steps_per_epoch)
-    ckpt = run.resume(clip_model, optimizer, scaler, total_steps)  # last.pt, if this --out has one
-    step = ckpt["step"] if ckpt else 0
+    step = run.start(clip_model, optimizer, scaler, total_steps, steps_per_epoch)  # resumes from last.pt, if any
     before = common.demo_evaluate(orig_encoder, clip_model, dist, ctx, args, run, "before") if args.data == "demo" else None
     encoder, orig_encoder = (common.compile_encoder(e, args.compile) for e in (encoder, orig_encoder))  # --compile
     train_encoder = DDP(encoder) if dist.world > 1 else encoder
@@ -96,7 +95,7 @@ def main(argv=None):
     while step < total_steps:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch, start=step % steps_per_epoch)
-        for images, _ in common.progress(loader, dist, desc=f"epoch {epoch}", total=len(sampler)):
+        for images, _, unreadable in common.progress(loader, dist, desc=f"epoch {epoch}", total=len(sampler)):
             lr = common.cosine_lr(step, args.lr, args.warmup, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -124,13 +123,7 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             step += 1
-
-            if step % args.log_every == 0 or step == total_steps:
-                loss_avg = common.all_reduce_sum(loss.detach().float().clone(), dist).item() / dist.world
-                run.log({"step": step, "epoch": epoch, "loss": round(loss_avg, 6), "lr": lr,
-                         **run.throughput(step, args.batch_size, device)})
-            if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
-                run.save(common.checkpoint_state(clip_model, optimizer, scaler, step, total_steps, args))
+            run.step_done(step, loss, lr, unreadable)  # log, check, checkpoint; stops after a preemption signal
             if step >= total_steps:
                 break
 

@@ -12,16 +12,17 @@ Sections, in the order data flows (search for the `# ---- name` rule):
                          eval_dataset) and eval_loader
     attacks              input_grad, pgd (training and evaluation), APGD, C&W, targeted PGD; the ATTACKS registry
     training harness     cosine_lr, train_parser / parse_train_args, Run (the run directory: args.json, log.jsonl,
-                         last.pt, model.pt), checkpoint_state
+                         last.pt, model.pt; resume, preemption, unreadable images, non-finite losses)
     evaluation           zero_shot_eval (clean and robust accuracy)
     demo                 the procedural task (DemoImages), its tiny pretrained CLIP (demo_clip), demo tables
 """
 import argparse
+import contextvars
 import copy
+import hashlib
 import json
 import math
 import os
-import random
 import re
 import resource
 import signal
@@ -35,12 +36,12 @@ from datetime import timedelta
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # the clip package imports it
 import clip  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as torch_dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from clip.model import CLIP, build_model  # noqa: E402
+from PIL import Image  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -106,15 +107,16 @@ def clip_from_state_dict(state_dict):
     return model.eval()
 
 
-def load_clip(spec, seed=0):
+def load_clip(spec, seed=0, dist=None):
     """The CLIP model named by `spec` as a fp32 clip.model.CLIP on the CPU, in eval mode.
 
-    spec: a released name (clip.load, downloads to ~/.cache/clip), a checkpoint file (a TorchScript archive like
-    OpenAI's releases or this project's model.pt, or this project's last.pt / a plain state dict), `random:ARCH`
-    (ARCH from ARCHITECTURES, random weights seeded by `seed`, no download) or `demo` (the demo's tiny CLIP).
+    spec: a released name (downloaded by clip's downloader to ~/.cache/clip), a checkpoint file (a TorchScript
+    archive like OpenAI's releases or this project's model.pt, or this project's last.pt / a plain state dict),
+    `random:ARCH` (ARCH from ARCHITECTURES, random weights seeded by `seed`, no download) or `demo` (the demo's tiny
+    CLIP). Under torchrun pass `dist`: a download or the demo CLIP's pretraining then happens once (prepare_files).
     """
     if spec == "demo":
-        return demo_clip()
+        return prepare_files(dist, demo_clip)
     if spec.startswith("random:"):
         arch = spec[len("random:"):]
         if arch not in ARCHITECTURES:
@@ -122,10 +124,8 @@ def load_clip(spec, seed=0):
         torch.manual_seed(seed)
         return CLIP(*ARCHITECTURES[arch]).float().eval()
     if spec in clip.available_models():
-        try:
-            model, _ = clip.load(spec, device="cpu", jit=False)
-        except Exception as e:  # network or disk problem while downloading
-            raise UsageError(f"--model {spec}: could not load the released weights ({type(e).__name__}: {e})")
+        path = prepare_files(dist, lambda: released_weights_file(spec))
+        model, _ = clip.load(path, device="cpu", jit=False)
         return model.float().eval()
     if not os.path.exists(spec):
         raise UsageError(f"--model {spec}: no such file, and not a released name ({', '.join(clip.available_models())}),"
@@ -133,6 +133,35 @@ def load_clip(spec, seed=0):
     if os.path.isdir(spec):
         raise UsageError(f"--model {spec}: is a directory, expected a checkpoint file")
     return clip_from_state_dict(read_checkpoint_weights(spec))
+
+
+def released_weights_file(name, root=None):
+    """Path of OpenAI's released weights `name` in clip's cache (~/.cache/clip), downloaded first when missing or
+    corrupt: by clip's own downloader (which checks the SHA-256 named in the release URL) into a temporary folder
+    beside the cache, then renamed into place, so that no process ever reads or truncates a partial file."""
+    import shutil
+    import tempfile
+    url = clip.clip._MODELS[name]
+    root = root or os.path.join(os.path.expanduser("~"), ".cache", "clip")
+    target = os.path.join(root, os.path.basename(url))
+    if os.path.isfile(target):
+        digest = hashlib.sha256()
+        with open(target, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() == url.split("/")[-2]:
+            return target
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".download-", dir=root)
+        try:
+            os.replace(clip.clip._download(url, tmp), target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as e:  # network or disk problem, or a bad checksum
+        raise UsageError(f"--model {name}: could not download the released weights to {root} "
+                         f"({type(e).__name__}: {e})")
+    return target
 
 
 def read_checkpoint_weights(path):
@@ -165,9 +194,7 @@ def save_torchscript(model, path):
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, (image, text), check_trace=False)
-    tmp = path + ".tmp"
-    traced.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.jit.save(traced, f))
 
 
 class ImageEncoder(nn.Module):
@@ -185,7 +212,51 @@ class ImageEncoder(nn.Module):
         if x.shape[-2:] != (self.resolution, self.resolution):
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False,
                               antialias=True).clamp(0, 1)  # clamp as PIL's bicubic does
-        return self.visual((x - self.mean) / self.std)
+        features = self.visual((x - self.mean) / self.std)
+        state = _attack_grad_scaling.get()  # set by input_grad under fp16 autocast only
+        if state is not None and features.dtype == torch.float16 and torch.is_grad_enabled():
+            features = _ScaleGradPerSample.apply(features, state)
+        return features
+
+    def train(self, mode=True):
+        """nn.Module.train, except that BatchNorm layers (CLIP's ResNet encoders) stay in eval mode: fine-tuning uses
+        the pretrained running statistics and never updates them (SPEC §6b), so the attack (eval mode) and the
+        update see the same network, and the result does not depend on how the global batch is split across
+        processes. ViTs have no BatchNorm."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+
+# fp16 attacks (SPEC §6b). Under fp16 autocast the gradient that reaches the network's fp16 output from a
+# confidently classified sample (≈ e^-margin at CLIP's logit scale 100) is below fp16's smallest number: it becomes
+# exactly 0, sign(0) = 0, and PGD or APGD leave the image at its random start, so robust accuracy is inflated. While
+# input_grad differentiates under fp16 autocast, ImageEncoder passes its output through _ScaleGradPerSample: the
+# features go on in fp32, and on the way back each sample's fp32 gradient is multiplied by the power of two that
+# brings its largest entry into [1, 2) before it is cast to fp16; input_grad divides the input gradient by the same
+# factors (exact: powers of two). Per sample, because the samples of one batch can need factors 10^30 apart. In
+# eval mode the samples of a batch are independent, so the result is the true input gradient up to fp16 rounding.
+# The backward itself runs outside autocast: autocast is thread-local state that the backward inherits when it is
+# called inside the context, and it would recompute the fp32 head's backward (cosine_sim's matmul) in fp16.
+_attack_grad_scaling = contextvars.ContextVar("attack_grad_scaling", default=None)  # {"scale": (B,) or None}
+
+
+class _ScaleGradPerSample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, features, state):  # (B, ...) fp16 -> (B, ...) fp32
+        ctx.dtype, ctx.state = features.dtype, state
+        return features.float()
+
+    @staticmethod
+    def backward(ctx, grad):  # (B, ...) fp32 -> (B, ...) fp16, each sample scaled by 2^k
+        if ctx.state.get("scale") is None:  # the first backward through the encoder fixes the factors
+            peak = grad.flatten(1).abs().amax(1)  # (B,)
+            usable = torch.isfinite(peak) & (peak > 0)
+            ctx.state["scale"] = torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), torch.ones_like(peak))
+        scale = ctx.state["scale"].view(-1, *[1] * (grad.dim() - 1))
+        return (grad * scale).to(ctx.dtype), None
 
 
 @torch.no_grad()
@@ -199,8 +270,11 @@ def text_features(model, prompts, device, batch_size=500):
 
 
 def cosine_sim(image_features, text_feats):
-    """s(x, t) = <f(x)/|f(x)|, g(t)/|g(t)|>: (B, D) raw image features, (C, D) normalised text -> (B, C), fp32."""
-    return F.normalize(image_features.float(), dim=-1) @ text_feats.float().t()
+    """s(x, t) = <f(x)/|f(x)|, g(t)/|g(t)|>: (B, D) raw image features, (C, D) normalised text -> (B, C), fp32.
+    Computed outside autocast: the similarities, the logits and every loss on them stay fp32 under AMP, so only the
+    encoder runs in reduced precision (and fp16 attacks can rescale their gradients at its output)."""
+    with torch.autocast(image_features.device.type, enabled=False):
+        return F.normalize(image_features.float(), dim=-1) @ text_feats.float().t()
 
 
 def compile_encoder(encoder, enabled):
@@ -276,6 +350,35 @@ def all_gather_with_grad(t, dist):
     return torch.cat(parts)
 
 
+def prepare_files(dist, fn):
+    """fn() on global rank 0 first, then on the first rank of every other node, then on every other rank, each
+    group waiting for the one before (Dist.cpu_group, SETUP_TIMEOUT): for work that writes files that several
+    processes read (a download, unpacking a dataset, a cache). On a shared filesystem rank 0 writes and the rest
+    find the files; on node-local disks the first rank of each node writes. fn must write atomically (temp file +
+    rename). A failure on any rank stops every rank (the failing rank prints why). Returns fn()'s value."""
+    if dist is None or dist.world == 1:
+        return fn()
+    result, error, failed = None, None, False
+    for mine in (dist.rank == 0, dist.local_rank == 0 and dist.rank != 0, dist.local_rank != 0):
+        if mine:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001  (re-raised below, after telling the other ranks)
+                error = e
+                if dist.rank != 0:  # run_main prints rank 0's errors only
+                    print(f"error (rank {dist.rank}): {e}", file=sys.stderr, flush=True)
+        flag = torch.tensor([error is not None], dtype=torch.int32)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=dist.cpu_group)
+        if flag.item():
+            failed = True
+            break
+    if error is not None:
+        raise error
+    if failed:
+        raise UsageError("another process failed while preparing files (its error is printed above)")
+    return result
+
+
 class Preemption:
     """A cluster's preemption notice (SIGTERM: SLURM, Kubernetes, torchrun passing it on; SIGUSR1: SLURM's
     --signal=USR1@SECONDS) sets a flag instead of killing the process. The training loop and evaluate.py ask
@@ -323,16 +426,23 @@ def amp_setup(amp, device):
 # --------------------------------------------------------------------------------------------------------------- data
 # Image files read by the folder and caption-file readers (the union of PIL's common formats; .gif included).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".gif", ".tif", ".tiff", ".webp")
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # PIL's "broken image"
 
 
 # training data: ImageNet, ImageFolder, synthetic (the demo's data is in the demo section)
+def to_rgb(image):
+    """PIL image -> RGB. A module-level function, not a lambda, so that datasets pickle: DataLoader workers started
+    with `spawn` or `forkserver` (macOS; Linux's default from Python 3.14) receive the dataset pickled."""
+    return image.convert("RGB")
+
+
 def image_transform(resolution):
     """Resize (bicubic) + CenterCrop to the model's resolution, to a tensor in [0, 1] (no normalisation here)."""
     from torchvision import transforms
     return transforms.Compose([
         transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(resolution),
-        transforms.Lambda(lambda im: im.convert("RGB")),
+        transforms.Lambda(to_rgb),
         transforms.ToTensor(),
     ])
 
@@ -368,41 +478,92 @@ def refine_class_name(name):
     return re.sub(r"[_\-]+", " ", name).strip().lower()
 
 
+def imagenet_meta(root):
+    """ImageNet's devkit in `root` as ({wnid: (first synonym, ...)}, [wnid of each val image]), or None when it has
+    neither torchvision's meta.bin nor ILSVRC2012_devkit_t12.tar.gz. The archive is parsed in a temporary directory
+    and nothing is written into `root`: a dataset folder may be read-only, and every rank reads it at once."""
+    from torchvision.datasets.imagenet import META_FILE
+    if os.path.isfile(os.path.join(root, META_FILE)):
+        return torch.load(os.path.join(root, META_FILE), weights_only=True)
+    archive = os.path.join(root, "ILSVRC2012_devkit_t12.tar.gz")
+    if not os.path.isfile(archive):
+        return None
+    import tarfile
+    import tempfile
+    from scipy.io import loadmat
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+            data = os.path.join(tmp, "ILSVRC2012_devkit_t12", "data")
+            synsets = loadmat(os.path.join(data, "meta.mat"), squeeze_me=True)["synsets"]
+            with open(os.path.join(data, "ILSVRC2012_validation_ground_truth.txt")) as f:
+                val_ids = [int(line) for line in f if line.strip()]
+    except (OSError, KeyError, ValueError, tarfile.TarError) as e:
+        raise UsageError(f"{archive}: not a readable ImageNet devkit ({type(e).__name__}: {e})")
+    leaves = [s for s in synsets if s[4] == 0]  # (ILSVRC2012_ID, WNID, words, gloss, num_children, ...): classes
+    wnid_of = {int(s[0]): str(s[1]) for s in leaves}
+    return {str(s[1]): tuple(str(s[2]).split(", ")) for s in leaves}, [wnid_of[i] for i in val_ids]
+
+
 def training_dataset(spec, resolution, class_names_file=None, synthetic_size=None, seed=0):
-    """(dataset of (image in [0, 1], label), class names) for `--data`.
+    """(dataset of (image in [0, 1], label, unreadable), class names) for `--data`.
 
     spec: `synthetic`; `demo`; an ImageNet root with the devkit (ILSVRC2012_devkit_t12.tar.gz or meta.bin) and
-    train/ (read through torchvision, class names = first synonym); a folder with train/; or an ImageFolder
-    directory (class names from the folder names, or one per line in --class-names, in sorted folder order).
+    train/ (class names = first synonym); a folder with train/; or an ImageFolder directory (class names from the
+    folder names, or one per line in --class-names, in sorted folder order). Every name is refined for the prompts
+    as evaluation refines it. An unreadable image is replaced (SkipUnreadable) and flagged.
     """
     if spec == "synthetic":
         ds = SyntheticImages(synthetic_size or 10_000, 1000, resolution, seed)
-        return ds, ds.classes
+        return SkipUnreadable(ds), ds.classes
     if spec == "demo":
         ds = DemoImages(DEMO_PROXY, 64, resolution, seed=1)
-        return ds, ds.classes
+        return SkipUnreadable(ds), ds.classes
     if not os.path.isdir(spec):
         raise UsageError(f"--data {spec}: no such directory (expected an ImageNet root with train/ and the devkit, "
                          "an ImageFolder directory, 'synthetic' or 'demo')")
     from torchvision import datasets
-    transform = image_transform(resolution)
-    has_devkit = any(os.path.exists(os.path.join(spec, f)) for f in ("meta.bin", "ILSVRC2012_devkit_t12.tar.gz"))
-    if has_devkit and os.path.isdir(os.path.join(spec, "train")):
-        ds = datasets.ImageNet(spec, split="train", transform=transform)
-        names = [c[0] for c in ds.classes]
-    else:
-        root = os.path.join(spec, "train") if os.path.isdir(os.path.join(spec, "train")) else spec
-        try:
-            ds = datasets.ImageFolder(root, transform=transform)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise UsageError(f"--data {spec}: not an ImageFolder directory ({e})")
-        names = [refine_class_name(c) for c in ds.classes]
-        if class_names_file is None and all(re.fullmatch(r"n\d{8}", c) for c in ds.classes):
+    root = os.path.join(spec, "train") if os.path.isdir(os.path.join(spec, "train")) else spec
+    try:
+        ds = datasets.ImageFolder(root, transform=image_transform(resolution))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UsageError(f"--data {spec}: not an ImageFolder directory ({e})")
+    names = ds.classes
+    if all(is_wnid(c) for c in ds.classes) and class_names_file is None:  # ImageNet: names from its devkit
+        meta = imagenet_meta(spec)
+        if meta is None:
             raise UsageError(f"--data {spec}: class folders are WordNet ids; put ILSVRC2012_devkit_t12.tar.gz in "
                              f"{spec} or give --class-names FILE (one name per line, in sorted folder order)")
+        missing = [w for w in ds.classes if w not in meta[0]]
+        if missing:
+            raise UsageError(f"--data {spec}: the devkit has no class {missing[0]} ({len(missing)} missing)")
+        names = [meta[0][w][0] for w in ds.classes]  # first synonym
     if class_names_file is not None:
         names = read_class_names(class_names_file, len(names))
-    return ds, names
+    return SkipUnreadable(ds), [refine_class_name(n) for n in names]
+
+
+class SkipUnreadable(torch.utils.data.Dataset):
+    """(*item, unreadable) of a training dataset: an item that cannot be read (a corrupt or missing image) is
+    replaced by the next readable one and `unreadable` is 1. The substitute depends only on the index, so the
+    batches are the same with any number of processes or DataLoader workers and after a resume, and the sum of
+    `unreadable` over an epoch counts each unreadable image once (Run reports it, and stops the run when more than
+    --max-unreadable of the dataset is unreadable)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        for k in range(len(self)):
+            try:
+                return (*self.dataset[(i + k) % len(self)], int(k > 0))
+            except UNREADABLE_IMAGE_ERRORS:
+                continue
+        raise RuntimeError("no readable image left in the training set (did the files change during training?)")
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
@@ -446,18 +607,17 @@ def make_loader(dataset, batch_sampler, workers, device):
 
 
 # caption data (AdvFLYP, SPEC §5: web image-caption pairs). Every caption dataset yields (image in [0, 1], caption,
-# broken). An image that cannot be read is replaced by the next readable pair in the list and `broken` is 1. The
-# substitute depends only on the index, so the batches are the same with any number of processes or DataLoader
-# workers and after a resume, and the sum of `broken` over an epoch counts each unreadable image once.
+# unreadable), through SkipUnreadable like the labelled training sets: a pair whose image (or caption file) cannot
+# be read is replaced by the next readable pair in the list.
 class CaptionPairs(torch.utils.data.Dataset):
-    """Image files with captions: `images[i]` is a path and `caption(i)` its text."""
+    """Image files with captions: `images[i]` is a path and `caption(i)` its text; an unreadable pair raises."""
 
     def __init__(self, images, captions, resolution, source):
         self.images, self.captions, self.source = images, captions, source
         self.transform = image_transform(resolution)
         if not images:
             raise UsageError(f"--data {source}: has no image-caption pairs")
-        if not any(self.load(i) is not None for i in range(len(images))):  # stops at the first readable pair
+        if not any(self.readable(i) for i in range(len(images))):  # stops at the first readable pair
             raise UsageError(f"--data {source}: none of its {len(images)} images can be read")
 
     def __len__(self):
@@ -466,21 +626,16 @@ class CaptionPairs(torch.utils.data.Dataset):
     def caption(self, i):
         return self.captions[i]
 
-    def load(self, i):
-        """(image, caption) of pair i, or None when the image (or its caption file) cannot be read."""
-        from PIL import Image
+    def readable(self, i):
         try:
-            with Image.open(self.images[i]) as im:
-                return self.transform(im), self.caption(i)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's ways of saying "broken"
-            return None
+            self[i]
+            return True
+        except UNREADABLE_IMAGE_ERRORS:
+            return False
 
     def __getitem__(self, i):
-        for k in range(len(self)):
-            item = self.load((i + k) % len(self))
-            if item is not None:
-                return (*item, int(k > 0))
-        raise RuntimeError(f"{self.source}: no readable image left (did the files change during training?)")
+        with Image.open(self.images[i]) as im:
+            return self.transform(im), self.caption(i)
 
 
 class CaptionFiles(CaptionPairs):
@@ -492,8 +647,8 @@ class CaptionFiles(CaptionPairs):
 
 
 class Captioned(torch.utils.data.Dataset):
-    """(image, caption, 0) from a dataset of generated images (never unreadable) whose items are (image, caption),
-    or (image, label) captioned 'a photo of a {class name}.'."""
+    """(image, caption) from a dataset of generated images whose items are (image, caption), or (image, label)
+    captioned 'a photo of a {class name}.'."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -504,7 +659,7 @@ class Captioned(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image, target = self.dataset[i]
         caption = target if isinstance(target, str) else f"a photo of a {self.dataset.classes[target]}."
-        return image, caption, 0
+        return image, caption
 
 
 def read_caption_table(path, img_key="filepath", caption_key="title", separator=None):
@@ -547,29 +702,30 @@ def find_caption_files(root):
 
 def caption_dataset(spec, resolution, img_key="filepath", caption_key="title", separator=None,
                     synthetic_size=None, seed=0):
-    """Dataset of (image in [0, 1], caption, broken) for `--data` of AdvFLYP: a CSV/TSV file of image paths and
+    """Dataset of (image in [0, 1], caption, unreadable) for `--data` of AdvFLYP: a CSV/TSV file of image paths and
     captions, an img2dataset output folder (`files` format), `synthetic` (random images captioned with random class
     names) or `demo` (captioned images of the demo's proxy concepts, the images agft.py's demo trains on)."""
     if spec == "synthetic":
-        return Captioned(SyntheticImages(synthetic_size or 10_000, 1000, resolution, seed))
+        return SkipUnreadable(Captioned(SyntheticImages(synthetic_size or 10_000, 1000, resolution, seed)))
     if spec == "demo":
-        return Captioned(DemoImages(DEMO_PROXY, 64, resolution, seed=1, captions=True))
+        return SkipUnreadable(Captioned(DemoImages(DEMO_PROXY, 64, resolution, seed=1, captions=True)))
     if os.path.isfile(spec):
         images, captions = read_caption_table(spec, img_key, caption_key, separator)
-        return CaptionPairs(images, captions, resolution, spec)
+        return SkipUnreadable(CaptionPairs(images, captions, resolution, spec))
     if os.path.isdir(spec):
         images = find_caption_files(spec)
         if not images:
             raise UsageError(f"--data {spec}: no image with a caption file beside it (expected img2dataset's `files` "
                              "output: 00000/000000000.jpg with 00000/000000000.txt)")
-        return CaptionFiles(images, None, resolution, spec)
+        return SkipUnreadable(CaptionFiles(images, None, resolution, spec))
     raise UsageError(f"--data {spec}: no such file or directory (expected a CSV/TSV of image paths and captions, "
                      "an img2dataset output folder, 'synthetic' or 'demo')")
 
 
-# evaluation datasets: the zero-shot benchmark (SPEC §6). Every name maps to a loader returning (dataset of (image in [0, 1], label),
-# class names or None, WordNet ids or None); templates and the class names torchvision lacks are data in
-# data_lists/. Test split where torchvision has one; the whole set for Caltech101, Caltech256, SUN397, EuroSAT.
+# evaluation datasets: the zero-shot benchmark (SPEC §6). Every name maps to a loader returning (dataset of
+# (image in [0, 1], label), class names or None, WordNet ids or None); templates and the class names torchvision
+# lacks are data in data_lists/. Test split where torchvision has one; the whole set for Caltech101, Caltech256,
+# SUN397, EuroSAT.
 DATA_LISTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_lists")
 # `--datasets all`: the 15 datasets of the AGFT paper, in the column order of its tables
 AGFT_DATASETS = ("Caltech101", "Caltech256", "CIFAR10", "CIFAR100", "DTD", "EuroSAT", "FGVCAircraft", "Flowers102",
@@ -588,7 +744,7 @@ def read_data_list(name):
 
 def native_transform():
     from torchvision import transforms
-    return transforms.Compose([transforms.Lambda(lambda im: im.convert("RGB")), transforms.ToTensor()])
+    return transforms.Compose([transforms.Lambda(to_rgb), transforms.ToTensor()])
 
 
 def is_wnid(name):
@@ -641,15 +797,12 @@ def wnid_names(name, wnids, root, class_names_file=None):
             return [" ".join(p) for p in pairs]
         table = dict(pairs)
     else:
-        from torchvision.datasets.imagenet import load_meta_file, parse_devkit_archive
         base = os.path.join(root, "imagenet")
-        if not os.path.isfile(os.path.join(base, "meta.bin")) and os.path.isfile(
-                os.path.join(base, "ILSVRC2012_devkit_t12.tar.gz")):
-            parse_devkit_archive(base)  # writes meta.bin beside it, as torchvision's ImageNet does
-        if not os.path.isfile(os.path.join(base, "meta.bin")):
+        meta = imagenet_meta(base)
+        if meta is None:
             raise UsageError(f"{name}: the class folders are WordNet ids; put ImageNet's ILSVRC2012_devkit_t12.tar.gz "
                              f"(or torchvision's meta.bin) in {base}, or give --class-names FILE ('wnid name' lines)")
-        table = {w: names[0] for w, names in load_meta_file(base)[0].items()}
+        table = {w: names[0] for w, names in meta[0].items()}
     missing = [w for w in wnids if w not in table]
     if missing:
         raise UsageError(f"{name}: no class name for {len(missing)} WordNet id(s), e.g. {missing[0]}")
@@ -742,13 +895,13 @@ def _stanford_cars(root, transform, download):
 
 
 def _imagenet(root, transform, download):
-    from torchvision import datasets
     base = os.path.join(root, "imagenet")
-    if any(os.path.isfile(os.path.join(base, f)) for f in ("meta.bin", "ILSVRC2012_devkit_t12.tar.gz")):
-        ds = datasets.ImageNet(base, split="val", transform=transform)  # unpacks ILSVRC2012_img_val.tar if needed
-        return ds, [c[0] for c in ds.classes], ds.wnids  # first synonym
-    ds, wnids = image_folder(os.path.join(base, "val"), transform)  # val/<wnid>/ without a devkit
-    return ds, None, wnids
+    meta = imagenet_meta(base)  # read, never written here
+    if meta is not None and not os.path.isdir(os.path.join(base, "val")):
+        from torchvision.datasets.imagenet import parse_val_archive
+        parse_val_archive(base, wnids=meta[1])  # ILSVRC2012_img_val.tar -> val/<wnid>/ (rank 0 first: load_datasets)
+    ds, wnids = image_folder(os.path.join(base, "val"), transform)  # val/<wnid>/, sorted like torchvision's
+    return ds, None if meta is None else [meta[0][w][0] for w in wnids], wnids  # first synonym
 
 
 def _wnid_folder(folder):
@@ -886,11 +1039,21 @@ def eval_loader(dataset, batch_size, dist, workers=0):
 def input_grad(loss_fn, x, has_aux=False):
     """∇_x loss_fn(x) for a scalar loss: the one place where every attack differentiates, w.r.t. the input only
     (torch.autograd.grad), so parameters never accumulate .grad. has_aux=True: loss_fn returns (loss, aux) and this
-    returns (grad, aux) (APGD reads its per-sample losses and logits from aux)."""
+    returns (grad, aux) (APGD reads its per-sample losses and logits from aux).
+    Under fp16 autocast the gradient is scaled per sample inside ImageEncoder and unscaled here, so that no sample's
+    gradient underflows to 0 (see _ScaleGradPerSample); the encoder must see x's batch (one row per row of x)."""
     x = x.detach().requires_grad_(True)
-    out = loss_fn(x)
-    loss, aux = out if has_aux else (out, None)
-    grad, = torch.autograd.grad(loss, x)
+    state = {}  # ImageEncoder scales only fp16 outputs (fp16 autocast, whether entered here or inside loss_fn)
+    token = _attack_grad_scaling.set(state)
+    try:
+        out = loss_fn(x)
+        loss, aux = out if has_aux else (out, None)
+        with torch.autocast(x.device.type, enabled=False):  # backward ops keep their forward dtypes (see above)
+            grad, = torch.autograd.grad(loss, x)
+    finally:
+        _attack_grad_scaling.reset(token)
+    if state.get("scale") is not None:
+        grad = grad / state["scale"].view(-1, *[1] * (x.dim() - 1)).to(grad.dtype)  # (B, 3, H, W)
     return (grad, aux) if has_aux else grad
 
 
@@ -1135,6 +1298,9 @@ def train_parser(doc, method, **defaults):
     p.add_argument("--save-every", type=int, default=500, help="write last.pt every this many steps (and each epoch)")
     p.add_argument("--log-every", type=int, default=10, help="log every this many steps")
     p.add_argument("--synthetic-size", type=int, default=10_000, help="number of images of --data synthetic")
+    p.add_argument("--max-unreadable", type=float, default=0.01,
+                   help="stop when more than this fraction of the training images is unreadable in an epoch "
+                        "(fewer are replaced by the next readable image, counted and reported)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the image encoders (off by default: it did not pay on a CPU, see README)")
     p.add_argument("--demo", action="store_true",
@@ -1167,6 +1333,8 @@ def parse_train_args(parser, argv=None, demo_defaults=None, check_data=True):
         raise UsageError(f"--max-steps {args.max_steps}: must be >= 1")
     if args.lr <= 0:
         raise UsageError(f"--lr {args.lr}: must be > 0")
+    if not 0 <= args.max_unreadable < 1:
+        raise UsageError(f"--max-unreadable {args.max_unreadable}: must be a fraction in [0, 1)")
     if check_data and args.data not in ("synthetic", "demo") and not os.path.isdir(args.data):
         raise UsageError(f"--data {args.data}: no such directory (an ImageNet root with train/ and the devkit, "
                          "an ImageFolder directory, 'synthetic' or 'demo')")
@@ -1177,34 +1345,87 @@ def parse_train_args(parser, argv=None, demo_defaults=None, check_data=True):
     return args
 
 
+def atomic_write(path, write, mode="wb"):
+    """write(file) into a temporary file beside `path` (a name of its own, so writers on several processes or
+    nodes never share one), fsync, rename: a crash never leaves a half-written file under `path`."""
+    import tempfile
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the permissions open() would give (mkstemp's are 0600)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def atomic_save(obj, path):
-    """torch.save to path.tmp, fsync, rename: a crash never leaves a half-written file under `path`."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save(obj) to `path`, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """JSON to `path`, atomically."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2), mode="w")
+
+
+# Flags that may differ between a run and its resumed rerun: paths (the data's size and class names are checked
+# instead), DataLoader workers, the logging and saving intervals, --compile, --demo (its values are compared one by
+# one) and --max-unreadable. Every other flag fixes the trajectory and must be what last.pt was written with.
+RESUME_MAY_CHANGE = {"out", "data", "class_names", "val_root", "workers", "log_every", "save_every", "compile", "demo",
+                     "max_unreadable"}
+
+
+def resume_mismatch(saved_args, args, saved_data, data):
+    """Why last.pt (written with `saved_args`, on data `saved_data`) cannot be continued by this command, as a list
+    of 'the flag: that run's value vs this one' (empty: it can). saved_data is None in checkpoints older than it."""
+    show = lambda v: "(not set)" if v is None else str(v)  # noqa: E731
+    now = vars(args)
+    diffs = [f"--{k.replace('_', '-')} {show(saved_args.get(k))} there, {show(now.get(k))} now"
+             for k in sorted(set(saved_args) | set(now)) if k not in RESUME_MAY_CHANGE and saved_args.get(k) != now.get(k)]
+    for key, what in (("size", "images"), ("classes", "class names")):
+        if saved_data is not None and saved_data.get(key) != data.get(key):
+            diffs.append(f"--data {what} {show(saved_data.get(key))} there, {show(data.get(key))} now")
+    return diffs
 
 
 class Run:
-    """The run directory: args.json, log.jsonl, last.pt (resume), model.pt (TorchScript), results.json.
-    Only rank 0 writes; every rank reads last.pt when resuming."""
+    """A training run: its directory (args.json, log.jsonl, last.pt, model.pt, results.json) and everything that
+    happens between two steps: logging, checkpoints, resume, preemption (SIGTERM/SIGUSR1), unreadable images and
+    non-finite losses. Only rank 0 writes; every rank reads last.pt when resuming.
 
-    def __init__(self, args, dist):
-        self.dir, self.dist = args.out, dist
+        run = Run(args, dist, len(dataset), class_names)   # refuses a last.pt written with other settings
+        step = run.start(clip_model, optimizer, scaler, total_steps, steps_per_epoch)    # resumes, if it can
+        ... after each update: run.step_done(step, loss, lr, unreadable)
+    """
+
+    def __init__(self, args, dist, dataset_size, class_names=None):
+        self.args, self.dir, self.dist = args, args.out, dist
         self.ckpt_path = os.path.join(self.dir, "last.pt")
+        classes = None if class_names is None else hashlib.sha1("\n".join(class_names).encode()).hexdigest()[:12]
+        self.data = {"size": dataset_size, "classes": classes}
+        self.checkpoint = self.load()  # the last.pt to resume from, or None
+        if self.checkpoint is not None:
+            saved = self.checkpoint.get("args", {})
+            if saved.get("method") != args.method:
+                raise UsageError(f"{self.ckpt_path}: is the checkpoint of a {saved.get('method')} run, this is "
+                                 f"{args.method}; give a new --out to start afresh")
+            diffs = resume_mismatch(saved, args, self.checkpoint.get("data"), self.data)
+            if diffs:
+                raise UsageError(f"{self.ckpt_path} was written with other settings: {'; '.join(diffs)}. Rerun with "
+                                 "that run's settings to resume it, or give a new --out (or remove last.pt) to start "
+                                 "afresh")
         if dist.is_main:
             os.makedirs(self.dir, exist_ok=True)
-            if not os.path.exists(self.ckpt_path):
+            if self.checkpoint is None:
                 write_json(vars(args), os.path.join(self.dir, "args.json"))
+        self.preemption = Preemption()  # from here on, SIGTERM/SIGUSR1 stop the run at the end of a step
         self.t_last, self.steps_since = time.time(), 0
 
     def print(self, *a):
@@ -1212,10 +1433,116 @@ class Run:
             print(*a, flush=True)
 
     def log(self, record):
-        """Append one JSON object to log.jsonl and print it (rank 0)."""
+        """Append one JSON object to log.jsonl (rank 0)."""
         if self.dist.is_main:
             with open(os.path.join(self.dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def load(self):
+        """The last.pt checkpoint (weights_only) or None."""
+        if not os.path.exists(self.ckpt_path):
+            return None
+        try:
+            return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"{self.ckpt_path}: unreadable checkpoint ({type(e).__name__}); move it away to restart")
+
+    def start(self, clip_model, optimizer, scaler, total_steps, steps_per_epoch):
+        """Restore model, optimizer, grad scaler and RNG state from last.pt (the inverse of save), if there is one,
+        and drop the log records of the steps after it (they are replayed). Returns the step to continue from (0
+        for a new run). Method state saved with step_done(extra=...) is in run.checkpoint."""
+        self.model, self.optimizer, self.scaler = clip_model, optimizer, scaler
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.unreadable = 0  # unreadable images this rank met in the current epoch (rank 0: plus the saved count)
+        self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=self.dist.device)  # step, on the device
+        step = 0
+        if self.checkpoint is not None:
+            ckpt = self.checkpoint
+            clip_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            step = ckpt["step"]
+            self.unreadable = ckpt.get("unreadable", 0) if self.dist.is_main else 0
+            log = os.path.join(self.dir, "log.jsonl")
+            if self.dist.is_main and os.path.isfile(log):
+                with open(log) as f:
+                    kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+                atomic_write(log, lambda f: f.writelines(kept), mode="w")
+            self.print(f"resuming {self.dir} from step {step}/{total_steps}")
+        self.saved_step = step if self.checkpoint is not None else None
+        return step
+
+    def step_done(self, step, loss, lr, unreadable, extra=None, epoch_end=None):
+        """After the update that completed `step` (counted from 1): note this rank's loss and unreadable images
+        (a (b,) tensor of 0/1 from SkipUnreadable); on the steps that log (every --log-every steps, each epoch's
+        end, the run's end) or save (every --save-every steps, each epoch's end, the run's end, after a preemption
+        signal), check the run's health (finite loss and weights, few unreadable images), log and checkpoint; after
+        a signal, raise Preempted. `extra`: the method's own state to keep in last.pt; `epoch_end(step)`: called at
+        the end of each epoch and of the run, after the health checks and before the checkpoint (AdvFLYP's early
+        stopping validates there). No host-device synchronisation on the other steps."""
+        args, dist = self.args, self.dist
+        bad = ~torch.isfinite(loss.detach()) & (self.first_nonfinite < 0)
+        self.first_nonfinite = torch.where(bad, torch.full_like(self.first_nonfinite, step), self.first_nonfinite)
+        self.unreadable += int(unreadable.sum())  # a CPU tensor from the DataLoader: no device sync
+        preempted = self.preemption.requested(dist)  # a small host-side all-reduce, every rank at every step
+        last, at_epoch_end = step == self.total_steps, step % self.steps_per_epoch == 0
+        logs = step % args.log_every == 0 or last or at_epoch_end
+        saves = preempted or last or at_epoch_end or step % args.save_every == 0
+        if not (logs or saves):
+            return
+        self.check_finite(step)
+        unreadable_all = self.count_unreadable(step)
+        if logs:
+            loss_avg = all_reduce_sum(loss.detach().float().clone(), dist).item() / dist.world
+            self.log({"step": step, "epoch": (step - 1) // self.steps_per_epoch, "loss": round(loss_avg, 6), "lr": lr,
+                      "unreadable_images": unreadable_all, **self.throughput(step, args.batch_size, dist.device)})
+        if at_epoch_end or last:
+            if unreadable_all:
+                self.print(f"epoch {(step - 1) // self.steps_per_epoch}: {unreadable_all} unreadable image(s), each "
+                           "replaced by the next readable one")
+            if at_epoch_end:
+                self.unreadable = 0  # a new epoch starts
+            if epoch_end is not None:
+                epoch_end(step)
+        if saves:
+            self.save(step, {"unreadable": 0 if at_epoch_end else unreadable_all, **(extra or {})})
+        if preempted:
+            raise Preempted(f"preempted ({self.preemption.received or 'signal to another process'}) after step "
+                            f"{step}/{self.total_steps}: saved {self.ckpt_path}; rerun the same command to resume "
+                            f"(exit status {PREEMPTED})")
+
+    def check_finite(self, step):
+        """Stop (one line, on every rank) if any rank's loss was not finite at a step since the start, or if the
+        weights are not: last.pt is never overwritten with them."""
+        first = torch.where(self.first_nonfinite < 0, torch.full_like(self.first_nonfinite, 1 << 62),
+                            self.first_nonfinite).clone()
+        if self.dist.world > 1:
+            torch_dist.all_reduce(first, op=torch_dist.ReduceOp.MIN)
+        weights_ok = all(bool(torch.isfinite(p).all()) for p in self.model.visual.parameters())
+        if first.item() < (1 << 62) or not weights_ok:
+            what = f"step {first.item()}: the loss is not finite" if first.item() < (1 << 62) else \
+                f"step {step}: the weights are not finite"
+            raise UsageError(f"{what} (too high a --lr? fp16 overflow? try --amp bf16 or off); stopped without "
+                             f"saving: {self.last_checkpoint()}")
+
+    def count_unreadable(self, step):
+        """Unreadable images of all ranks in this epoch so far; more than --max-unreadable of the dataset stops."""
+        total = torch.tensor([self.unreadable], dtype=torch.long)
+        if self.dist.world > 1:
+            torch_dist.all_reduce(total, group=self.dist.cpu_group)
+        total = int(total.item())
+        limit = self.args.max_unreadable * self.data["size"]
+        if total > limit:
+            raise UsageError(f"--data {self.args.data}: {total} unreadable images in epoch "
+                             f"{(step - 1) // self.steps_per_epoch} so far, more than --max-unreadable "
+                             f"{self.args.max_unreadable:g} of its {self.data['size']} images: is the dataset complete "
+                             f"and readable? Stopped: {self.last_checkpoint()}")
+        return total
+
+    def last_checkpoint(self):
+        return (f"the last checkpoint is {self.ckpt_path} (step {self.saved_step})" if self.saved_step is not None
+                else "no checkpoint was written yet")
 
     def start_timer(self, step):
         """Start timing at `step`, right before the first training step (setup and resume excluded)."""
@@ -1232,30 +1559,19 @@ class Run:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         return {"img_per_s": round(n * global_batch / dt, 2), "s_per_step": round(dt / n, 4), "peak_mem_mib": round(peak)}
 
-    def load(self):
-        """The last.pt checkpoint (weights_only) or None."""
-        if not os.path.exists(self.ckpt_path):
-            return None
-        try:
-            return torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"{self.ckpt_path}: unreadable checkpoint ({type(e).__name__}); move it away to restart")
-
-    def resume(self, clip_model, optimizer, scaler, total_steps):
-        """Restore model, optimizer, grad scaler and RNG states from last.pt (the inverse of checkpoint_state) and
-        return the checkpoint, or None when there is none; the caller reads "step" and its own extra entries."""
-        ckpt = self.load()
-        if ckpt is not None:
-            clip_model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            self.print(f"resuming {self.dir} from step {ckpt['step']}/{total_steps}")
-        return ckpt
-
-    def save(self, state):
+    def save(self, step, extra):
+        """last.pt: everything needed to resume exactly, and to refuse a rerun with other settings; only tensors,
+        numbers, strings, lists and dicts (weights_only). The RNG state is the CPU generator's alone: training
+        draws its randomness from generators seeded by (seed, step) and (seed, epoch), so nothing device-specific
+        is kept (a run resumes on a machine with fewer or no GPUs)."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "step": step, "rng": {"torch": torch.get_rng_state()},
+                 "scheduler": {"kind": "cosine", "warmup": self.args.warmup, "total": self.total_steps,
+                               "base_lr": self.args.lr},
+                 "args": vars(self.args), "data": self.data, **extra}
         if self.dist.is_main:
             atomic_save(state, self.ckpt_path)
+        self.saved_step = step
 
     def write_model(self, clip_model):
         if self.dist.is_main:
@@ -1264,26 +1580,6 @@ class Run:
     def write_results(self, results):
         if self.dist.is_main:
             write_json(results, os.path.join(self.dir, "results.json"))
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint_state(clip_model, optimizer, scaler, step, total_steps, args):
-    """Everything needed to resume exactly; only tensors, numbers, strings, lists and dicts (weights_only)."""
-    return {"model": clip_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "scheduler": {"kind": "cosine", "warmup": args.warmup, "total": total_steps, "base_lr": args.lr},
-            "step": step, "rng": rng_state(), "args": vars(args)}
 
 
 def progress(iterable, dist, **kw):

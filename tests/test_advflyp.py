@@ -189,7 +189,7 @@ def test_csv_tsv_separator_columns_relative_paths_and_broken_images(tmp_path):
     tsv_set = common.caption_dataset(str(tmp_path / "pairs.tsv"), 32, img_key="path", caption_key="text")  # tab
     for ds in (csv_set, tsv_set):
         assert len(ds) == 6
-        assert ds.images[0] == os.path.join(str(tmp_path), "imgs", "0.png")  # resolved against the file's folder
+        assert ds.dataset.images[0] == os.path.join(str(tmp_path), "imgs", "0.png")  # resolved against the file's folder
         image, caption, broken = ds[0]
         assert image.shape == (3, 32, 32) and 0 <= image.min() and image.max() <= 1
         assert (caption, broken) == ("caption, number 0", 0)
@@ -244,7 +244,8 @@ def csv_data(tmp_path_factory):
 
 def train_args(tiny_ckpt, data, out, *extra):
     return ["advflyp.py", "--model", tiny_ckpt, "--data", data, "--out", out, "--batch-size", "4", "--epochs", "4",
-            "--lr", "0.05", "--warmup", "1", "--eps", "4", "--workers", "0", "--log-every", "1", *extra]
+            "--lr", "0.05", "--warmup", "1", "--eps", "4", "--workers", "0", "--log-every", "1",
+            "--max-unreadable", "0.5", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -258,9 +259,9 @@ def one_process_run(tiny_ckpt, csv_data, tmp_path_factory):
 def test_csv_run_logs_unreadable_images(one_process_run):
     out, r = one_process_run
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    epoch_ends = [rec for rec in records if "loss" not in rec]
+    epoch_ends = [rec for rec in records if rec["step"] % 2 == 0]  # 8 pairs / batch 4: 2 steps per epoch
     assert [rec["unreadable_images"] for rec in epoch_ends] == [1, 1, 1, 1]  # 2 steps x 4 pairs = every pair
-    assert r.stdout.count("1 unreadable image(s) skipped") == 4
+    assert r.stdout.count("1 unreadable image(s), each replaced") == 4
     assert records[-1]["step"] == 8 and all(np.isfinite(rec["loss"]) for rec in records if "loss" in rec)
     args = json.load(open(os.path.join(out, "args.json")))
     assert args["method"] == "advflyp" and args["reg"] == "full"
@@ -282,7 +283,7 @@ def test_two_processes_train_on_the_global_batch(one_process_run, tiny_ckpt, csv
     assert np.allclose(losses(os.path.join(out, "log.jsonl")), losses(str(tmp_path / "two" / "log.jsonl")),
                        rtol=1e-4)
     # the unreadable image is met by one of the two processes; each epoch's count is summed over both
-    counts = lambda p: [rec["unreadable_images"] for rec in map(json.loads, open(p)) if "loss" not in rec]  # noqa: E731
+    counts = lambda p: [rec["unreadable_images"] for rec in map(json.loads, open(p)) if rec["step"] % 2 == 0]  # noqa: E731
     assert counts(str(tmp_path / "two" / "log.jsonl")) == counts(os.path.join(out, "log.jsonl")) == [1, 1, 1, 1]
 
 
@@ -301,7 +302,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(one_process_run, tiny_ck
     a, b = load_weights(os.path.join(out, "last.pt")), load_weights(ckpt)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     counts = [rec["unreadable_images"] for rec in map(json.loads, open(os.path.join(resumed, "log.jsonl")))
-              if "loss" not in rec]
+              if rec["step"] % 2 == 0]
     assert counts[-1] == 1  # the epoch's count survives the restart
 
 
@@ -323,7 +324,7 @@ def test_img2dataset_run_with_early_stopping(tiny_ckpt, tmp_path):
                       "--val-steps", "2", "--reg", "feat", "--eps", "0")
     r = run_script(args)
     assert r.returncode == 0, r.stderr
-    assert "early stop" in r.stdout and "unreadable image(s) skipped" in r.stdout
+    assert "early stop" in r.stdout and "unreadable image(s), each replaced" in r.stdout
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     evals = [rec for rec in records if "val" in rec]
     assert [(e["step"], e["val"]["pgd"], e["stopped"]) for e in evals] == [(2, 50.0, False), (4, 50.0, True)]

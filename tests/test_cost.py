@@ -153,7 +153,10 @@ def test_throughput_counts_only_the_steps_of_this_process_run(monkeypatch, tmp_p
         return throughput(self, step, global_batch, device)
     monkeypatch.setattr(common.Run, "throughput", spy)
     argv = ["--model", "random:tiny", "--data", "synthetic", "--synthetic-size", "16", "--batch-size", "4",
-            "--workers", "0", "--log-every", "1", "--out", str(tmp_path / "run")]
-    agft.main(argv + ["--max-steps", "2"])
-    agft.main(argv + ["--max-steps", "4"])  # resumes from last.pt at step 2
+            "--workers", "0", "--log-every", "1", "--max-steps", "4", "--out", str(tmp_path / "run")]
+    notices = iter([False, True])  # a preemption notice arrives during step 2: last.pt is saved at step 2
+    monkeypatch.setattr(common.Preemption, "requested", lambda self, dist: next(notices, False))
+    with pytest.raises(common.Preempted):
+        agft.main(argv)
+    agft.main(argv)  # resumes from last.pt at step 2
     assert steps_timed == [1, 1, 1, 1]

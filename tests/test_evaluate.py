@@ -426,7 +426,7 @@ def fake_devkit(base, monkeypatch):
     fields = [("ILSVRC2012_ID", object), ("WNID", object), ("words", object), ("gloss", object),
               ("num_children", object), ("children", object), ("wordnet_height", object), ("num_train_images", object)]
     synsets = np.array([(1, "n01440764", "tench, Tinca tinca", "a fish", 0, np.zeros(0), 0, 1300),
-                        (2, "n01443537", "goldfish, Carassius auratus", "a fish", 0, np.zeros(0), 0, 1300),
+                        (2, "n01443537", "gold-fish, Carassius auratus", "a fish", 0, np.zeros(0), 0, 1300),
                         (3, "n00000001", "fish", "a parent synset", 2, np.array([1, 2]), 1, 0)], dtype=fields)
     staging = base / "staging" / "ILSVRC2012_devkit_t12" / "data"
     os.makedirs(staging)
@@ -440,17 +440,20 @@ def fake_devkit(base, monkeypatch):
 
 
 def test_imagenet_class_names_from_the_devkit_archive(tmp_path, monkeypatch):
-    """Evaluation and training read ImageNet's class names (first synonym) out of the devkit archive itself."""
+    """Evaluation and training read ImageNet's class names (first synonym) out of the devkit archive itself, refine
+    them the same way (so training prompts are evaluation's), and write nothing into the dataset folder: it may be
+    read-only, and every rank reads it at once (torchvision's ImageNet writes meta.bin there, non-atomically)."""
     fake_devkit(tmp_path / "imagenet", monkeypatch)
+    files = lambda: sorted(str(p) for p in tmp_path.rglob("*"))  # noqa: E731
+    before = files()
     name, ds, names, _ = common.eval_dataset("ImageNet", str(tmp_path), 32)
-    assert (name, names, len(ds)) == ("ImageNet", ["tench", "goldfish"], 2)
-    assert (tmp_path / "imagenet" / "meta.bin").is_file()  # parsed once, as torchvision's ImageNet does
+    assert (name, names, len(ds)) == ("ImageNet", ["tench", "gold fish"], 2)
     ds, names = common.training_dataset(str(tmp_path / "imagenet"), 32)
-    assert names == ["tench", "goldfish"] and sorted(ds[i][1] for i in range(len(ds))) == [0, 1]
+    assert names == ["tench", "gold fish"] and sorted(ds[i][1] for i in range(len(ds))) == [0, 1]
+    assert files() == before, "reading the devkit wrote into the dataset folder"
     for w in ("n01440764", "n01443537"):  # the WordNet-id datasets name their folders through the same devkit
         write_image(str(tmp_path / "imagenet-r" / w / "a.jpg"), 1)
-    os.remove(tmp_path / "imagenet" / "meta.bin")
-    assert common.eval_dataset("ImageNet-R", str(tmp_path), 32)[2] == ["tench", "goldfish"]
+    assert common.eval_dataset("ImageNet-R", str(tmp_path), 32)[2] == ["tench", "gold fish"]
 
 
 def test_download_fetches_then_reads(tmp_path, monkeypatch):
