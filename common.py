@@ -93,8 +93,9 @@ ARCHITECTURES = {
     "ViT-B/16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
     "ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
     "ViT-L/14@336px": (768, 336, 24, 1024, 14, 77, 49408, 768, 12, 12),
-    # A tiny ViT (the demo's architecture): for tests and quick benchmarks on a CPU.
+    # A tiny ViT (the demo's architecture) and a tiny ResNet (BatchNorm): for tests and quick benchmarks on a CPU.
     "tiny": (64, 32, 3, 128, 8, 16, 49408, 64, 1, 2),
+    "tiny-rn": (64, 32, (1, 1, 1, 1), 8, None, 16, 49408, 64, 1, 2),
 }
 
 
@@ -116,7 +117,7 @@ def load_clip(spec, seed=0, dist=None):
     CLIP). Under torchrun pass `dist`: a download or the demo CLIP's pretraining then happens once (prepare_files).
     """
     if spec == "demo":
-        return prepare_files(dist, demo_clip)
+        return prepare_files(dist, lambda may_write: demo_clip())  # pretrained once, cached
     if spec.startswith("random:"):
         arch = spec[len("random:"):]
         if arch not in ARCHITECTURES:
@@ -124,7 +125,7 @@ def load_clip(spec, seed=0, dist=None):
         torch.manual_seed(seed)
         return CLIP(*ARCHITECTURES[arch]).float().eval()
     if spec in clip.available_models():
-        path = prepare_files(dist, lambda: released_weights_file(spec))
+        path = prepare_files(dist, lambda may_write: released_weights_file(spec, verify=may_write))
         model, _ = clip.load(path, device="cpu", jit=False)
         return model.float().eval()
     if not os.path.exists(spec):
@@ -135,15 +136,18 @@ def load_clip(spec, seed=0, dist=None):
     return clip_from_state_dict(read_checkpoint_weights(spec))
 
 
-def released_weights_file(name, root=None):
+def released_weights_file(name, root=None, verify=True):
     """Path of OpenAI's released weights `name` in clip's cache (~/.cache/clip), downloaded first when missing or
     corrupt: by clip's own downloader (which checks the SHA-256 named in the release URL) into a temporary folder
-    beside the cache, then renamed into place, so that no process ever reads or truncates a partial file."""
+    beside the cache, then renamed into place, so that no process ever reads or truncates a partial file.
+    verify=False trusts a file that is there (prepare_files' readers, after a writer has checked it)."""
     import shutil
     import tempfile
     url = clip.clip._MODELS[name]
     root = root or os.path.join(os.path.expanduser("~"), ".cache", "clip")
     target = os.path.join(root, os.path.basename(url))
+    if os.path.isfile(target) and not verify:
+        return target
     if os.path.isfile(target):
         digest = hashlib.sha256()
         with open(target, "rb") as f:
@@ -351,18 +355,20 @@ def all_gather_with_grad(t, dist):
 
 
 def prepare_files(dist, fn):
-    """fn() on global rank 0 first, then on the first rank of every other node, then on every other rank, each
-    group waiting for the one before (Dist.cpu_group, SETUP_TIMEOUT): for work that writes files that several
-    processes read (a download, unpacking a dataset, a cache). On a shared filesystem rank 0 writes and the rest
-    find the files; on node-local disks the first rank of each node writes. fn must write atomically (temp file +
-    rename). A failure on any rank stops every rank (the failing rank prints why). Returns fn()'s value."""
+    """fn(may_write) on global rank 0 first, then on the first rank of every other node, then on every other rank
+    (may_write=False: they only read), each group waiting for the one before (Dist.cpu_group, SETUP_TIMEOUT): for
+    work that writes files that several processes read (a download, unpacking a dataset, a cache). On a shared
+    filesystem rank 0 writes and the others find the files; on node-local disks the first rank of each node writes.
+    fn must write atomically (temp file + rename). A failure on any rank stops every rank (the failing rank prints
+    why). Returns fn's value."""
     if dist is None or dist.world == 1:
-        return fn()
+        return fn(True)
     result, error, failed = None, None, False
-    for mine in (dist.rank == 0, dist.local_rank == 0 and dist.rank != 0, dist.local_rank != 0):
+    for mine, may_write in ((dist.rank == 0, True), (dist.local_rank == 0 and dist.rank != 0, True),
+                            (dist.local_rank != 0, False)):
         if mine:
             try:
-                result = fn()
+                result = fn(may_write)
             except Exception as e:  # noqa: BLE001  (re-raised below, after telling the other ranks)
                 error = e
                 if dist.rank != 0:  # run_main prints rank 0's errors only

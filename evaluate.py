@@ -103,27 +103,16 @@ def parse_args(argv=None):
 # -------------------------------------------------------------------------------------------------------- helpers
 def load_datasets(args, dist, resolution):
     """Every --datasets entry as (name, dataset, class names, template), all checked before any attack runs.
-    Rank 0 goes first (it alone downloads or unpacks), then the other ranks read what it left."""
-    def load(download):
-        sets = [common.eval_dataset(s, args.data_root, resolution, download, args.class_names) for s in args.datasets]
+    Rank 0 goes first (it alone downloads or unpacks, however long that takes), then the first rank of each other
+    node, then the rest read what they left (common.prepare_files)."""
+    def load(may_write):
+        sets = [common.eval_dataset(s, args.data_root, resolution, args.download and may_write, args.class_names)
+                for s in args.datasets]
         names = [s[0] for s in sets]
         if len(set(names)) < len(names):
             raise common.UsageError(f"--datasets: two datasets named {max(names, key=names.count)}")
         return sets
-
-    error, sets = None, None
-    if dist.is_main:
-        try:
-            sets = load(args.download)
-        except common.UsageError as e:
-            error = e
-    if dist.world > 1:  # the other ranks must not wait for a rank 0 that gave up
-        failed = common.all_reduce_sum(torch.tensor([float(error is not None)], device=dist.device), dist)
-        if failed.item():
-            raise error or common.UsageError("rank 0 could not load the datasets")
-    if error is not None:
-        raise error
-    return sets if dist.is_main else load(False)
+    return common.prepare_files(dist, load)
 
 
 def device_name(device):
@@ -172,7 +161,7 @@ def main(argv=None):
     eps, alpha = args.eps / 255, args.alpha / 255
     dist = common.setup_distributed()
     amp, ctx, _ = common.amp_setup(args.amp, dist.device)
-    model = common.load_clip(args.model, args.seed).to(dist.device).requires_grad_(False).eval()  # no param grads
+    model = common.load_clip(args.model, args.seed, dist).to(dist.device).requires_grad_(False).eval()  # no param grads
     sets = load_datasets(args, dist, model.visual.input_resolution)
     encoder = common.compile_encoder(common.ImageEncoder(model.visual).to(dist.device).eval(), args.compile)
     steps = {a: args.steps or common.DEFAULT_ATTACK_STEPS[a] for a in args.attacks}
