@@ -1514,6 +1514,7 @@ class Run:
         if saves:
             self.save(step, {"unreadable": 0 if at_epoch_end else unreadable_all, **(extra or {})})
         if preempted:
+            self.log({"step": step, "preempted": self.preemption.received or "signal to another process"})
             raise Preempted(f"preempted ({self.preemption.received or 'signal to another process'}) after step "
                             f"{step}/{self.total_steps}: saved {self.ckpt_path}; rerun the same command to resume "
                             f"(exit status {PREEMPTED})")

@@ -41,9 +41,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def logged_steps(out):
+def log_records(out):
     path = os.path.join(out, "log.jsonl")
-    return [json.loads(line)["step"] for line in open(path)] if os.path.exists(path) else []
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def logged_steps(out):
+    """The steps of the training records in log.jsonl (a preemption adds a record of its own)."""
+    return [rec["step"] for rec in log_records(out) if "loss" in rec]
 
 
 def run_and_signal(cmd, out, sig, after_step=3, group=False, timeout=180):
@@ -89,6 +94,7 @@ def test_sigterm_saves_at_the_current_step_and_resume_is_exact(reference, tiny_c
     assert code == common.PREEMPTED, output[-3000:]
     step = torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"]
     assert 3 <= step < 24 and logged_steps(out)[-1] == step and "preempted (SIGTERM)" in output
+    assert log_records(out)[-1] == {"step": step, "preempted": "SIGTERM"}  # what a batch script looks for
     assert not os.path.exists(os.path.join(out, "model.pt"))
     r = run_script(cmd[1:])
     assert r.returncode == 0, r.stderr
