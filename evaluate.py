@@ -42,6 +42,9 @@ ATTACK_LABELS = {"pgd": "PGD-{n}", "cw": "C&W-{n}", "apgd-ce": "APGD-CE-{n}", "a
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B/32", help="released CLIP name, checkpoint file, random:ARCH or demo")
+    p.add_argument("--vision-weights", default=None, metavar="FILE",
+                   help="image-encoder weights (e.g. a robust model another project released, README) loaded into "
+                        "--model's image encoder; text encoder from --model")
     p.add_argument("--datasets", default="all",
                    help="comma-separated: dataset names (see README), demo, folder:PATH, all (the AGFT paper's 15), "
                         "or synthetic (random images and 1000 classes, for benchmarks)")
@@ -172,7 +175,8 @@ def main(argv=None):
     eps, alpha = args.eps / 255, args.alpha / 255
     dist = common.setup_distributed()
     amp, ctx, _ = common.amp_setup(args.amp, dist.device)
-    model = common.load_clip(args.model, args.seed).to(dist.device).requires_grad_(False).eval()  # no param grads
+    model = common.load_clip(args.model, args.seed, args.vision_weights)
+    model = model.to(dist.device).requires_grad_(False).eval()  # no param grads
     sets = load_datasets(args, dist, model.visual.input_resolution)
     encoder = common.compile_encoder(common.ImageEncoder(model.visual).to(dist.device).eval(), args.compile)
     steps = {a: args.steps or common.DEFAULT_ATTACK_STEPS[a] for a in args.attacks}
@@ -200,7 +204,8 @@ def main(argv=None):
         notes += [f"aa on {name} ({len(c)} classes) is APGD-CE alone: DLR needs at least 3 classes"
                   for name, _, c, _ in sets if len(c) < 3]
     report = {"datasets": results, "mean": mean,
-              "settings": {"model": args.model, "eps": args.eps, "alpha": args.alpha, "steps": steps,
+              "settings": {"model": args.model, "vision_weights": args.vision_weights, "eps": args.eps,
+                           "alpha": args.alpha, "steps": steps,
                            "samples": args.samples, "seed": args.seed, "amp": amp, "processes": dist.world,
                            "batch_size": args.batch_size, "compile": args.compile, "attack_all": args.attack_all,
                            "device": device_name(dist.device), "templates": templates},
