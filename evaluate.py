@@ -18,7 +18,10 @@ Reproduce the AGFT paper's evaluation rows (ViT-B/32, ε = 1/255, the 15 dataset
     python evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks pgd,cw,aa --out runs/agft-eps1/eval.json
     torchrun --nproc_per_node=2 evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks pgd,cw,aa \\
         --out runs/agft-eps1/eval.json
-The original CLIP row: --model ViT-B/32. The demo (no download, a few minutes on a CPU):
+The original CLIP row: --model ViT-B/32. Another project's released image encoder (its layout is recognised; README,
+"Released weights of other projects"), e.g. RobustVLM's FARE at ε = 1/255:
+    python evaluate.py --model ViT-B/32 --vision-weights vitb32_fare_eps_1.pt --datasets all --attacks pgd,cw,aa
+The demo (no download, a few minutes on a CPU):
     python evaluate.py --model demo --datasets demo --attacks pgd,cw,apgd-ce,apgd-dlr,aa,pgd-t-rand,pgd-t-least --eps 4
 Writes --out (JSON) and a Markdown table beside it (same name, .md), and prints the table.
 Benchmark (no dataset, no weights; images/s per attack go to the log and to "img_per_s" in --out):
