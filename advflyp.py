@@ -121,7 +121,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------------- model, data, run directory
     dist = common.setup_distributed()
     amp, ctx, scaler = common.amp_setup(args.amp, dist.device)
-    clip_model = common.load_clip(args.model, args.seed, dist)
+    clip_model = common.load_clip(args.model, args.seed, args.vision_weights, dist)
     resolution = clip_model.visual.input_resolution
     dataset = common.caption_dataset(args.data, resolution, args.csv_img_key, args.csv_caption_key,
                                      args.csv_separator, args.synthetic_size, args.seed)

@@ -3,16 +3,18 @@ plain names, so that the method scripts read top to bottom. Equations and choice
 
 Sections, in the order data flows (search for the `# ---- name` rule):
     errors               UsageError (one-line errors, exit 2), run_main
-    model                load_clip (names, checkpoints, random:ARCH, demo), ImageEncoder (pixel space, [0, 1]),
-                         text_features, cosine_sim, frozen_copy, save_torchscript
+    model                load_clip (names, checkpoints, random:ARCH, demo), released image-encoder weights
+                         (--vision-weights: VISION_LAYOUTS, vision_state_dict, load_vision_weights), ImageEncoder
+                         (pixel space, [0, 1]), text_features, cosine_sim, frozen_copy, save_torchscript
     distributed and AMP  setup_distributed (torchrun, NCCL/gloo, a host-side gloo group), all_reduce_sum,
                          all_gather_with_grad, Preemption (SIGTERM/SIGUSR1), amp_setup
     data                 training_dataset (ImageNet, ImageFolder, synthetic), GlobalBatchSampler, make_loader;
                          caption data (AdvFLYP: CSV/TSV, img2dataset); evaluation datasets (EVAL_DATASETS,
-                         eval_dataset) and eval_loader
+                         ObjectNet's overlap with ImageNet, eval_dataset) and eval_loader
     attacks              input_grad, pgd (training and evaluation), APGD, C&W, targeted PGD; the ATTACKS registry
     training harness     cosine_lr, train_parser / parse_train_args, Run (the run directory: args.json, log.jsonl,
-                         last.pt, model.pt; resume, preemption, unreadable images, non-finite losses)
+                         last.pt, model.pt, model_state_dict.pt; resume, preemption, unreadable images,
+                         non-finite losses)
     evaluation           zero_shot_eval (clean and robust accuracy)
     demo                 the procedural task (DemoImages), its tiny pretrained CLIP (demo_clip), demo tables
 """
@@ -108,14 +110,27 @@ def clip_from_state_dict(state_dict):
     return model.eval()
 
 
-def load_clip(spec, seed=0, dist=None):
+def load_clip(spec, seed=0, vision_weights=None, dist=None):
     """The CLIP model named by `spec` as a fp32 clip.model.CLIP on the CPU, in eval mode.
 
     spec: a released name (downloaded by clip's downloader to ~/.cache/clip), a checkpoint file (a TorchScript
     archive like OpenAI's releases or this project's model.pt, or this project's last.pt / a plain state dict),
     `random:ARCH` (ARCH from ARCHITECTURES, random weights seeded by `seed`, no download) or `demo` (the demo's tiny
     CLIP). Under torchrun pass `dist`: a download or the demo CLIP's pretraining then happens once (prepare_files).
+    vision_weights: a file of image-encoder weights (--vision-weights: any layout of VISION_LAYOUTS, e.g. a robust
+    model another project released), loaded strictly into the image encoder; the text encoder and the logit scale
+    stay those of `spec`.
     """
+    model = clip_from_spec(spec, seed, dist)
+    if vision_weights is not None:
+        layout = load_vision_weights(model.visual, vision_weights)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"--vision-weights {vision_weights}: {layout}, loaded into the image encoder of {spec}", flush=True)
+    return model
+
+
+def clip_from_spec(spec, seed=0, dist=None):
+    """load_clip without --vision-weights."""
     if spec == "demo":
         return prepare_files(dist, lambda may_write: demo_clip())  # pretrained once, cached
     if spec.startswith("random:"):
@@ -128,11 +143,8 @@ def load_clip(spec, seed=0, dist=None):
         path = prepare_files(dist, lambda may_write: released_weights_file(spec, verify=may_write))
         model, _ = clip.load(path, device="cpu", jit=False)
         return model.float().eval()
-    if not os.path.exists(spec):
-        raise UsageError(f"--model {spec}: no such file, and not a released name ({', '.join(clip.available_models())}),"
-                         " random:ARCH or demo")
-    if os.path.isdir(spec):
-        raise UsageError(f"--model {spec}: is a directory, expected a checkpoint file")
+    check_file(spec, "--model", f"no such file, and not a released name ({', '.join(clip.available_models())}), "
+                                "random:ARCH or demo")
     return clip_from_state_dict(read_checkpoint_weights(spec))
 
 
@@ -168,24 +180,127 @@ def released_weights_file(name, root=None, verify=True):
     return target
 
 
-def read_checkpoint_weights(path):
-    """The CLIP state dict in a TorchScript archive, a last.pt of this project or a plain state dict.
-    Never unpickles arbitrary objects: TorchScript via torch.jit.load, everything else with weights_only=True."""
-    state_dict = None
+def check_file(path, flag, missing="no such file"):
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: {missing}")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory, expected a checkpoint file")
+
+
+def read_checkpoint(path, flag="--model"):
+    """What `path` holds: a TorchScript archive's state dict (torch.jit.load), else the object torch.load reads with
+    weights_only=True, where besides tensors and containers only numpy scalars and dtypes may be unpickled (scripts
+    of other projects save e.g. a best accuracy as a numpy float). Never runs code from the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+            return dict(torch.jit.load(path, map_location="cpu").state_dict())
     except Exception:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(f"--model {path}: unreadable checkpoint ({first_line[:200]})")
-        state_dict = obj.get("model", obj) if isinstance(obj, dict) else None
+        pass
+    scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar  # numpy 2 moved numpy.core
+    numpy_globals = [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+                     *{type(np.dtype(c)) for c in "?bhilqBHILQefdFD"}]  # numeric dtypes' classes (numpy >= 1.25)
+    try:
+        with torch.serialization.safe_globals(numpy_globals):  # for this load only
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{flag} {path}: unreadable checkpoint ({first_line[:200]})")
+
+
+def read_checkpoint_weights(path):
+    """The CLIP state dict in a TorchScript archive, a last.pt of this project or a plain state dict.
+    Never unpickles arbitrary objects: TorchScript via torch.jit.load, everything else with weights_only=True."""
+    obj = read_checkpoint(path, "--model")
+    state_dict = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state_dict, dict) or "visual.conv1.weight" not in state_dict or "text_projection" not in state_dict:
         raise UsageError(f"--model {path}: not a CLIP checkpoint (no CLIP weights found in it)")
     return dict(state_dict)
+
+
+# Where each project keeps the image encoder in the checkpoint it publishes (--vision-weights, SPEC §6; the line of
+# each project that saves it is in the README). A layout: (name, the keys that lead from the loaded object to a
+# state dict, the prefix of the image encoder's keys in that state dict, whether the state dict is a whole CLIP,
+# i.e. may also hold the text encoder and the logit scale, which --vision-weights leaves to --model). Tried in order:
+# the first layout whose keys lead to a dict of tensors with image-encoder keys under its prefix decides.
+VISION_LAYOUTS = (
+    ("TeCoA / PMG-AFT / TGA-ZSR checkpoint (vision_encoder_state_dict)", ("vision_encoder_state_dict",), "", False),
+    ("AGFT checkpoint (modules/clip.visual)", ("modules", "clip.visual"), "", False),
+    ("AdvFLYP checkpoint (partial_state_dict)", ("partial_state_dict",), "visual.", False),
+    ("checkpoint with a whole CLIP under 'model' (this project's last.pt)", ("model",), "visual.", True),
+    ("open_clip training checkpoint (state_dict)", ("state_dict",), "visual.", True),
+    ("whole CLIP (OpenAI, open_clip, this project's model.pt or model_state_dict.pt)", (), "visual.", True),
+    ("image-encoder state dict (RobustVLM FARE / TeCoA, open_clip model.visual)", (), "", False),
+)
+
+
+def vision_state_dict(obj):
+    """Which layout of VISION_LAYOUTS a loaded checkpoint `obj` has: (layout name, the image encoder's state dict
+    under its own key names (model.visual's), the keys found outside the image encoder in a layout that should
+    have none), or None when no layout fits. DataParallel's `module.` prefixes are removed. Pure: reads no file."""
+    for name, path, prefix, whole_clip in VISION_LAYOUTS:
+        node = obj
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not node or not all(isinstance(v, torch.Tensor) for v in node.values()):
+            continue
+        weights = {re.sub(r"^(module\.)+", "", k): v for k, v in node.items()}
+        if not prefix and any(k.startswith("visual.") for k in weights):
+            continue  # a whole CLIP, not an image encoder alone
+        encoder = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        if encoder:
+            return name, encoder, [] if whole_clip else sorted(k for k in weights if not k.startswith(prefix))
+    return None
+
+
+def open_clip_config_check(path):
+    """open_clip's Hugging Face layout keeps the architecture in open_clip_config.json beside the weights file
+    (open_clip_pytorch_model.bin). Refuse weights trained with nn.GELU: clip.model.CLIP computes QuickGELU."""
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "open_clip_config.json")
+    if not os.path.isfile(config_path):
+        return
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        quick_gelu = config.get("model_cfg", config).get("quick_gelu", False)
+    except (OSError, ValueError, AttributeError) as e:
+        raise UsageError(f"--vision-weights {path}: unreadable {config_path} ({type(e).__name__}: {e})")
+    if quick_gelu is not True:
+        raise UsageError(f"--vision-weights {path}: {config_path} describes a model with GELU activations (no "
+                         "\"quick_gelu\": true); clip.model.CLIP computes QuickGELU, so its features would be wrong")
+
+
+def load_vision_weights(visual, path):
+    """Load the image-encoder weights in `path` (any layout of VISION_LAYOUTS) into `visual` (a CLIP's .visual),
+    strictly: every key of the encoder present, nothing else, every shape equal, else a one-line UsageError naming
+    how many keys are missing, unexpected or mis-shaped and the first few. Returns the layout's name."""
+    check_file(path, "--vision-weights")
+    if path.endswith(".safetensors"):
+        raise UsageError(f"--vision-weights {path}: safetensors files are not read (no such dependency); use the "
+                         "same weights as a PyTorch file (e.g. open_clip_pytorch_model.bin of the same repository)")
+    open_clip_config_check(path)
+    found = vision_state_dict(read_checkpoint(path, "--vision-weights"))
+    if found is None:
+        raise UsageError(f"--vision-weights {path}: no image-encoder weights in a known layout (README: "
+                         "'Released weights of other projects')")
+    layout, weights, outside = found
+    own = visual.state_dict()
+    first = lambda keys: ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")  # noqa: E731
+    problems = []
+    if outside:
+        problems.append(f"{len(outside)} key(s) outside the image encoder ({first(outside)})")
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    misshaped = [f"{k} {tuple(weights[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+                 for k in own if k in weights and weights[k].shape != own[k].shape]
+    for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (misshaped, "mis-shaped")):
+        if keys:
+            problems.append(f"{len(keys)} {what} ({first(keys)})")
+    if problems:
+        raise UsageError(f"--vision-weights {path} ({layout}): does not fit the image encoder of --model: "
+                         f"{'; '.join(problems)}")
+    visual.load_state_dict(weights, strict=True)  # copies into the model's fp32 parameters
+    return layout
 
 
 def save_torchscript(model, path):
@@ -940,6 +1055,52 @@ def _tiny_imagenet(root, transform, download):
     return ds, [words[w].split(",")[0].strip() for w in wnids], wnids  # first synonym
 
 
+def objectnet_crop(image, border=2):
+    """ObjectNet's images carry a thin red frame: cut `border` pixels off every side (2, as the ObjectNet authors'
+    own PyTorch loader, objectnet-template-pytorch, does) before the usual Resize + CenterCrop."""
+    width, height = image.size
+    return image.crop((border, border, width - border, height - border))
+
+
+def _read_mapping(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"ObjectNet: cannot read {path} ({type(e).__name__}: {e}); expected the mappings/ folder "
+                         "that ships with objectnet-1.0")
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise UsageError(f"ObjectNet: {path} is not a JSON object of strings, as objectnet-1.0 ships it")
+    return table
+
+
+def _objectnet(root, transform, download):
+    """ObjectNet's classes that overlap ImageNet (AdvFLYP, Table 5): the keys of the dataset's own
+    mappings/objectnet_to_imagenet_1k.json (ObjectNet label -> ImageNet labels), each read from the image folder
+    that mappings/folder_to_objectnet_label.json (folder -> ObjectNet label) gives it; classes in sorted folder
+    order, named by their ObjectNet labels. Every image: red frame cropped, then `transform`."""
+    from torchvision import transforms
+    base = os.path.join(root, "objectnet-1.0")
+    folder_to_label = _read_mapping(os.path.join(base, "mappings", "folder_to_objectnet_label.json"))
+    overlap = _read_mapping(os.path.join(base, "mappings", "objectnet_to_imagenet_1k.json"))
+    label_to_folder = {label: folder for folder, label in folder_to_label.items()}
+    unknown = [label for label in overlap if label not in label_to_folder]
+    if unknown:
+        raise UsageError(f"ObjectNet: {len(unknown)} label(s) of objectnet_to_imagenet_1k.json have no folder in "
+                         f"folder_to_objectnet_label.json, e.g. {unknown[0]!r}")
+    folders = sorted(label_to_folder[label] for label in overlap)
+    samples = []
+    for label, folder in enumerate(folders):
+        path = os.path.join(base, "images", folder)
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)) \
+            if os.path.isdir(path) else []
+        if not files:
+            raise UsageError(f"ObjectNet: no images in {path} (class {folder_to_label[folder]!r})")
+        samples += [(os.path.join(path, f), label) for f in files]
+    ds = FileList(samples, transforms.Compose([transforms.Lambda(objectnet_crop), transform]))
+    return ds, [folder_to_label[f] for f in folders], None
+
+
 # name: (loader, what must exist under --data-root, what goes there, whether --download can fetch it)
 EVAL_DATASETS = {
     "Caltech101": (_caltech101, "caltech101/101_ObjectCategories", "one folder of images per category", True),
@@ -968,6 +1129,8 @@ EVAL_DATASETS = {
                         "1000 folders named by WordNet id (the archive's sketch/, renamed)", False),
     "ImageNet-A": (_wnid_folder("imagenet-a"), "imagenet-a", "200 folders named by WordNet id", False),
     "TinyImageNet": (_tiny_imagenet, "tiny-imagenet-200", "wnids.txt, words.txt and val/ of tiny-imagenet-200", True),
+    "ObjectNet": (_objectnet, "objectnet-1.0", "images/<folder>/*.png and mappings/folder_to_objectnet_label.json, "
+                  "mappings/objectnet_to_imagenet_1k.json of objectnet-1.0", False),
 }
 
 
@@ -1283,6 +1446,9 @@ def train_parser(doc, method, **defaults):
     """The flags every training script shares; `defaults` are the method's paper settings."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B/32", help="released CLIP name, checkpoint file, random:ARCH or demo")
+    p.add_argument("--vision-weights", default=None, metavar="FILE",
+                   help="start from these image-encoder weights (e.g. a released robust model, README), loaded into "
+                        "--model's image encoder; the frozen original model is then this one")
     p.add_argument("--data", default="./data/imagenet", help=defaults.pop(
         "data_help", "ImageNet root (train/ + devkit), ImageFolder directory, 'synthetic' or 'demo'"))
     p.add_argument("--class-names", default=None, help="file with one class name per line (sorted folder order)")
@@ -1402,9 +1568,10 @@ def resume_mismatch(saved_args, args, saved_data, data):
 
 
 class Run:
-    """A training run: its directory (args.json, log.jsonl, last.pt, model.pt, results.json) and everything that
-    happens between two steps: logging, checkpoints, resume, preemption (SIGTERM/SIGUSR1), unreadable images and
-    non-finite losses. Only rank 0 writes; every rank reads last.pt when resuming.
+    """A training run: its directory (args.json, log.jsonl, last.pt, model.pt (TorchScript), model_state_dict.pt
+    (plain state dict, for open_clip), results.json) and everything that happens between two steps: logging,
+    checkpoints, resume, preemption (SIGTERM/SIGUSR1), unreadable images and non-finite losses. Only rank 0 writes;
+    every rank reads last.pt when resuming.
 
         run = Run(args, dist, len(dataset), class_names)   # refuses a last.pt written with other settings
         step = run.start(clip_model, optimizer, scaler, total_steps, steps_per_epoch)    # resumes, if it can
@@ -1581,8 +1748,14 @@ class Run:
         self.saved_step = step
 
     def write_model(self, clip_model):
+        """model.pt (TorchScript, for clip.load) and model_state_dict.pt: the same weights as a plain fp32 state dict
+        under OpenAI's key names, which open_clip (create_model_and_transforms(NAME-quickgelu, pretrained=PATH))
+        and so CLIP_benchmark read. Both written atomically, by rank 0."""
         if self.dist.is_main:
             save_torchscript(clip_model, os.path.join(self.dir, "model.pt"))
+            state_dict = {k: (v.float() if v.is_floating_point() else v).detach().cpu().clone()  # own storage each
+                          for k, v in clip_model.state_dict().items()}
+            atomic_save(state_dict, os.path.join(self.dir, "model_state_dict.pt"))
 
     def write_results(self, results):
         if self.dist.is_main:

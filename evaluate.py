@@ -18,7 +18,10 @@ Reproduce the AGFT paper's evaluation rows (ViT-B/32, ε = 1/255, the 15 dataset
     python evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks pgd,cw,aa --out runs/agft-eps1/eval.json
     torchrun --nproc_per_node=2 evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks pgd,cw,aa \\
         --out runs/agft-eps1/eval.json
-The original CLIP row: --model ViT-B/32. The demo (no download, a few minutes on a CPU):
+The original CLIP row: --model ViT-B/32. Another project's released image encoder (its layout is recognised; README,
+"Released weights of other projects"), e.g. RobustVLM's FARE at ε = 1/255:
+    python evaluate.py --model ViT-B/32 --vision-weights vitb32_fare_eps_1.pt --datasets all --attacks pgd,cw,aa
+The demo (no download, a few minutes on a CPU):
     python evaluate.py --model demo --datasets demo --attacks pgd,cw,apgd-ce,apgd-dlr,aa,pgd-t-rand,pgd-t-least --eps 4
 Writes --out (JSON) and a Markdown table beside it (same name, .md), and prints the table.
 Benchmark (no dataset, no weights; images/s per attack go to the log and to "img_per_s" in --out):
@@ -42,6 +45,9 @@ ATTACK_LABELS = {"pgd": "PGD-{n}", "cw": "C&W-{n}", "apgd-ce": "APGD-CE-{n}", "a
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B/32", help="released CLIP name, checkpoint file, random:ARCH or demo")
+    p.add_argument("--vision-weights", default=None, metavar="FILE",
+                   help="image-encoder weights (e.g. a robust model another project released, README) loaded into "
+                        "--model's image encoder; text encoder from --model")
     p.add_argument("--datasets", default="all",
                    help="comma-separated: dataset names (see README), demo, folder:PATH, all (the AGFT paper's 15), "
                         "or synthetic (random images and 1000 classes, for benchmarks)")
@@ -161,7 +167,8 @@ def main(argv=None):
     eps, alpha = args.eps / 255, args.alpha / 255
     dist = common.setup_distributed()
     amp, ctx, _ = common.amp_setup(args.amp, dist.device)
-    model = common.load_clip(args.model, args.seed, dist).to(dist.device).requires_grad_(False).eval()  # no param grads
+    model = common.load_clip(args.model, args.seed, args.vision_weights, dist)
+    model = model.to(dist.device).requires_grad_(False).eval()  # no param grads
     sets = load_datasets(args, dist, model.visual.input_resolution)
     encoder = common.compile_encoder(common.ImageEncoder(model.visual).to(dist.device).eval(), args.compile)
     steps = {a: args.steps or common.DEFAULT_ATTACK_STEPS[a] for a in args.attacks}
@@ -189,7 +196,8 @@ def main(argv=None):
         notes += [f"aa on {name} ({len(c)} classes) is APGD-CE alone: DLR needs at least 3 classes"
                   for name, _, c, _ in sets if len(c) < 3]
     report = {"datasets": results, "mean": mean,
-              "settings": {"model": args.model, "eps": args.eps, "alpha": args.alpha, "steps": steps,
+              "settings": {"model": args.model, "vision_weights": args.vision_weights, "eps": args.eps,
+                           "alpha": args.alpha, "steps": steps,
                            "samples": args.samples, "seed": args.seed, "amp": amp, "processes": dist.world,
                            "batch_size": args.batch_size, "compile": args.compile, "attack_all": args.attack_all,
                            "device": device_name(dist.device), "templates": templates},

@@ -27,6 +27,7 @@ SPEC_TEMPLATES = {
     "FGVCAircraft": "A photo of a {}, a type of aircraft.", "Flowers102": "A photo of a {}, a type of flower.",
     "Food101": "A photo of {}, a type of food.", "OxfordIIITPet": "A photo of a {}, a type of pet.",
     "PCAM": "This is a photo of {}.", "StanfordCars": "A photo of a {}.",
+    "ObjectNet": "This is a photo of a {}.",  # not in SPEC §6: AdvFLYP's App. 6 ("the same prompt as ImageNet")
 }
 
 
