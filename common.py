@@ -14,7 +14,7 @@ Sections, in the order data flows (search for the `# ---- name` rule):
     attacks              input_grad, pgd (training and evaluation), APGD, C&W, targeted PGD; the ATTACKS registry
     training harness     cosine_lr, train_parser / parse_train_args, Run (the run directory: args.json, log.jsonl,
                          last.pt, model.pt, model_state_dict.pt; resume, preemption, unreadable images,
-                         non-finite losses)
+                         non-finite losses), checkpoint_state
     evaluation           zero_shot_eval (clean and robust accuracy)
     demo                 the procedural task (DemoImages), its tiny pretrained CLIP (demo_clip), demo tables
 """
@@ -38,6 +38,7 @@ from datetime import timedelta
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")  # the clip package imports it
 import clip  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as torch_dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -1734,17 +1735,10 @@ class Run:
         return {"img_per_s": round(n * global_batch / dt, 2), "s_per_step": round(dt / n, 4), "peak_mem_mib": round(peak)}
 
     def save(self, step, extra):
-        """last.pt: everything needed to resume exactly, and to refuse a rerun with other settings; only tensors,
-        numbers, strings, lists and dicts (weights_only). The RNG state is the CPU generator's alone: training
-        draws its randomness from generators seeded by (seed, step) and (seed, epoch), so nothing device-specific
-        is kept (a run resumes on a machine with fewer or no GPUs)."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "step": step, "rng": {"torch": torch.get_rng_state()},
-                 "scheduler": {"kind": "cosine", "warmup": self.args.warmup, "total": self.total_steps,
-                               "base_lr": self.args.lr},
-                 "args": vars(self.args), "data": self.data, **extra}
+        """Write last.pt (checkpoint_state) at `step`, atomically, on rank 0."""
         if self.dist.is_main:
-            atomic_save(state, self.ckpt_path)
+            atomic_save(checkpoint_state(self.model, self.optimizer, self.scaler, step, self.total_steps, self.args,
+                                         self.data, **extra), self.ckpt_path)
         self.saved_step = step
 
     def write_model(self, clip_model):
@@ -1760,6 +1754,17 @@ class Run:
     def write_results(self, results):
         if self.dist.is_main:
             write_json(results, os.path.join(self.dir, "results.json"))
+
+
+def checkpoint_state(clip_model, optimizer, scaler, step, total_steps, args, data=None, **extra):
+    """last.pt: everything needed to resume exactly, and to refuse a rerun with other settings (args, and the data's
+    size and class names); only tensors, numbers, strings, lists and dicts (weights_only). The RNG state is the CPU
+    generator's alone: training draws its randomness from generators seeded by (seed, step) and (seed, epoch), so
+    nothing device-specific is kept (a run resumes on a machine with fewer or no GPUs). `extra`: method state."""
+    return {"model": clip_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "step": step, "rng": {"torch": torch.get_rng_state()},
+            "scheduler": {"kind": "cosine", "warmup": args.warmup, "total": total_steps, "base_lr": args.lr},
+            "args": vars(args), "data": data, **extra}
 
 
 def progress(iterable, dist, **kw):

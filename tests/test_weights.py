@@ -304,7 +304,8 @@ def open_clip():
 def test_open_clip_reads_model_state_dict(tmp_path, open_clip, source):
     """open_clip.create_model_and_transforms(NAME, pretrained=model_state_dict.pt) builds the same model: same
     weights, same image and text features (the tiny architecture registered as an open_clip config)."""
-    run = common.Run(Namespace(out=str(tmp_path / "run")), common.Dist(0, 1, 0, torch.device("cpu")))
+    run = common.Run(Namespace(out=str(tmp_path / "run"), method="test"), common.Dist(0, 1, 0, torch.device("cpu")),
+                     dataset_size=0)
     run.write_model(source)
     embed, res, layers, width, patch, ctx, vocab, t_width, t_heads, t_layers = common.ARCHITECTURES["tiny"]
     config = {"embed_dim": embed, "quick_gelu": True,
