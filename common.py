@@ -1160,7 +1160,7 @@ def depthwise(kernel):
 
 
 def normalized_momentum(g, grad, decay):
-    """g_{t+1} = μ·g_t + ∇/‖∇‖₁ (MI-FGSM, Dong et al. 2018, Eq. 6), ‖∇‖₁ taken per sample as the mean |∇| (as
+    """g_{t+1} = μ·g_t + ∇/‖∇‖₁ (MI-FGSM, Dong et al. 2018, Alg. 1), ‖∇‖₁ taken per sample as the mean |∇| (as
     torchattacks; a constant factor). A zero gradient stays zero (torchattacks would divide 0 by 0)."""
     norm = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True)
     return decay * g + grad / norm.clamp_min(torch.finfo(grad.dtype).tiny)
@@ -1172,7 +1172,7 @@ def momentum_ifgsm(logits_fn, loss_of_logits, x, eps, alpha, steps, decay=1.0, n
         x̃_t = x_t + α·μ·g_t                if nesterov (NI-FGSM, Lin et al. 2020), else x̃_t = x_t
         ∇_t = ∇_x L(f(T_t(x̃_t)))          T_t: DI's random resize-and-pad (diversity[:, t]) or the identity
         ∇_t ← W ∗ ∇_t                      TI-FGSM (Dong et al. 2019): a Gaussian kernel W, per channel
-        g_{t+1} = μ·g_t + ∇_t / ‖∇_t‖₁    MI-FGSM (Dong et al. 2018, Eq. 6); μ = 0: no momentum (DI, TI)
+        g_{t+1} = μ·g_t + ∇_t / ‖∇_t‖₁    MI-FGSM (Dong et al. 2018, Alg. 1); μ = 0: no momentum (DI, TI)
         x_{t+1} = Π_{‖δ‖∞ ≤ ε, [0, 1]}(x_t + α·sign(g_{t+1}))
     No random start (as in the papers and torchattacks). loss_of_logits: the scalar L of the logits (ce_ascent_loss).
     diversity: (B, steps, 4) input_diversity_params or None; kernel: (k, k) or None."""
@@ -1188,7 +1188,7 @@ def momentum_ifgsm(logits_fn, loss_of_logits, x, eps, alpha, steps, decay=1.0, n
 
         grad = input_grad(loss_fn, x_adv)
         if weight is not None:
-            grad = F.conv2d(grad, weight, padding=kernel.shape[-1] // 2, groups=3)
+            grad = F.conv2d(grad, weight, padding=kernel.shape[-1] // 2, groups=3).float()  # fp32 under autocast
         g = normalized_momentum(g, grad, decay)
         x_adv = x_adv + alpha * g.sign()
         x_adv = (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1)
@@ -1280,10 +1280,10 @@ def pi_fgsm(logits_fn, loss_of_logits, x, eps, steps, amplification=10.0, plus=F
     for _ in range(steps):
         grad = input_grad(lambda z: loss_of_logits(logits_fn(z)), x_adv)
         if plus:
-            grad = F.conv2d(grad, smooth, padding=1, groups=3)
+            grad = F.conv2d(grad, smooth, padding=1, groups=3).float()  # fp32 bookkeeping under autocast
         a = a + step * grad.sign()
         cut = (a.abs() - eps).clamp(min=0) * a.sign()
-        p = gamma * F.conv2d(cut, project, padding=1, groups=3).sign()
+        p = gamma * F.conv2d(cut, project, padding=1, groups=3).float().sign()
         if not plus:
             a = a + p
         x_adv = torch.min(torch.max(x_adv + step * grad.sign() + p, low), high)
@@ -1356,7 +1356,7 @@ def attack_square(logits_fn, x, y, index, eps, alpha, steps, seed, p_init=0.8):
     stripes = torch.where(per_sample_uniform(index, (C, 1, W), seed, 3, x.device) < 0.5, -1.0, 1.0)  # (B, C, 1, W)
     u = per_sample_uniform(index, (steps, 2 + C), seed, 4, x.device)  # (B, steps, 2 + C): position, channel signs
     x_best = (x + eps * stripes).clamp(0, 1)
-    margin = -margin_loss(logits_fn(x_best), y)  # (B,)
+    margin = -margin_loss(logits_fn(x_best).float(), y)  # (B,); fp32 under autocast
     rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
     for i in range(steps):
         alive = (margin > 0).nonzero()[:, 0]  # (B',) images still classified correctly
@@ -1372,7 +1372,7 @@ def attack_square(logits_fn, x, y, index, eps, alpha, steps, seed, p_init=0.8):
         x_i = x[alive]
         candidate = x_best[alive] + square * (2 * eps * signs[:, :, None, None])
         candidate = torch.min(torch.max(candidate, x_i - eps), x_i + eps).clamp(0, 1)
-        m = -margin_loss(logits_fn(candidate), y[alive])
+        m = -margin_loss(logits_fn(candidate).float(), y[alive])
         better = m < margin[alive]
         x_best[alive] = torch.where(better[:, None, None, None], candidate, x_best[alive])
         margin[alive] = torch.where(better, m, margin[alive])

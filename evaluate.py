@@ -26,6 +26,9 @@ Reproduce the AGFT paper's evaluation rows (ViT-B/32, ε = 1/255, the 15 dataset
     python evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks pgd,cw,aa --out runs/agft-eps1/eval.json
     torchrun --nproc_per_node=2 evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks pgd,cw,aa \\
         --out runs/agft-eps1/eval.json
+Table 6 (the 15 attack columns; its AA column is APGD-CE + APGD-DLR at 10 iterations: a second run, --steps 10):
+    python evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks \\
+        pgd,mi,di,ti,ni,pi,pi++,cw,pgd-t-rand,pgd-t-least,mi-t,di-t,ti-t,ni-t --out runs/agft-eps1/table6.json
 The original CLIP row: --model ViT-B/32. The demo (no download, a few minutes on a CPU):
     python evaluate.py --model demo --datasets demo --attacks pgd,cw,apgd-ce,apgd-dlr,aa,pgd-t-rand,pgd-t-least --eps 4
 Writes --out (JSON) and a Markdown table beside it (same name, .md), and prints the table.

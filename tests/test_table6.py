@@ -3,7 +3,8 @@ Square against the peer library torchattacks 3.5.1 (which the AGFT code runs; re
 CLIP, and their building blocks against independent computations.
 
 - Exact: our x_adv equals torchattacks' bit for bit for MI, NI, PI, PI++, and, given the same targets, MI-T and NI-T;
-  for DI, TI, DI-T and TI-T once torchattacks is handed our per-image random transforms (its loop, our draws).
+  for DI, TI, DI-T and TI-T once torchattacks is handed our per-image random transforms, and for Square once it is
+  handed our stripes and squares (its loop, our draws).
   Batches of 2^k images: torchattacks averages the loss over the batch and dividing by a power of two is exact in
   floating point, so the gradients differ from our summed loss's by an exact factor, which sign and ∇/‖∇‖₁ remove.
 - Statistical (our random draws against torchattacks' own): DI, TI, DI-T, TI-T, APGD-T and Square, robust accuracy
