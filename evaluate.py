@@ -13,11 +13,22 @@ Attacks (ℓ∞, --eps in units of 1/255; common.ATTACKS):
     aa           robust only if the sample survives apgd-ce and apgd-dlr (the AGFT paper's AutoAttack)
     pgd-t-rand   targeted PGD-20 towards a random wrong class
     pgd-t-least  targeted PGD-20 towards the clean least-likely class
+  Table 6 of the AGFT paper (torchattacks 3.5.1's algorithms at its defaults, as the AGFT code runs them; 20 steps):
+    mi, ni       MI-FGSM, NI-FGSM (momentum 1.0, step α, no random start)
+    di, ti       DI²-FGSM (random resize-and-pad, p = 0.5), TI-FGSM (DI + 15×15 Gaussian-smoothed gradient)
+    pi, pi++     PI-FGSM, PI-FGSM++ (patch-wise; step 10·ε/steps, --alpha unused)
+    mi-t, di-t, ti-t, ni-t   the same towards a random wrong class (pgd-t-rand's target)
+  AutoAttack's other two:
+    apgd-t       APGD-100 on the targeted DLR loss, 9 target classes (not applicable below 4 classes: n/a)
+    square       Square Attack, 5000 queries (--steps), margin loss, gradient-free: a check for gradient masking
 
 Reproduce the AGFT paper's evaluation rows (ViT-B/32, ε = 1/255, the 15 datasets; Tables 1, 2, 12, 13):
     python evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks pgd,cw,aa --out runs/agft-eps1/eval.json
     torchrun --nproc_per_node=2 evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks pgd,cw,aa \\
         --out runs/agft-eps1/eval.json
+Table 6 (the 15 attack columns; its AA column is APGD-CE + APGD-DLR at 10 iterations: a second run, --steps 10):
+    python evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks \\
+        pgd,mi,di,ti,ni,pi,pi++,cw,pgd-t-rand,pgd-t-least,mi-t,di-t,ti-t,ni-t --out runs/agft-eps1/table6.json
 The original CLIP row: --model ViT-B/32. Another project's released image encoder (its layout is recognised; README,
 "Released weights of other projects"), e.g. RobustVLM's FARE at ε = 1/255:
     python evaluate.py --model ViT-B/32 --vision-weights vitb32_fare_eps_1.pt --datasets all --attacks pgd,cw,aa
@@ -38,7 +49,11 @@ import common
 
 ATTACK_LABELS = {"pgd": "PGD-{n}", "cw": "C&W-{n}", "apgd-ce": "APGD-CE-{n}", "apgd-dlr": "APGD-DLR-{n}",
                  "aa": "AA (APGD-CE + APGD-DLR, {n} it.)", "pgd-t-rand": "PGD-{n} targeted, random class",
-                 "pgd-t-least": "PGD-{n} targeted, least-likely class"}
+                 "pgd-t-least": "PGD-{n} targeted, least-likely class", "mi": "MI-FGSM-{n}", "ni": "NI-FGSM-{n}",
+                 "di": "DI²-FGSM-{n}", "ti": "TI-FGSM-{n}", "pi": "PI-FGSM-{n}", "pi++": "PI-FGSM++-{n}",
+                 "mi-t": "MI-FGSM-{n} targeted, random class", "di-t": "DI²-FGSM-{n} targeted, random class",
+                 "ti-t": "TI-FGSM-{n} targeted, random class", "ni-t": "NI-FGSM-{n} targeted, random class",
+                 "apgd-t": "APGD-T-{n} (9 target classes)", "square": "Square ({n} queries)"}
 
 
 # --------------------------------------------------------------------------------------------------------- config

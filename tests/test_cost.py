@@ -107,6 +107,36 @@ def test_attack_forwards_per_batch_and_text_once_per_dataset(counter, tmp_path):
         assert all(v > 0 for v in report["img_per_s"][name].values())
 
 
+# Encoder passes per batch inside each attack of Table 6 and AutoAttack's other two, with S = --steps (the README's
+# attack table): (forwards with an input backward, no-grad forwards). APGD-T and Square give their maximum, reached
+# when no image is fooled (ε = 0); they stop attacking an image once it is fooled.
+ATTACK_PASSES = {
+    **dict.fromkeys(["mi", "ni", "di", "ti", "pi", "pi++"], lambda s: (s, 0)),
+    **dict.fromkeys(["mi-t", "ni-t", "di-t", "ti-t"], lambda s: (s, 1)),  # + 1 image: the number of classes
+    "apgd-t": lambda s: (9 * (s + 1), 1 + 9),  # 9 targets × APGD (S + 1); the clean ranking, survivors per target
+    "square": lambda s: (0, s + 1),  # the stripes, then one candidate per iteration, gradient-free
+}
+
+
+def test_table6_attack_passes_per_batch(counter):
+    """zero_shot_eval on the demo CLIP at ε = 0 (every image survives, so APGD-T and Square make their most passes),
+    each attack alone, S = 1 and 3, two batches."""
+    model = common.load_clip("demo").requires_grad_(False)
+    encoder = common.ImageEncoder(model.visual).eval()
+    ds = common.DemoImages(common.DEMO_HELD_OUT, 1, 32, seed=2)
+    text = common.text_features(model, common.prompts_for(ds.classes), torch.device("cpu"))
+    data = torch.utils.data.Subset(ds, range(8))
+    for name, passes in ATTACK_PASSES.items():
+        for s in (1, 3):
+            for k in counter:
+                counter[k] = 0
+            common.zero_shot_eval(encoder, text, data, common.Dist(0, 1, 0, torch.device("cpu")), (name,), 0.0,
+                                  1 / 255, s, batch_size=4, attack_all=True)
+            grad, no_grad = passes(s)
+            assert (counter["attack"], counter["frozen"]) == (2 * grad, 2 * (1 + no_grad + 1)), (name, s, counter)
+            assert counter["train"] == counter["other"] == 0
+
+
 @pytest.mark.parametrize("script,extra", [("agft.py", []), ("tecoa.py", ["--pmg"]), ("advflyp.py", [])])
 def test_benchmark_mode_runs(script, extra, tmp_path):
     """The README's benchmark command, with a tiny model and batch instead of ViT-B/32 and 256."""
