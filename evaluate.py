@@ -138,7 +138,8 @@ def parse_args(argv=None):
     metrics = [m for s in metrics for m in (common.STRUCTURE_METRICS if s.lower() == "all" else [s])]
     for m in metrics:
         if m not in common.STRUCTURE_METRICS:
-            raise common.UsageError(f"--metrics {m}: unknown metric (one of {', '.join(common.STRUCTURE_METRICS)}, all)")
+            raise common.UsageError(f"--metrics {m}: unknown metric (one of "
+                                    f"{', '.join(common.STRUCTURE_METRICS)}, all)")
     args.metrics = [m for m in common.STRUCTURE_METRICS if m in metrics]  # in the table's order
     if "phi" in args.metrics and not args.attacks:
         raise common.UsageError("--metrics phi: needs an attack (φ is the angle between f(x) and f(x_adv))")
@@ -160,6 +161,7 @@ def parse_args(argv=None):
 def default_reference(args):
     """top5-iou's default reference: the original CLIP the evaluated weights came from, i.e. the `model` entry of the
     run's args.json beside a model.pt / last.pt written by the training scripts; None when it cannot be known."""
+    # (with --vision-weights, released weights loaded into --model, --model itself is the original: one more line)
     folder, name = os.path.split(os.path.abspath(args.model))
     run_args = os.path.join(folder, "args.json")
     if name in ("model.pt", "last.pt") and os.path.isfile(run_args):
@@ -324,8 +326,10 @@ PAIRED_METHOD = ("Newcombe's hybrid score interval for the difference of paired 
 
 
 # ------------------------------------------------------------------------------ per-image results, resume
-# Settings that fix every image's result: a rerun continues an evaluation only if they are all equal (the others,
-# such as the number of processes, --batch-size, --workers, --compile, --attack-all, may change).
+# Settings that fix what each image's result is: a rerun continues an evaluation only if they are all equal. The
+# others may change: the number of processes and --workers change nothing; --batch-size, --compile and --attack-all
+# (which batches the attacked images differently) can change float rounding only, so a rerun that keeps them gives
+# the uninterrupted run's numbers bit for bit.
 IDENTITY = {"model_sha256": "--model (its weights)", "reference_sha256": "--reference-model (its weights)",
             "datasets": "--datasets", "images": "the images (--samples, or the data changed)",
             "prompts_sha256": "the class prompts (--template, --class-names)", "attacks": "--attacks",
@@ -370,8 +374,9 @@ def differences(here, there, keys, names=("here", "there")):
 
 class SampleStore:
     """Per-image results of every dataset (rank 0): the --per-sample file, which is also the state a rerun continues
-    from (each image's results depend only on its index, so the images still to do can be evaluated in any batches by
-    any number of processes). An .npz read with allow_pickle=False: "meta" (JSON: format, settings, per dataset its
+    from. An image's results depend only on its index and its batch, and common.eval_loader puts it in the same batch
+    whatever the number of processes, so a rerun (with any number of processes) evaluates the images still to do
+    exactly as an uninterrupted run would have. An .npz read with allow_pickle=False: "meta" (JSON: format, settings, per dataset its
     name, image count, fields and whether it is complete) and per dataset k: "k.index" (int64, the image's index in
     the dataset), "k.done", "k.clean" and "k.<attack>" (np.packbits of booleans, one bit per image), "k.label"
     (int64), "k.<metric>.clean" / "k.<metric>.adv" (float32). Written atomically (temp file, fsync, rename)."""
@@ -451,7 +456,7 @@ def open_store(args, settings):
     --per-sample, and the img_per_s of its finished datasets. A different evaluation in --out or --per-sample stops
     with one line naming the differing settings; nothing is written here."""
     store, there, previous_speed = SampleStore(args.per_sample, settings), None, {}
-    fresh = "; rerun with those settings to continue it, or use another --out (or delete {}) to start afresh"
+    fresh = "; rerun with its settings to continue it, or use another --out (or delete {}) to start afresh"
     if os.path.exists(args.out):
         try:
             with open(args.out) as f:
@@ -678,8 +683,8 @@ def compare(path_a, path_b):
             lo, hi = mover_mean(estimates, intervals)
             lines.append(f"| {labels[c]} | **Average** ({len(estimates)}) | | {100 * np.mean(acc_a):.2f} | "
                          f"{100 * np.mean(acc_b):.2f} | {fmt(np.mean(estimates))} | [{fmt(lo)}, {fmt(hi)}] | | |")
-    notes = [f"note: {d}" for d in differences(ra["settings"], rb["settings"],
-                                               {"amp": "--amp", "prompts_sha256": "the class prompts"}, ("in A", "in B"))]
+    other = {"amp": "--amp", "prompts_sha256": "the class prompts"}  # allowed to differ, but said
+    notes = [f"note: {d}" for d in differences(ra["settings"], rb["settings"], other, ("in A", "in B"))]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -726,7 +731,8 @@ def evaluate(args, preemption):
                 "processes": dist.world, "batch_size": args.batch_size, "compile": args.compile,
                 "attack_all": args.attack_all, "device": device_name(dist.device),
                 "templates": {name: template for name, _, _, template, _ in sets},
-                "prompts_sha256": {name: hashlib.sha256("\n".join(p).encode()).hexdigest() for name, p in prompts.items()}}
+                "prompts_sha256": {name: hashlib.sha256("\n".join(p).encode()).hexdigest()
+                                   for name, p in prompts.items()}}
     settings = json.loads(json.dumps(settings))  # as a rerun reads it back
     log = print if dist.is_main else (lambda *a, **k: None)
 
@@ -765,7 +771,8 @@ def evaluate(args, preemption):
             ref_logits = None
             if ref_encoder is not None and "top5-iou" in args.metrics:
                 ref_text = common.text_features(reference, prompts[name], dist.device)  # the reference's own prompts
-                ref_logits = lambda x: common.CLIP_LOGIT_SCALE * common.cosine_sim(ref_encoder(x), ref_text)  # noqa: E731
+                ref_logits = lambda x: (common.CLIP_LOGIT_SCALE  # noqa: E731
+                                        * common.cosine_sim(ref_encoder(x), ref_text))
             for index, out in common.zero_shot_samples(
                     encoder, text, dataset, dist, tuple(args.attacks), eps, alpha, args.steps, args.batch_size, ctx,
                     args.seed, args.workers, desc=name, timing=timing, attack_all=args.attack_all,

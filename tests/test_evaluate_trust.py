@@ -78,7 +78,8 @@ def test_metric_functions_match_numpy():
     top, top_ref = np.argsort(-s, 1)[:, :5], np.argsort(-ref.numpy(), 1)[:, :5]
     iou = [100 * len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in zip(top, top_ref)]
     np.testing.assert_allclose(common.topk_iou(sim, ref).numpy(), iou, rtol=1e-6)
-    assert common.topk_iou(sim, sim).eq(100).all() and common.topk_iou(sim, -sim).eq(0).all()  # 10 classes: disjoint top-5s
+    assert common.topk_iou(sim, sim).eq(100).all()
+    assert common.topk_iou(sim, -sim).eq(0).all()  # 10 classes: disjoint top-5s
     # φ: arccos in float64, also for tiny angles, where float32 arccos would round to 0
     f = torch.randn(5, 64, generator=g, dtype=torch.float64)
     for scale in (1.0, 1e-2, 1e-5):
