@@ -16,7 +16,9 @@ Sections, in the order data flows (search for the `# ---- name` rule):
     training harness     cosine_lr, train_parser / parse_train_args, Run (the run directory: args.json, log.jsonl,
                          last.pt, model.pt, model_state_dict.pt; resume, preemption, unreadable images,
                          non-finite losses), checkpoint_state
-    evaluation           zero_shot_eval (clean and robust accuracy)
+    evaluation           zero_shot_samples (per-image clean and robust correctness and structure metrics),
+                         zero_shot_eval (accuracies); the structure metrics (STRUCTURE_METRICS: max_softmax,
+                         similarity_max_mean, topk_iou, cosine_deviation)
     demo                 the procedural task (DemoImages), its tiny pretrained CLIP (demo_clip), demo tables
 """
 import argparse
@@ -1199,10 +1201,14 @@ class Indexed(torch.utils.data.Dataset):
         return image, label, i
 
 
-def eval_loader(dataset, batch_size, dist, workers=0):
-    """This rank's shard of `dataset`: indices rank, rank + W, ... (every sample exactly once, no padding)."""
-    shard = torch.utils.data.Subset(Indexed(dataset), list(range(dist.rank, len(dataset), dist.world)))
-    return torch.utils.data.DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
+def eval_loader(dataset, batch_size, dist, workers=0, indices=None):
+    """This rank's share of `dataset`, or of its images `indices` (default: all), in batches: the list is cut into
+    batches of `batch_size` and rank r takes batches r, r + W, r + 2W, ... Every sample is evaluated exactly once (no
+    padding), and in the same batch whatever the number of processes, so per-sample results (down to the last bit of
+    a float) do not depend on it. Items are (image, label, index in `dataset`)."""
+    indices = list(range(len(dataset)) if indices is None else indices)
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)][dist.rank::dist.world]
+    return torch.utils.data.DataLoader(Indexed(dataset), batch_sampler=batches, num_workers=workers,
                                        pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_preemption_signals)
 
 
@@ -2074,50 +2080,159 @@ def clock(device):
     return time.perf_counter()
 
 
-def zero_shot_eval(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
-                   batch_size=256, ctx=nullcontext(), seed=0, workers=0, desc=None, timing=None, attack_all=False):
-    """Zero-shot clean and robust accuracy (%) of `encoder` on `dataset` with class text features `text_feats`.
+# Structure metrics (SPEC §6, --metrics), per image, in the units the papers report them in. Each is computed from
+# logits or features that the evaluation computes anyway (the clean pass and the classification of x_adv); only
+# top5-iou needs one more forward pass, of the reference model on the clean image.
+STRUCTURE_METRICS = ("conf", "smax", "smean", "top5-iou", "phi")
 
-    Logits are CLIP_LOGIT_SCALE · s(f(x), T). A sample counts as robust to an attack only if it is classified
-    correctly both clean and at x_adv (so robust ≤ clean per sample); only clean-correct samples are attacked
-    (attack_all=True attacks every sample, for benchmarks: the accuracies are the same). An attack that needs more
-    classes than there are (ATTACK_MIN_CLASSES) gives None. Counts are summed across processes; every sample is
-    counted once. Returns {"n": int, "clean": %, attack: % or None, ...}.
+
+def max_softmax(logits):
+    """conf (seed 000 Table 9): the largest softmax probability ×100, logits at CLIP's scale: (B, C) -> (B,)."""
+    return 100 * logits.float().softmax(-1).amax(-1)
+
+
+def similarity_max_mean(sim):
+    """smax, smean (seed 000 Table 9): the max and the mean cosine similarity to the C class prompts, ×100:
+    (B, C) -> (B,), (B,)."""
+    return 100 * sim.float().amax(-1), 100 * sim.float().mean(-1)
+
+
+def topk_iou(scores, ref_scores, k=5):
+    """|top-k ∩ top-k_ref| / |top-k ∪ top-k_ref| ×100 per image (seed 000 §4.4: k = 5): (B, C), (B, C) -> (B,).
+    With both sets of size k this is m / (2k − m), m the number of shared classes: 0, 11.1, 25, 42.9, 66.7, 100."""
+    top = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, -1).indices, True)  # (B, C)
+    ref = torch.zeros_like(ref_scores, dtype=torch.bool).scatter_(1, ref_scores.topk(k, -1).indices, True)
+    return 100 * (top & ref).sum(-1).float() / (top | ref).sum(-1).float()
+
+
+def cosine_deviation(features, adv_features):
+    """φ = arccos(cos(f(x), f(x + δ))) in degrees per image (seed 003 Eq. 14): (B, D), (B, D) raw features -> (B,).
+    Computed as 2·atan2(|u − v|, |u + v|) of the unit vectors u, v in float64: the same angle, without arccos's
+    loss of precision near cos = 1 (in float32, angles below ~0.03° would round to 0)."""
+    u, v = F.normalize(features.double(), dim=-1), F.normalize(adv_features.double(), dim=-1)
+    return torch.rad2deg(2 * torch.atan2((u - v).norm(dim=-1), (u + v).norm(dim=-1))).float()
+
+
+def sample_fields(attacks, metrics, n_classes):
+    """The per-image results zero_shot_samples gives for a dataset with `n_classes` classes, in order: "label",
+    "clean" (correct clean), each applicable attack (correct clean and under attack), then "<metric>.clean" and
+    "<metric>.adv" (on x_adv of the first attack; phi is adversarial only). Not applicable, hence absent: an attack
+    that needs more classes (ATTACK_MIN_CLASSES), top5-iou with at most 5 classes (the top-5 sets would be all
+    classes), and every ".adv" metric when there is no attack or the first one does not apply."""
+    applicable = [a for a in attacks if n_classes >= ATTACK_MIN_CLASSES.get(a, 2)]
+    adv = bool(attacks) and attacks[0] in applicable
+    fields = ["label", "clean", *applicable]
+    for m in metrics:
+        if m == "top5-iou" and n_classes <= 5:
+            continue
+        fields += ([f"{m}.clean"] if m != "phi" else []) + ([f"{m}.adv"] if adv else [])
+    return fields
+
+
+def structure_metrics(metrics, sim, ref_scores, which):
+    """The per-image structure metrics of one pass, clean or x_adv (`which`): {"<metric>.<which>": (B,)}, from its
+    (B, C) cosine similarities `sim`; top5-iou against `ref_scores` (the reference model's clean logits, None where
+    it does not apply). phi is left to the caller: it needs both passes."""
+    out = {}
+    smax, smean = similarity_max_mean(sim)
+    if "conf" in metrics:
+        out[f"conf.{which}"] = max_softmax(CLIP_LOGIT_SCALE * sim)
+    if "smax" in metrics:
+        out[f"smax.{which}"] = smax
+    if "smean" in metrics:
+        out[f"smean.{which}"] = smean
+    if "top5-iou" in metrics and ref_scores is not None:
+        out[f"top5-iou.{which}"] = topk_iou(sim, ref_scores)  # the order of sim is the order of the logits
+    return out
+
+
+def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
+                      batch_size=256, ctx=nullcontext(), seed=0, workers=0, desc=None, timing=None, attack_all=False,
+                      metrics=(), reference=None, indices=None):
+    """Per-image zero-shot results of `encoder` on `dataset` (or on its images `indices`), class text features
+    `text_feats`: yields (index (b,), {field: (b,) CPU tensor}) for each batch of this rank's share, fields as
+    sample_fields names them. Every rank yields the same number of batches (a rank with fewer images ends with empty
+    ones), so a caller may run a collective after each.
+
+    Logits are CLIP_LOGIT_SCALE · s(f(x), T). An image counts as robust to an attack only if it is classified
+    correctly both clean and at x_adv (so robust ≤ clean per image). Only clean-correct images are attacked, except
+    with attack_all=True (benchmarks) and, when `metrics` are asked for, by the first attack, whose x_adv of every
+    image the adversarial metrics are averaged over; the accuracies are the same either way. The metrics reuse the
+    features of the clean pass and of the classification of x_adv; top5-iou compares with the top-5 of
+    `reference(x)` (the reference model's logits on the clean image; None: the evaluated model itself).
     timing: a dict to fill with images per second of the clean pass and of each attack (all processes together)."""
     encoder.eval()
     logits_fn = lambda x: CLIP_LOGIT_SCALE * cosine_sim(encoder(x), text_feats)  # noqa: E731
-    applicable = [len(text_feats) >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
-    correct = torch.zeros(1 + len(attacks), dtype=torch.float64, device=dist.device)
-    n = torch.zeros(1, dtype=torch.float64, device=dist.device)
+    n_classes = len(text_feats)
+    applicable = [n_classes >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
+    adv_metrics = bool(metrics) and bool(attacks) and applicable[0]
+    indices = range(len(dataset)) if indices is None else indices
+    n_batches = -(-(-(-len(indices) // batch_size)) // dist.world)  # ⌈⌈N / B⌉ / W⌉, the same on every rank
     seconds, images = [0.0] * (1 + len(attacks)), [0] * (1 + len(attacks))  # for `timing`; clean, then each attack
     tick = (lambda: clock(dist.device)) if timing is not None else (lambda: 0.0)  # no syncs unless timing
-    for x, y, index in progress(eval_loader(dataset, batch_size, dist, workers), dist, desc=desc, leave=False):
+    done = 0
+    for x, y, index in progress(eval_loader(dataset, batch_size, dist, workers, indices), dist, desc=desc,
+                                leave=False):
         x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-        n += len(y)
         t = tick()
         with ctx, torch.no_grad():
-            ok = logits_fn(x).argmax(-1) == y  # (B,) clean-correct
+            features = encoder(x)  # (B, D)
+            sim = cosine_sim(features, text_feats)  # (B, C)
+            ok = (CLIP_LOGIT_SCALE * sim).argmax(-1) == y  # (B,) clean-correct
         seconds[0], images[0] = seconds[0] + tick() - t, images[0] + len(y)
-        correct[0] += ok.sum()
-        keep = torch.ones_like(ok) if attack_all else ok
-        x, y, index, ok = x[keep], y[keep], index[keep.cpu()], ok[keep]
-        for k, name in enumerate(attacks, start=1):
-            if not applicable[k - 1] or len(y) == 0:
+        out = {"label": y, "clean": ok}
+        ref_scores = None  # (B, C): the reference model's clean logits (seed 000 §4.4: its clean top-5 is the anchor)
+        if metrics:
+            if "top5-iou" in metrics and n_classes > 5:
+                with ctx, torch.no_grad():
+                    ref_scores = sim if reference is None else reference(x)
+            out.update(structure_metrics(metrics, sim, ref_scores, "clean"))
+        for k, name in enumerate(attacks):
+            if not applicable[k]:
                 continue
-            t = tick()
-            with ctx:
-                x_adv = ATTACKS[name](logits_fn, x, y, index, eps, alpha, steps or DEFAULT_ATTACK_STEPS[name], seed)
-            with ctx, torch.no_grad():
-                correct[k] += ((logits_fn(x_adv).argmax(-1) == y) & ok).sum()
-            seconds[k], images[k] = seconds[k] + tick() - t, images[k] + len(y)
-    all_reduce_sum(correct, dist)
-    all_reduce_sum(n, dist)
-    n = int(n.item())
-    acc = (100.0 * correct / max(n, 1)).tolist()
+            metrics_here = k == 0 and adv_metrics  # the first attack's x_adv of every image, for the metrics
+            keep = torch.ones_like(ok) if attack_all or metrics_here else ok
+            correct = torch.zeros_like(ok)
+            if keep.any():
+                t = tick()
+                with ctx:
+                    x_adv = ATTACKS[name](logits_fn, x[keep], y[keep], index[keep.cpu()], eps, alpha,
+                                          steps or DEFAULT_ATTACK_STEPS[name], seed)
+                with ctx, torch.no_grad():
+                    adv_features = encoder(x_adv)
+                    adv_sim = cosine_sim(adv_features, text_feats)
+                correct[keep] = ((CLIP_LOGIT_SCALE * adv_sim).argmax(-1) == y[keep]) & ok[keep]
+                seconds[k + 1], images[k + 1] = seconds[k + 1] + tick() - t, images[k + 1] + int(keep.sum())
+                if metrics_here:  # keep is every image
+                    out.update(structure_metrics(metrics, adv_sim, ref_scores, "adv"))
+                    if "phi" in metrics:
+                        out["phi.adv"] = cosine_deviation(features, adv_features)
+            out[name] = correct
+        yield index, {f: v.cpu() for f, v in out.items()}
+        done += 1
+    for _ in range(done, n_batches):
+        yield torch.zeros(0, dtype=torch.long), {}
     if timing is not None:  # images of all processes over the mean wall time of one process
         work = all_reduce_sum(torch.tensor([seconds, images], dtype=torch.float64, device=dist.device), dist).tolist()
         timing.update({name: round(im * dist.world / sec, 2) if sec > 0 else None
                        for name, sec, im in zip(["clean", *attacks], *work)})
+
+
+def zero_shot_eval(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
+                   batch_size=256, ctx=nullcontext(), seed=0, workers=0, desc=None, timing=None, attack_all=False):
+    """Zero-shot clean and robust accuracy (%) of `encoder` on `dataset` (zero_shot_samples, counted): returns
+    {"n": int, "clean": %, attack: % or None, ...}, None for an attack that needs more classes than there are
+    (ATTACK_MIN_CLASSES). Counts are summed across processes; every sample is counted once."""
+    columns = ["clean", *attacks]
+    correct = torch.zeros(len(columns), dtype=torch.float64)
+    n = torch.zeros(1, dtype=torch.float64)
+    for index, out in zero_shot_samples(encoder, text_feats, dataset, dist, attacks, eps, alpha, steps, batch_size,
+                                        ctx, seed, workers, desc, timing, attack_all):
+        n += len(index)
+        correct += torch.tensor([float(out[c].sum()) if c in out else 0.0 for c in columns], dtype=torch.float64)
+    both = all_reduce_sum(torch.cat([n, correct]).to(dist.device), dist).cpu()
+    n, acc = int(both[0].item()), (100.0 * both[1:] / max(int(both[0].item()), 1)).tolist()
+    applicable = [len(text_feats) >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
     return {"n": n, "clean": round(acc[0], 2),
             **{name: round(a, 2) if ok_ else None for name, a, ok_ in zip(attacks, acc[1:], applicable)}}
 

@@ -38,12 +38,30 @@ Writes --out (JSON) and a Markdown table beside it (same name, .md), and prints 
 Benchmark (no dataset, no weights; images/s per attack go to the log and to "img_per_s" in --out):
     python evaluate.py --model random:ViT-B/32 --datasets synthetic --samples 512 --attacks pgd,aa --attack-all \\
         --out runs/bench-eval.json
+
+Structure metrics (--metrics conf,smax,smean,top5-iou,phi or all; SPEC §6, AGFT Table 9 and §4.4, AdvFLYP Eq. 14),
+averaged over every image, on clean images and on the adversarial images of the first attack:
+    python evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks pgd,cw,aa --metrics all --intervals
+Every accuracy has a 95% Wilson interval (the mean over datasets: a MOVER interval). The per-image results go to
+--per-sample (default: --out with .samples.npz); two evaluations of the same images and attacks are compared, with a
+paired 95% interval (Newcombe's hybrid score interval), by
+    python evaluate.py --compare runs/agft-eps1/eval.json runs/tecoa-eps1/eval.json
+Resume: the results are saved after every dataset and every --save-every seconds; rerun the same command (same
+--out) and it continues where it stopped, with the numbers of an uninterrupted run, with any number of processes.
+SIGTERM / SIGUSR1 save and exit with status 75 (common.PREEMPTED).
 """
 import argparse
+import hashlib
+import json
+import math
 import os
+import signal
 import time
+from statistics import NormalDist
 
+import numpy as np
 import torch
+import torch.distributed as torch_dist
 
 import common
 
@@ -54,6 +72,7 @@ ATTACK_LABELS = {"pgd": "PGD-{n}", "cw": "C&W-{n}", "apgd-ce": "APGD-CE-{n}", "a
                  "mi-t": "MI-FGSM-{n} targeted, random class", "di-t": "DI²-FGSM-{n} targeted, random class",
                  "ti-t": "TI-FGSM-{n} targeted, random class", "ni-t": "NI-FGSM-{n} targeted, random class",
                  "apgd-t": "APGD-T-{n} (9 target classes)", "square": "Square ({n} queries)"}
+METRIC_LABELS = {"conf": "conf", "smax": "smax", "smean": "smean", "top5-iou": "top-5 IoU (%)", "phi": "φ (°)"}
 
 
 # --------------------------------------------------------------------------------------------------------- config
@@ -89,7 +108,25 @@ def parse_args(argv=None):
                    help="attack every image, also those misclassified clean (same accuracies; for benchmarks with "
                         "random weights, where few images are classified correctly)")
     p.add_argument("--out", default="results.json", help="results file (JSON); the Markdown table goes beside it")
+    p.add_argument("--metrics", default="none",
+                   help="structure metrics, comma-separated from conf, smax, smean, top5-iou, phi, or all: on clean "
+                        "images and on the first attack's adversarial images, averaged over every image")
+    p.add_argument("--reference-model", default=None,
+                   help="top5-iou's reference, the original CLIP the checkpoint came from (default: the 'model' of "
+                        "the run's args.json beside a model.pt / last.pt)")
+    p.add_argument("--intervals", action="store_true",
+                   help="show 95%% Wilson intervals in the Markdown table (the JSON always has them)")
+    p.add_argument("--per-sample", default=None,
+                   help="per-image results (.npz, no pickle), also the state a rerun continues from (default: --out "
+                        "with .samples.npz)")
+    p.add_argument("--save-every", type=float, default=60.0,
+                   help="save the per-image results at least every this many seconds (and after every dataset)")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
+                   help="print A − B per dataset and on average with paired 95%% intervals (same images and "
+                        "attacks), then exit")
     args = p.parse_args(argv)
+    if args.compare:
+        return args
 
     specs = [s.strip() for s in args.datasets.split(",") if s.strip()]
     specs = [n for s in specs for n in (common.AGFT_DATASETS if s.lower() == "all" else [s])]
@@ -118,7 +155,43 @@ def parse_args(argv=None):
         raise common.UsageError(f"--template {args.template!r}: must contain {{}} where the class name goes")
     if os.path.isdir(args.out):
         raise common.UsageError(f"--out {args.out}: is a directory, expected a file name")
+    metrics = [] if args.metrics.strip().lower() in ("", "none") else [m.strip() for m in args.metrics.split(",")]
+    metrics = [m for s in metrics for m in (common.STRUCTURE_METRICS if s.lower() == "all" else [s])]
+    for m in metrics:
+        if m not in common.STRUCTURE_METRICS:
+            raise common.UsageError(f"--metrics {m}: unknown metric (one of "
+                                    f"{', '.join(common.STRUCTURE_METRICS)}, all)")
+    args.metrics = [m for m in common.STRUCTURE_METRICS if m in metrics]  # in the table's order
+    if "phi" in args.metrics and not args.attacks:
+        raise common.UsageError("--metrics phi: needs an attack (φ is the angle between f(x) and f(x_adv))")
+    if "top5-iou" in args.metrics:
+        args.reference_model = args.reference_model or default_reference(args)
+        if args.reference_model is None:
+            raise common.UsageError(f"--metrics top5-iou: give --reference-model (the original CLIP that {args.model} "
+                                    "came from; found by itself only for a run's model.pt/last.pt beside args.json)")
+    else:
+        args.reference_model = None  # used by top5-iou alone
+    args.per_sample = args.per_sample or os.path.splitext(args.out)[0] + ".samples.npz"
+    if os.path.isdir(args.per_sample) or os.path.abspath(args.per_sample) == os.path.abspath(args.out):
+        raise common.UsageError(f"--per-sample {args.per_sample}: must be a file name other than --out")
+    if args.save_every < 0:
+        raise common.UsageError(f"--save-every {args.save_every}: must be >= 0")
     return args
+
+
+def default_reference(args):
+    """top5-iou's default reference: the original CLIP the evaluated weights came from, i.e. the `model` entry of the
+    run's args.json beside a model.pt / last.pt written by the training scripts; None when it cannot be known."""
+    # (with --vision-weights, released weights loaded into --model, --model itself is the original: one more line)
+    folder, name = os.path.split(os.path.abspath(args.model))
+    run_args = os.path.join(folder, "args.json")
+    if name in ("model.pt", "last.pt") and os.path.isfile(run_args):
+        try:
+            with open(run_args) as f:
+                return json.load(f).get("model")
+        except (OSError, ValueError, AttributeError):
+            return None
+    return None
 
 
 # -------------------------------------------------------------------------------------------------------- helpers
@@ -161,75 +234,585 @@ def summarize(results, columns):
     return mean, notes
 
 
-def markdown_table(results, mean, columns, labels, title):
-    """The papers' layout: datasets as columns, settings as rows, the average last."""
+def markdown_table(results, mean, columns, labels, title, ci=None):
+    """The papers' layout: datasets as columns, settings as rows, the average last. ci: the report's "ci95" entry,
+    to show each accuracy's 95% interval beside it (--intervals)."""
     names = list(results)
-    cell = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+
+    def cell(v, interval=None):
+        if v is None:
+            return "n/a"
+        return f"{v:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval is not None else "")
+
+    ci_of = lambda name, c: ci["datasets"][name].get(c) if ci else None  # noqa: E731
     lines = [title, "", "| | " + " | ".join(names) + " | Average |", "|---|" + "---:|" * (len(names) + 1),
              "| images | " + " | ".join(str(results[n]["n"]) for n in names) + " | |"]
     partial = [c for c in columns if mean[c] is not None and any(results[n][c] is None for n in names)]
     for c in columns:
-        row = [labels[c]] + [cell(results[n][c]) for n in names] + [cell(mean[c]) + ("*" if c in partial else "")]
+        row = [labels[c]] + [cell(results[n][c], ci_of(n, c)) for n in names] + \
+              [cell(mean[c], ci["mean"].get(c) if ci else None) + ("*" if c in partial else "")]
         lines.append("| " + " | ".join(row) + " |")
     if partial:
         lines += ["", "\\* mean over the datasets where the attack applies (DLR needs at least 3 classes)."]
+    if ci:
+        lines += ["", f"[lo, hi]: 95% interval; {ci['method']}"]
     return "\n".join(lines) + "\n"
+
+
+def metrics_table(metrics, report_metrics, first_label):
+    """Structure metrics in the same layout: one row per metric and kind of image (clean, x_adv of the first
+    attack), datasets as columns, the unweighted average last."""
+    names = list(report_metrics["datasets"])
+    lines = ["Structure metrics (" + report_metrics["over"] + ")", "",
+             "| | " + " | ".join(names) + " | Average |", "|---|" + "---:|" * (len(names) + 1)]
+    for m in metrics:
+        for which in ("clean", "adv"):
+            values = [report_metrics["datasets"][n].get(m, {}).get(which) for n in names]
+            mean = report_metrics["mean"].get(m, {}).get(which)
+            if all(v is None for v in values):
+                continue
+            label = f"{METRIC_LABELS[m]}, {'clean' if which == 'clean' else first_label}"
+            cells = ["n/a" if v is None else f"{v:.2f}" for v in values + [mean]]
+            lines.append("| " + " | ".join([label] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- intervals (95%)
+Z95 = NormalDist().inv_cdf(0.975)  # 1.959963984540054
+
+
+def wilson_interval(k, n, z=Z95):
+    """95% Wilson score interval for a proportion, k successes in n trials (Wilson 1927), as fractions in [0, 1]:
+    the p with |k/n − p| ≤ z·sqrt(p(1 − p)/n). Unlike the Wald interval it stays inside [0, 1] and keeps its
+    coverage near 0 and 1 (robust accuracies of a few percent, clean accuracies near 100)."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mover_mean(estimates, intervals):
+    """Interval for the unweighted mean (1/K) Σ θ_k of K independent estimates, each with its own interval
+    (l_k, u_k): MOVER, the method of variance estimates recovery (Zou & Donner 2008; Newcombe 2011),
+    (θ̄ − sqrt(Σ (θ_k − l_k)²) / K, θ̄ + sqrt(Σ (u_k − θ_k)²) / K). Each interval gives its own variance below and
+    above the estimate, so skewed intervals near 0 or 1 stay skewed; for K = 1 it is the interval itself."""
+    K = len(estimates)
+    mean = sum(estimates) / K
+    below = math.sqrt(sum((t - lo) ** 2 for t, (lo, _) in zip(estimates, intervals))) / K
+    above = math.sqrt(sum((hi - t) ** 2 for t, (_, hi) in zip(estimates, intervals))) / K
+    return mean - below, mean + above
+
+
+def paired_difference_interval(both, only_a, only_b, neither, z=Z95):
+    """95% interval for p_A − p_B, two proportions measured on the same n items (a paired 2 × 2 table: both
+    correct, only A, only B, neither): Newcombe's hybrid score interval, method 10 of Newcombe (1998), "Improved
+    confidence intervals for the difference between binomial proportions based on paired data", Stat. Med. 17,
+    2635-2650. It combines the Wilson intervals (l_1, u_1), (l_2, u_2) of p_A and p_B with the correlation of the
+    pairs, φ = (AD − BC)/sqrt((A+B)(C+D)(A+C)(B+D)), with AD − BC reduced by n/2 (not below 0) when positive:
+        lower = Δ − sqrt((p_A − l_1)² − 2φ(p_A − l_1)(u_2 − p_B) + (u_2 − p_B)²)
+        upper = Δ + sqrt((u_1 − p_A)² − 2φ(u_1 − p_A)(p_B − l_2) + (p_B − l_2)²)
+    Returns (Δ, lower, upper) as fractions. It needs no iteration, never leaves [−1, 1], and is not degenerate when
+    no pair is discordant (the Wald interval then has width 0)."""
+    n = both + only_a + only_b + neither
+    p_a, p_b = (both + only_a) / n, (both + only_b) / n
+    (l1, u1), (l2, u2) = wilson_interval(both + only_a, n, z), wilson_interval(both + only_b, n, z)
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    ad_bc = both * neither - only_a * only_b
+    if ad_bc > 0:
+        ad_bc = max(ad_bc - n / 2, 0)
+    phi = ad_bc / math.sqrt(margins) if margins > 0 else 0.0
+    lower = math.sqrt(max(0.0, (p_a - l1) ** 2 - 2 * phi * (p_a - l1) * (u2 - p_b) + (u2 - p_b) ** 2))
+    upper = math.sqrt(max(0.0, (u1 - p_a) ** 2 - 2 * phi * (u1 - p_a) * (p_b - l2) + (p_b - l2) ** 2))
+    return p_a - p_b, p_a - p_b - lower, p_a - p_b + upper
+
+
+CI_METHOD = ("per dataset, the Wilson score interval of the accuracy (a binomial proportion of n images); the average, "
+             "the MOVER interval of the unweighted mean of the datasets' accuracies (Zou & Donner 2008). Both cover "
+             "the sampling of the test images only, not retraining or the attack's random start")
+PAIRED_METHOD = ("Newcombe's hybrid score interval for the difference of paired proportions (Newcombe 1998, method "
+                 "10) per dataset; the average, the MOVER interval of the mean of the datasets' differences")
+
+
+# ------------------------------------------------------------------------------ per-image results, resume
+# Settings that fix what each image's result is: a rerun continues an evaluation only if they are all equal. The
+# others may change: the number of processes and --workers change nothing; --batch-size, --compile and --attack-all
+# (which batches the attacked images differently) can change float rounding only, so a rerun that keeps them gives
+# the uninterrupted run's numbers bit for bit.
+IDENTITY = {"model_sha256": "--model (its weights)", "reference_sha256": "--reference-model (its weights)",
+            "datasets": "--datasets", "images": "the images (--samples, or the data changed)",
+            "prompts_sha256": "the class prompts (--template, --class-names)", "attacks": "--attacks",
+            "eps": "--eps", "alpha": "--alpha", "steps": "--steps", "samples": "--samples", "seed": "--seed",
+            "amp": "--amp", "metrics": "--metrics"}
+# Settings that fix the images and the attacks: --compare pairs two evaluations only if they are all equal.
+PAIRED = {"datasets": "--datasets", "images": "the images (--samples, or the data changed)", "samples": "--samples",
+          "seed": "--seed", "attacks": "--attacks", "eps": "--eps", "alpha": "--alpha", "steps": "--steps"}
+SAMPLES_FORMAT = "clip-aft-eval-samples/1"
+
+
+def weights_sha256(model):
+    """sha256 of a model's weights (names, dtypes, shapes and values in state-dict order): identifies the evaluated
+    model whatever file or name it came from, and tells a rerun whether the weights are still the same."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_bit_field(field):
+    """Correctness fields (clean, each attack) are bits; "label" is an integer, "<metric>.<kind>" a float32."""
+    return field != "label" and "." not in field
+
+
+def differences(here, there, keys, names=("here", "there")):
+    """The settings in `keys` that differ between two settings dicts, each as 'flag: value here, value there'."""
+    show = lambda v: (json.dumps(v) if not isinstance(v, str) else v)[:60]  # noqa: E731
+    return [f"{flag}: {show(here.get(k))} {names[0]}, {show(there.get(k))} {names[1]}" for k, flag in keys.items()
+            if here.get(k) != there.get(k)]
+
+
+class SampleStore:
+    """Per-image results of every dataset (rank 0): the --per-sample file, which is also the state a rerun continues
+    from. An image's results depend only on its index and its batch, and common.eval_loader puts it in the same batch
+    whatever the number of processes, so a rerun (with any number of processes) evaluates the images still to do
+    exactly as an uninterrupted run would have. An .npz read with allow_pickle=False: "meta" (JSON: format, settings, per dataset its
+    name, image count, fields and whether it is complete) and per dataset k: "k.index" (int64, the image's index in
+    the dataset), "k.done", "k.clean" and "k.<attack>" (np.packbits of booleans, one bit per image), "k.label"
+    (int64), "k.<metric>.clean" / "k.<metric>.adv" (float32). Written atomically (temp file, fsync, rename)."""
+
+    def __init__(self, path, settings):
+        self.path, self.settings, self.sets = path, settings, {}
+        self.saved_at = time.time()
+
+    @staticmethod
+    def read(path):
+        """(settings, {name: {"n", "index", "fields", "complete", "done", "values"}}) of a per-sample file."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                if meta.get("format") != SAMPLES_FORMAT:
+                    raise ValueError(f"format {meta.get('format')!r}, expected {SAMPLES_FORMAT}")
+                sets = {}
+                for k, d in enumerate(meta["datasets"]):
+                    n = d["n"]
+                    unpack = lambda a: np.unpackbits(a, count=n).astype(bool)  # noqa: E731
+                    sets[d["name"]] = {"n": n, "fields": d["fields"], "complete": d["complete"],
+                                       "resumed": d.get("resumed", []),
+                                       "index": z[f"{k}.index"], "done": unpack(z[f"{k}.done"]),
+                                       "values": {f: unpack(z[f"{k}.{f}"]) if is_bit_field(f) else z[f"{k}.{f}"]
+                                                  for f in d["fields"]}}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise common.UsageError(f"--per-sample {path}: unreadable per-sample file ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); move it away to start afresh")
+        return meta["settings"], sets
+
+    def begin(self, name, index, fields):
+        """Start (or continue) a dataset: `index` the dataset indices of its n images. Returns its done mask."""
+        n = len(index)
+        if name not in self.sets:
+            self.sets[name] = {"n": n, "fields": fields, "complete": False, "resumed": [],
+                               "index": np.asarray(index, np.int64), "done": np.zeros(n, bool),
+                               "values": {f: np.zeros(n, bool) if is_bit_field(f) else
+                                          np.zeros(n, np.int64) if f == "label" else np.full(n, np.nan, np.float32)
+                                          for f in fields}}
+        d = self.sets[name]
+        if d["fields"] != fields or not np.array_equal(d["index"], index):  # the settings matched: a changed dataset
+            raise common.UsageError(f"--per-sample {self.path}: its images of {name} are not this dataset's; move it "
+                                    "away to start afresh")
+        if 0 < d["done"].sum() < n and not d["resumed"][-1:] == [int(d["done"].sum())]:
+            d["resumed"].append(int(d["done"].sum()))  # images done when this run took over
+        return d["done"]
+
+    def record(self, name, rows):
+        """rows: (b, 1 + F) float64, the image's position in the dataset, then the fields in order."""
+        d = self.sets[name]
+        position = rows[:, 0].astype(np.int64)
+        d["done"][position] = True
+        for j, f in enumerate(d["fields"], start=1):
+            d["values"][f][position] = rows[:, j]
+
+    def save(self):
+        meta = {"format": SAMPLES_FORMAT, "settings": self.settings,
+                "datasets": [{"name": name, "n": d["n"], "fields": d["fields"], "complete": d["complete"],
+                              "resumed": d["resumed"]} for name, d in self.sets.items()]}
+        arrays = {"meta": np.array(json.dumps(meta))}
+        for k, d in enumerate(self.sets.values()):
+            arrays[f"{k}.index"], arrays[f"{k}.done"] = d["index"], np.packbits(d["done"])
+            for f, v in d["values"].items():
+                arrays[f"{k}.{f}"] = np.packbits(v) if is_bit_field(f) else v
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.saved_at = time.time()
+
+
+def open_store(args, settings):
+    """Rank 0: the SampleStore this run writes, holding what an earlier run of the same evaluation left in
+    --per-sample, and the img_per_s of its finished datasets. A different evaluation in --out or --per-sample stops
+    with one line naming the differing settings; nothing is written here."""
+    store, there, previous_speed = SampleStore(args.per_sample, settings), None, {}
+    fresh = "; rerun with its settings to continue it, or use another --out (or delete {}) to start afresh"
+    if os.path.exists(args.out):
+        try:
+            with open(args.out) as f:
+                old = json.load(f)
+            there, old_samples = old["settings"], old["per_sample"]["file"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise common.UsageError(f"--out {args.out}: exists and is not a results file of this evaluate.py (no "
+                                    "settings or per-sample record); move it away or use another --out")
+        old_samples = os.path.join(os.path.dirname(os.path.abspath(args.out)), old_samples)
+        if os.path.abspath(old_samples) != os.path.abspath(args.per_sample):
+            raise common.UsageError(f"--per-sample {args.per_sample}: the results in {args.out} keep their per-image "
+                                    f"results in {old_samples}; give --per-sample {old_samples} to continue, or use "
+                                    "another --out to start afresh")
+        diffs = differences(settings, there, IDENTITY)
+        if diffs:
+            raise common.UsageError(f"--out {args.out}: holds an evaluation with other settings: {'; '.join(diffs)}"
+                                    + fresh.format(f"{args.out} and {args.per_sample}"))
+        previous_speed = old.get("img_per_s", {})
+    if os.path.exists(args.per_sample):
+        there, sets = SampleStore.read(args.per_sample)
+        diffs = differences(settings, there, IDENTITY)
+        if diffs:
+            raise common.UsageError(f"--per-sample {args.per_sample}: holds an evaluation with other settings: "
+                                    f"{'; '.join(diffs)}" + fresh.format(args.per_sample))
+        store.sets = sets
+    return store, {k: v for k, v in previous_speed.items() if k in store.sets and store.sets[k]["complete"]}
+
+
+def pack_rows(index, out, fields):
+    """One batch's per-image results as (b, 1 + F) float64 rows: position, then each field (exact: bits, labels,
+    float32 metrics all fit a float64)."""
+    rows = torch.zeros(len(index), 1 + len(fields), dtype=torch.float64)
+    rows[:, 0] = index
+    for j, f in enumerate(fields, start=1):
+        if len(index):
+            rows[:, j] = out[f].double()
+    return rows
+
+
+def gather_rows(rows, dist):
+    """Every rank's rows (their count may differ by rank), concatenated, on the host group (Dist.cpu_group)."""
+    if dist.world == 1:
+        return rows.numpy()
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.world)]
+    torch_dist.all_gather(counts, torch.tensor([len(rows)]), group=dist.cpu_group)
+    padded = torch.zeros(max(int(c) for c in counts), rows.shape[1], dtype=torch.float64)
+    padded[:len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(dist.world)]
+    torch_dist.all_gather(parts, padded, group=dist.cpu_group)
+    return torch.cat([p[:int(c)] for p, c in zip(parts, counts)]).numpy()
+
+
+def raise_on_every_rank(error, dist):
+    """Raise rank 0's UsageError (or None) on every rank, so that no rank waits for one that gave up."""
+    if dist.world > 1:
+        failed = torch.tensor([float(error is not None)])
+        torch_dist.all_reduce(failed, group=dist.cpu_group)
+        if failed.item():
+            raise error or common.UsageError("rank 0 stopped (see its message)")
+    if error is not None:
+        raise error
+
+
+def dataset_indices(dataset):
+    """The dataset index of each evaluated image (a --samples subset keeps its original indices)."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return list(dataset.indices)
+    return list(range(len(dataset)))
+
+
+# ------------------------------------------------------------------------------------------------ reports
+def summarize_dataset(d, columns, metrics):
+    """Accuracy (%), correct count and 95% Wilson interval (%) per column, and the mean of each structure metric,
+    from a dataset's per-image results. None where a column or metric does not apply."""
+    n, values = d["n"], d["values"]
+    counts = {c: int(values[c].sum()) if c in values else None for c in columns}
+    acc = {c: None if k is None else round(100.0 * k / max(n, 1), 2) for c, k in counts.items()}
+    ci = {}
+    for c, k in counts.items():
+        interval = wilson_interval(k, n) if k is not None else None
+        ci[c] = None if interval is None else [round(100 * interval[0], 2), round(100 * interval[1], 2)]
+    mean = {m: {which: round(float(values[f"{m}.{which}"].astype(np.float64).mean()), 2)
+                for which in ("clean", "adv") if f"{m}.{which}" in values} for m in metrics}
+    return {"n": n, **acc}, counts, ci, mean
+
+
+def build_report(args, settings, store, class_counts, throughput):
+    """The results JSON of the datasets finished so far (marked complete once all are) and its Markdown."""
+    columns = ["clean", *args.attacks]
+    names = [name for name in settings["datasets"] if name in store.sets and store.sets[name]["complete"]]
+    results, counts, ci, metric_means = {}, {}, {}, {}
+    for name in names:
+        results[name], counts[name], ci[name], metric_means[name] = summarize_dataset(store.sets[name], columns,
+                                                                                      args.metrics)
+    mean, notes = summarize(results, columns)
+    mean_ci = {}
+    for c in columns:
+        have = [name for name in names if counts[name][c] is not None and results[name]["n"] > 0]
+        if have:
+            lo, hi = mover_mean([counts[n_][c] / results[n_]["n"] for n_ in have],
+                                [wilson_interval(counts[n_][c], results[n_]["n"]) for n_ in have])
+            mean_ci[c] = [round(100 * max(lo, 0.0), 2), round(100 * min(hi, 1.0), 2)]
+        else:
+            mean_ci[c] = None
+    if "aa" in args.attacks:
+        notes += [f"aa on {name} ({class_counts[name]} classes) is APGD-CE alone: DLR needs at least 3 classes"
+                  for name in names if class_counts[name] < 3]
+    complete = len(names) == len(settings["datasets"])
+    report = {"complete": complete, "datasets": results, "mean": mean,
+              "correct": counts, "ci95": {"method": CI_METHOD, "datasets": ci, "mean": mean_ci}}
+    if args.metrics:
+        first = args.attacks[0] if args.attacks else None
+        over = ("×100, φ in degrees; mean over every image of each dataset"
+                + (f"; adversarial: x_adv of the first attack, {first}, run on every image for this (also those "
+                   "misclassified clean)" if first else "")
+                + (f"; top-5 IoU with the clean top-5 of {args.reference_model}" if "top5-iou" in args.metrics else ""))
+        metric_mean = {}  # unweighted over the datasets where the metric applies, like the accuracies
+        for m in args.metrics:
+            metric_mean[m] = {}
+            for which in ("clean", "adv"):
+                v = [metric_means[name][m][which] for name in names if which in metric_means[name][m]]
+                if v:
+                    metric_mean[m][which] = round(sum(v) / len(v), 2)
+        report["metrics"] = {"over": over, "reference_model": args.reference_model, "datasets": metric_means,
+                             "mean": metric_mean}
+        notes += [f"top5-iou is not applicable to {name} ({class_counts[name]} classes: every top-5 set would be "
+                  "all classes)" for name in names if "top5-iou" in args.metrics and class_counts[name] <= 5]
+    report["per_sample"] = {"file": None, "sha256": None, "format": SAMPLES_FORMAT}
+    report["settings"] = settings
+    report["img_per_s"] = {name: throughput[name] for name in names if name in throughput}
+    notes += [f"{name}: continued after an interruption with {', '.join(map(str, store.sets[name]['resumed']))} of "
+              f"{results[name]['n']} images evaluated (same settings; each image's result depends only on its index)"
+              for name in names if store.sets[name]["resumed"]]
+    report["notes"] = list(dict.fromkeys(notes))
+
+    steps = settings["steps"]
+    labels = {"clean": "clean", **{a: ATTACK_LABELS[a].format(n=steps[a]) for a in args.attacks}}
+    title = (f"Zero-shot accuracy (%) of {args.model}, ℓ∞ ε = {args.eps:g}/255"
+             + (f", PGD/C&W α = {args.alpha:g}/255" if {"pgd", "cw", "pgd-t-rand", "pgd-t-least"} & set(args.attacks)
+                else "") + (f", {args.samples} images per dataset at most" if args.samples else "")
+             + ("" if complete else f" (incomplete: {len(names)} of {len(settings['datasets'])} datasets)"))
+    table = markdown_table(results, mean, columns, labels, title, report["ci95"] if args.intervals else None)
+    if args.metrics:
+        table += "\n" + metrics_table(args.metrics, report["metrics"], labels[args.attacks[0]] if args.attacks
+                                       else "")
+    return report, table
+
+
+def write_report(args, report, table):
+    """The per-sample file is already saved: record its name and sha256, then write --out and the table beside it,
+    each atomically."""
+    folder = os.path.dirname(os.path.abspath(args.out))
+    relative = os.path.relpath(os.path.abspath(args.per_sample), folder)
+    report["per_sample"]["file"] = os.path.abspath(args.per_sample) if relative.startswith("..") else relative
+    report["per_sample"]["sha256"] = file_sha256(args.per_sample)
+    common.write_json(report, args.out)
+    md = os.path.splitext(args.out)[0] + ".md"
+    with open(md + ".tmp", "w") as f:
+        f.write(table)
+    os.replace(md + ".tmp", md)
+
+
+# --------------------------------------------------------------------------------------------------- compare
+def read_evaluation(path):
+    """A finished results JSON and its per-image results, checked to belong together."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        record, settings = report["per_sample"], report["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise common.UsageError(f"--compare {path}: not a results file of this evaluate.py ({type(e).__name__})")
+    if not report.get("complete"):
+        raise common.UsageError(f"--compare {path}: the evaluation is incomplete (rerun its command to finish it)")
+    samples = os.path.join(os.path.dirname(os.path.abspath(path)), record["file"])
+    if not os.path.isfile(samples):
+        raise common.UsageError(f"--compare {path}: its per-sample file {samples} is missing")
+    if file_sha256(samples) != record["sha256"]:
+        raise common.UsageError(f"--compare {path}: {samples} is not the per-sample file written with it (sha256 "
+                                "differs)")
+    there, sets = SampleStore.read(samples)
+    wrong = differences(settings, there, IDENTITY) or [
+        name for name, counts in report["correct"].items()
+        if any(k is not None and int(sets[name]["values"][c].sum()) != k for c, k in counts.items())]
+    if wrong:
+        raise common.UsageError(f"--compare {path}: {samples} does not hold its per-image results ({wrong[0]})")
+    return report, sets
+
+
+def compare(path_a, path_b):
+    """A − B per dataset and setting (clean, each attack) and on average, with paired 95% intervals (Markdown)."""
+    (ra, sa), (rb, sb) = read_evaluation(path_a), read_evaluation(path_b)
+    diffs = differences(ra["settings"], rb["settings"], PAIRED, ("in A", "in B"))
+    if diffs:
+        raise common.UsageError(f"--compare: {path_a} and {path_b} are not evaluations of the same images under the "
+                                f"same attacks: {'; '.join(diffs)}")
+    for name in ra["settings"]["datasets"]:
+        for key in ("index", "label"):
+            here = sa[name]["index"] if key == "index" else sa[name]["values"]["label"]
+            there = sb[name]["index"] if key == "index" else sb[name]["values"]["label"]
+            if not np.array_equal(here, there):
+                raise common.UsageError(f"--compare: the images of {name} differ between {path_a} and {path_b} "
+                                        f"(their {'dataset indices' if key == 'index' else 'labels'})")
+    steps = ra["settings"]["steps"]
+    labels = {"clean": "clean", **{a: ATTACK_LABELS[a].format(n=steps[a]) for a in ra["settings"]["attacks"]}}
+    lines = [f"A: {path_a} ({ra['settings']['model']})", f"B: {path_b} ({rb['settings']['model']})",
+             f"A − B in accuracy points, 95% interval: {PAIRED_METHOD}. The same images and attacks "
+             f"(ε = {ra['settings']['eps']:g}/255).", "",
+             "| setting | dataset | images | A | B | A − B | 95% interval | only A correct | only B correct |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    fmt = lambda v: f"{100 * v:+.2f}"  # noqa: E731
+    for c in ["clean", *ra["settings"]["attacks"]]:
+        estimates, intervals, acc_a, acc_b = [], [], [], []
+        for name in ra["settings"]["datasets"]:
+            if c not in sa[name]["values"]:
+                lines.append(f"| {labels[c]} | {name} | {sa[name]['n']} | n/a | n/a | n/a | | | |")
+                continue
+            x, y = sa[name]["values"][c], sb[name]["values"][c]
+            table = [int((x & y).sum()), int((x & ~y).sum()), int((~x & y).sum()), int((~x & ~y).sum())]
+            d, lo, hi = paired_difference_interval(*table)
+            estimates.append(d), intervals.append((lo, hi)), acc_a.append(x.mean()), acc_b.append(y.mean())
+            lines.append(f"| {labels[c]} | {name} | {len(x)} | {100 * x.mean():.2f} | {100 * y.mean():.2f} | "
+                         f"{fmt(d)} | [{fmt(lo)}, {fmt(hi)}] | {table[1]} | {table[2]} |")
+        if len(ra["settings"]["datasets"]) > 1 and estimates:
+            lo, hi = mover_mean(estimates, intervals)
+            lines.append(f"| {labels[c]} | **Average** ({len(estimates)}) | | {100 * np.mean(acc_a):.2f} | "
+                         f"{100 * np.mean(acc_b):.2f} | {fmt(np.mean(estimates))} | [{fmt(lo)}, {fmt(hi)}] | | |")
+    other = {"amp": "--amp", "prompts_sha256": "the class prompts"}  # allowed to differ, but said
+    notes = [f"note: {d}" for d in differences(ra["settings"], rb["settings"], other, ("in A", "in B"))]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
+    if args.compare:
+        print(compare(*args.compare), flush=True)
+        return
+    # From here on SIGTERM / SIGUSR1 ask for a save and exit (PREEMPTED); the caller's handlers come back at the end.
+    saved_handlers = {s: signal.getsignal(s) for s in common.Preemption.SIGNALS}
+    preemption = common.Preemption()
+    try:
+        evaluate(args, preemption)
+    finally:
+        if signal.getsignal(signal.SIGTERM) == preemption._handler:
+            for s, handler in saved_handlers.items():
+                signal.signal(s, handler)
+
+
+def evaluate(args, preemption):
     eps, alpha = args.eps / 255, args.alpha / 255
     dist = common.setup_distributed()
     amp, ctx, _ = common.amp_setup(args.amp, dist.device)
-    model = common.load_clip(args.model, args.seed, args.vision_weights, dist)
-    model = model.to(dist.device).requires_grad_(False).eval()  # no param grads
-    sets = load_datasets(args, dist, model.visual.input_resolution)
+    model = common.load_clip(args.model, args.seed, args.vision_weights, dist).requires_grad_(False).eval()  # no param grads
+    model_sha = weights_sha256(model)
+    model = model.to(dist.device)
+    reference, reference_sha = None, None  # top5-iou's reference model; None: the evaluated model itself
+    if "top5-iou" in args.metrics:
+        reference = common.load_clip(args.reference_model, args.seed, dist=dist).requires_grad_(False).eval()
+        reference_sha = weights_sha256(reference)
+        reference = None if reference_sha == model_sha else reference.to(dist.device)
+    sets = [(name, fixed_subset(ds, args.samples, args.seed), class_names, args.template or template, len(ds))
+            for name, ds, class_names, template in load_datasets(args, dist, model.visual.input_resolution)]
     encoder = common.compile_encoder(common.ImageEncoder(model.visual).to(dist.device).eval(), args.compile)
+    ref_encoder = None if reference is None else common.ImageEncoder(reference.visual).to(dist.device).eval()
     steps = {a: args.steps or common.DEFAULT_ATTACK_STEPS[a] for a in args.attacks}
+    prompts = {name: common.prompts_for(class_names, template) for name, _, class_names, template, _ in sets}
+    settings = {"model": args.model, "vision_weights": args.vision_weights, "model_sha256": model_sha, "datasets": [s[0] for s in sets],
+                "images": {name: [full, len(ds)] for name, ds, _, _, full in sets},  # [dataset size, evaluated]
+                "attacks": args.attacks, "eps": args.eps, "alpha": args.alpha, "steps": steps,
+                "samples": args.samples, "seed": args.seed, "amp": amp, "metrics": args.metrics,
+                "reference_model": args.reference_model, "reference_sha256": reference_sha,
+                "processes": dist.world, "batch_size": args.batch_size, "compile": args.compile,
+                "attack_all": args.attack_all, "device": device_name(dist.device),
+                "templates": {name: template for name, _, _, template, _ in sets},
+                "prompts_sha256": {name: hashlib.sha256("\n".join(p).encode()).hexdigest()
+                                   for name, p in prompts.items()}}
+    settings = json.loads(json.dumps(settings))  # as a rerun reads it back
     log = print if dist.is_main else (lambda *a, **k: None)
+
+    store, throughput, error = None, {}, None
+    if dist.is_main:  # what an earlier run of the same evaluation left; a different one stops here, nothing written
+        try:
+            store, throughput = open_store(args, settings)
+        except common.UsageError as e:
+            error = e
+    raise_on_every_rank(error, dist)
     log(f"evaluating {args.model} on {len(sets)} dataset(s), ε = {args.eps:g}/255, attacks: "
-        f"{', '.join(f'{a} ({steps[a]} steps)' for a in args.attacks) or 'none'}; {dist.world} process(es), "
-        f"{dist.device}, amp {amp}", flush=True)
+        f"{', '.join(f'{a} ({steps[a]} steps)' for a in args.attacks) or 'none'}, metrics: "
+        f"{', '.join(args.metrics) or 'none'}; {dist.world} process(es), {dist.device}, amp {amp}", flush=True)
 
-    results, templates, throughput = {}, {}, {}
-    for name, dataset, class_names, template in sets:
-        t0 = time.time()
-        templates[name] = args.template or template
-        dataset = fixed_subset(dataset, args.samples, args.seed)
-        text = common.text_features(model, common.prompts_for(class_names, templates[name]), dist.device)  # (C, D)
-        throughput[name] = {}  # images/s of the clean pass and of each attack (with its final classification)
-        results[name] = common.zero_shot_eval(encoder, text, dataset, dist, tuple(args.attacks), eps, alpha,
-                                              args.steps, args.batch_size, ctx, args.seed, args.workers, desc=name,
-                                              timing=throughput[name], attack_all=args.attack_all)
-        log(f"{name}: {len(class_names)} classes, {results[name]}  ({time.time() - t0:.0f}s; images/s "
-            f"{throughput[name]})", flush=True)
-
-    columns = ["clean"] + args.attacks
-    mean, notes = summarize(results, columns)
-    if "aa" in args.attacks:
-        notes += [f"aa on {name} ({len(c)} classes) is APGD-CE alone: DLR needs at least 3 classes"
-                  for name, _, c, _ in sets if len(c) < 3]
-    report = {"datasets": results, "mean": mean,
-              "settings": {"model": args.model, "vision_weights": args.vision_weights, "eps": args.eps,
-                           "alpha": args.alpha, "steps": steps,
-                           "samples": args.samples, "seed": args.seed, "amp": amp, "processes": dist.world,
-                           "batch_size": args.batch_size, "compile": args.compile, "attack_all": args.attack_all,
-                           "device": device_name(dist.device), "templates": templates},
-              "img_per_s": throughput,
-              "notes": list(dict.fromkeys(notes))}
-    labels = {"clean": "clean", **{a: ATTACK_LABELS[a].format(n=steps[a]) for a in args.attacks}}
-    title = (f"Zero-shot accuracy (%) of {args.model}, ℓ∞ ε = {args.eps:g}/255"
-             + (f", PGD/C&W α = {args.alpha:g}/255" if {"pgd", "cw", "pgd-t-rand", "pgd-t-least"} & set(args.attacks)
-                else "") + (f", {args.samples} images per dataset at most" if args.samples else ""))
-    table = markdown_table(results, mean, columns, labels, title)
+    class_counts = {name: len(c) for name, _, c, _, _ in sets}
+    for k, (name, dataset, class_names, template, _) in enumerate(sets):
+        fields = common.sample_fields(args.attacks, args.metrics, len(class_names))
+        done, error = torch.zeros(len(dataset), dtype=torch.uint8), None
+        if dist.is_main:
+            try:
+                done = torch.from_numpy(store.begin(name, dataset_indices(dataset), fields).astype(np.uint8))
+            except common.UsageError as e:
+                error = e
+        raise_on_every_rank(error, dist)
+        if dist.world > 1:  # rank 0 alone reads the state; every rank needs to know which images are left
+            torch_dist.broadcast(done, 0, group=dist.cpu_group)
+        todo = (done == 0).nonzero()[:, 0].tolist()
+        if todo and len(todo) < len(dataset):
+            log(f"{name}: continuing, {len(dataset) - len(todo)} of {len(dataset)} images already evaluated "
+                f"({args.per_sample})", flush=True)
+        elif not todo:
+            log(f"{name}: already evaluated ({args.per_sample})", flush=True)
+        if todo:
+            t0, timing = time.time(), {}
+            text = common.text_features(model, prompts[name], dist.device)  # (C, D), once per dataset
+            ref_logits = None
+            if ref_encoder is not None and "top5-iou" in args.metrics:
+                ref_text = common.text_features(reference, prompts[name], dist.device)  # the reference's own prompts
+                ref_logits = lambda x: (common.CLIP_LOGIT_SCALE  # noqa: E731
+                                        * common.cosine_sim(ref_encoder(x), ref_text))
+            for index, out in common.zero_shot_samples(
+                    encoder, text, dataset, dist, tuple(args.attacks), eps, alpha, args.steps, args.batch_size, ctx,
+                    args.seed, args.workers, desc=name, timing=timing, attack_all=args.attack_all,
+                    metrics=tuple(args.metrics), reference=ref_logits, indices=todo):
+                rows = gather_rows(pack_rows(index, out, fields), dist)
+                if dist.is_main:
+                    store.record(name, rows)
+                if preemption.requested(dist):  # every rank stops after the same batch
+                    message = f"preempted ({preemption.received or 'signal on another rank'})"
+                    if dist.is_main:
+                        store.save()
+                        message += (f": the per-image results of {int(store.sets[name]['done'].sum())} of "
+                                    f"{len(dataset)} images of {name}" + (" and of every earlier dataset" if k else "")
+                                    + f" are saved in {args.per_sample}; rerun the same command to continue")
+                    raise common.Preempted(message)
+                if dist.is_main and time.time() - store.saved_at >= args.save_every:
+                    store.save()
+            throughput[name] = timing
+        if dist.is_main:
+            store.sets[name]["complete"] = True
+            store.save()
+            report, table = build_report(args, settings, store, class_counts, throughput)
+            write_report(args, report, table)
+            if todo:
+                r = report["datasets"][name]
+                log(f"{name}: {len(class_names)} classes, {r}  ({time.time() - t0:.0f}s; images/s "
+                    f"{throughput[name]})", flush=True)
     if dist.is_main:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        common.write_json(report, args.out)
-        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-            f.write(table)
         print("\n" + table, flush=True)
-        print(f"wrote {args.out} and {os.path.splitext(args.out)[0] + '.md'}", flush=True)
+        print(f"wrote {args.out}, {os.path.splitext(args.out)[0] + '.md'} and {args.per_sample}", flush=True)
     common.cleanup_distributed()
 
 

@@ -137,6 +137,26 @@ def test_table6_attack_passes_per_batch(counter):
             assert counter["train"] == counter["other"] == 0
 
 
+def test_structure_metrics_reuse_the_evaluation_passes(counter, tmp_path):
+    """--metrics all: the metrics read the features of the clean pass and of the classification of x_adv, so the
+    only extra pass is the reference model's clean forward for top5-iou (none when the reference has the evaluated
+    model's weights), plus its text features once per dataset."""
+    def run(reference):
+        for k in counter:
+            counter[k] = 0
+        evaluate.main(["--model", "random:tiny", "--datasets", "synthetic,demo", "--samples", "6", "--batch-size", "4",
+                       "--attacks", "pgd,cw,apgd-ce", "--attack-all", "--steps", "2", "--metrics", "all",
+                       "--reference-model", reference, "--workers", "0", "--out", str(tmp_path / f"{reference}.json")])
+        return dict(counter)
+
+    batches = 2 * 2  # as above
+    other, itself = run("demo"), run("random:tiny")  # random:tiny with the same --seed: the same weights
+    for c, reference_passes, text in ((other, 1, 2 * (2 + 1)), (itself, 0, 2 + 1)):
+        assert c["attack"] == batches * (2 + 2 + 3), c
+        assert c["frozen"] == batches * (1 + reference_passes + 3), c
+        assert c["train"] == c["other"] == 0 and c["text"] == text, c
+
+
 @pytest.mark.parametrize("script,extra", [("agft.py", []), ("tecoa.py", ["--pmg"]), ("advflyp.py", [])])
 def test_benchmark_mode_runs(script, extra, tmp_path):
     """The README's benchmark command, with a tiny model and batch instead of ViT-B/32 and 256."""

@@ -106,7 +106,8 @@ def test_clean_accuracy_matches_an_independent_computation(tiny_ckpt, folders, t
     assert r["n"] == n == 7
     assert r["clean"] == round(expected, 2)
     assert 0 <= r["pgd"] <= r["clean"]
-    # --template reaches the prompts
+    # --template reaches the prompts (another --out: a rerun with other settings would refuse to overwrite)
+    out = tmp_path / "template.json"
     code, _, _ = run_in_process(["--model", tiny_ckpt, "--datasets", f"folder:{three}", "--attacks", "none",
                                  "--template", "a {} thing", "--workers", "0", "--out", str(out)], capsys)
     report = json.loads(out.read_text())
