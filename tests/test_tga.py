@@ -217,3 +217,134 @@ def test_tga_flag_names_the_method_and_sets_its_learning_rate():
     assert tecoa.parse_args(["--data", "synthetic", "--tga", "--lr", "3e-5"]).lr == 3e-5
     demo = tecoa.parse_args(["--demo", "--tga"])
     assert demo.method == "tga-zsr" and demo.out.startswith(os.path.join("runs", "tga-zsr-")) and demo.lr == 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def train_args(tiny_ckpt, out, *extra):
+    """test_tecoa's tiny run at lr 0.01 instead of 0.05: at 0.05 TGA-ZSR's training is chaotic here (the min-max
+    maps and the unsquared norms are not smooth): weights perturbed by 1e-7 (relative) ended 6e-4 apart after 12
+    steps (PMG-AFT: 9e-6), so 1 and 2 processes could not be compared; at 0.01 that was 4e-7 and the weights still
+    moved by 0.6."""
+    return ["tecoa.py", "--tga", "--model", tiny_ckpt, "--data", "synthetic", "--synthetic-size", "24", "--out", out,
+            "--batch-size", "4", "--epochs", "2", "--lr", "0.01", "--warmup", "1", "--eps", "4", "--workers", "0",
+            "--log-every", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_ckpt, tmp_path_factory):
+    """Every subprocess of this module, started at once (each is mostly start-up time; the demo mostly its fixed-size
+    before/after evaluation): `finished(name)` waits for one and returns (returncode, stdout, stderr)."""
+    root = tmp_path_factory.mktemp("tga")
+    torch.manual_seed(0)  # a tiny CLIP with a ResNet image encoder (ModifiedResNet), saved like tiny_ckpt
+    resnet = str(root / "resnet.pt")
+    torch.save({"model": common.CLIP(64, 64, (1, 1, 1, 1), 16, None, 16, 49408, 64, 1, 1).state_dict()}, resnet)
+    commands = {
+        "demo": ([sys.executable, "tecoa.py", "--demo", "--tga", "--epochs", "1", "--max-steps", "3", "--out",
+                  str(root / "demo")], 1),
+        "one": ([sys.executable] + train_args(tiny_ckpt, str(root / "one")), 1),
+        "two": ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+                + train_args(tiny_ckpt, str(root / "two")), 2),
+        "resnet": ([sys.executable, "tecoa.py", "--tga", "--model", resnet, "--data", "synthetic", "--out",
+                    str(root / "resnet-run")], 1),
+        "with-pmg": ([sys.executable] + train_args(tiny_ckpt, str(root / "pmg-run"), "--pmg"), 1),
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (cmd, _) in commands.items()}
+    results = {}
+
+    def finished(name):
+        if name not in results:
+            stdout, stderr = procs[name].communicate(timeout=600)
+            results[name] = (procs[name].returncode, stdout, stderr)
+        return results[name]
+
+    yield root, finished
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+def test_one_process_run_trains_and_its_attention_terms_act(launched, tiny_ckpt, tmp_path):
+    root, finished = launched
+    code, _, stderr = finished("one")
+    assert code == 0, stderr
+    out = str(root / "one")
+    assert json.load(open(os.path.join(out, "args.json")))["method"] == "tga-zsr"
+    records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in records] == list(range(1, 13)) and all(np.isfinite(r["loss"]) for r in records)
+    assert all(r["img_per_s"] > 0 and r["s_per_step"] > 0 for r in records)  # benchmark fields
+    start, final = load_weights(tiny_ckpt), load_weights(os.path.join(out, "last.pt"))
+    assert max((final[k] - start[k]).abs().max().item() for k in start if k.startswith("visual.")) > 1e-3
+    assert all(torch.equal(final[k], start[k]) for k in start if not k.startswith("visual."))
+    # At step 1 f_θ = f_orig and both runs attack the same CE from the same random start, so TeCoA's loss is the
+    # same and the clean map equals the original's: TGA-ZSR's first loss is TeCoA's + 0.08 · L_AR, with
+    # 0 < L_AR <= ‖ones(32 · 32)‖ = 32 (maps in [0, 1]).
+    tecoa.main(train_args(tiny_ckpt, str(tmp_path / "tecoa"), "--max-steps", "1")[2:])  # without --tga
+    first_tecoa = json.loads(open(tmp_path / "tecoa" / "log.jsonl").readline())["loss"]
+    assert 0 < records[0]["loss"] - first_tecoa <= 0.08 * 32
+
+
+def test_two_processes_match_one(launched):
+    """DDP with three passes per step (two of f_θ with tokens, one of f_orig) follows the one-process run."""
+    root, finished = launched
+    for name in ("one", "two"):
+        code, _, stderr = finished(name)
+        assert code == 0, stderr
+    one, two = load_weights(str(root / "one" / "last.pt")), load_weights(str(root / "two" / "last.pt"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 2e-5
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(launched, tiny_ckpt, tmp_path):
+    root, finished = launched
+    out = str(tmp_path / "resumed")
+    args = train_args(tiny_ckpt, out, "--save-every", "1")
+    ckpt = os.path.join(out, "last.pt")
+    run_and_kill(args, lambda: os.path.exists(ckpt))
+    assert not os.path.exists(os.path.join(out, "model.pt")), "the run finished before it could be killed"
+    assert 1 <= torch.load(ckpt, weights_only=True)["step"] < 12
+    r = run_script(args)
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    code, _, stderr = finished("one")
+    assert code == 0, stderr
+    a, b = load_weights(str(root / "one" / "last.pt")), load_weights(ckpt)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+def test_model_pt_loads_with_clip_load(launched):
+    root, finished = launched
+    code, _, stderr = finished("one")
+    assert code == 0, stderr
+    path = str(root / "one" / "model.pt")
+    trained = load_weights(str(root / "one" / "last.pt"))
+    mine = common.load_clip(path)
+    assert all(torch.equal(mine.state_dict()[k], trained[k]) for k in trained)
+    model, _ = clip.load(path, device="cpu", jit=False)  # OpenAI's loader (weights rounded to fp16 and back)
+    image = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.float().encode_image(image), mine.encode_image(image), rtol=1e-2, atol=1e-2)
+
+
+def test_demo_reduced(launched):
+    """`tecoa.py --demo --tga` with 3 training steps: the demo CLIP, the before/after table and results.json."""
+    root, finished = launched
+    code, stdout, stderr = finished("demo")
+    assert code == 0, stderr
+    assert "after (TGA-ZSR)" in stdout and "before (original CLIP)" in stdout
+    results = json.load(open(root / "demo" / "results.json"))
+    assert results["method"] == "tga-zsr" and results["after"]["n"] == results["before"]["n"] > 0
+    for row in (results["before"], results["after"], results["proxy"]["before"], results["proxy"]["after"]):
+        assert 0 <= row["pgd"] <= row["clean"] <= 100
+    assert json.load(open(root / "demo" / "args.json"))["lr"] == 1e-3  # the demo's rate, the same for every method
+
+
+@pytest.mark.parametrize("name,message", [("resnet", "TGA-ZSR needs a ViT image encoder"),
+                                          ("with-pmg", "--pmg and --tga: choose one")])
+def test_bad_input_is_one_line_and_writes_nothing(launched, name, message):
+    root, finished = launched
+    code, stdout, stderr = finished(name)
+    assert code == 2, stderr
+    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: ") and message in stderr, stderr
+    assert "Traceback" not in stderr + stdout
+    assert not os.path.exists(root / ("resnet-run" if name == "resnet" else "pmg-run"))
