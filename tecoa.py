@@ -85,7 +85,8 @@ def text_guided_attention(token_features, text_features, labels, size):
     dtype = torch.promote_types(token_features.dtype, torch.float32)  # fp32 at least (the maps of bf16 tokens too)
     z = token_features.to(dtype)
     z = z / z.norm(dim=1, keepdim=True)  # along the token axis (dim 1, class token included), as the official code does
-    scores = torch.einsum("bpd,bd->bp", z[:, 1:], text_features.to(dtype)[labels])  # (B, P) patch · own class text
+    text = text_features.to(dtype)[labels]  # (B, D) each image's own class prompt
+    scores = (z[:, 1:] * text[:, None, :]).sum(-1)  # (B, P); a product and a sum, so autocast leaves it in fp32
     lo, hi = scores.min(dim=1, keepdim=True).values, scores.max(dim=1, keepdim=True).values
     scores = (scores - lo) / (hi - lo).clamp_min(torch.finfo(scores.dtype).tiny)  # min-max per image; 0 if constant
     side = math.isqrt(scores.shape[1])

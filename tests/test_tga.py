@@ -157,6 +157,12 @@ def test_text_guided_attention_normalises_along_the_token_axis_and_uses_the_own_
     # at the patch resolution the map is the min-max scores themselves: 0 at the lowest patch, 1 at the highest
     exact = tecoa.text_guided_attention(tokens, text, ATT_LABELS, 3)
     assert torch.equal(exact.min(1).values, torch.zeros(3)) and torch.equal(exact.max(1).values, torch.ones(3))
+    # computed in fp32 under bf16 autocast too (bf16 token embeddings are promoted, not the map demoted)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = tecoa.text_guided_attention(tokens.float(), text.float(), ATT_LABELS, 6)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, tecoa.text_guided_attention(tokens.float(), text.float(), ATT_LABELS, 6))
+    assert tecoa.text_guided_attention(tokens.bfloat16(), text, ATT_LABELS, 6).dtype == torch.float32
     # a constant score map gives a zero map, not NaN
     flat = torch.ones(1, 10, 6, dtype=torch.float64)
     assert torch.equal(tecoa.text_guided_attention(flat, text, torch.tensor([0]), 4), torch.zeros(1, 16,
