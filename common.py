@@ -4,8 +4,9 @@ plain names, so that the method scripts read top to bottom. Equations and choice
 Sections, in the order data flows (search for the `# ---- name` rule):
     errors               UsageError (one-line errors, exit 2), run_main
     model                load_clip (names, checkpoints, random:ARCH, demo), released image-encoder weights
-                         (--vision-weights: VISION_LAYOUTS, vision_state_dict, load_vision_weights), ImageEncoder
-                         (pixel space, [0, 1]), text_features, cosine_sim, frozen_copy, save_torchscript
+                         (--vision-weights: VISION_LAYOUTS, vision_state_dict, load_vision_weights), vit_forward
+                         (CLIP's ViT forward, with per-token embeddings on request), ImageEncoder (pixel space,
+                         [0, 1]), text_features, cosine_sim, frozen_copy, save_torchscript
     distributed and AMP  setup_distributed (torchrun, NCCL/gloo, a host-side gloo group), all_reduce_sum,
                          all_gather_with_grad, Preemption (SIGTERM/SIGUSR1), amp_setup
     data                 training_dataset (ImageNet, ImageFolder, synthetic), GlobalBatchSampler, make_loader;
@@ -46,7 +47,7 @@ import torch  # noqa: E402
 import torch.distributed as torch_dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from clip.model import CLIP, build_model  # noqa: E402
+from clip.model import CLIP, VisionTransformer, build_model  # noqa: E402
 from PIL import Image  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -320,9 +321,35 @@ def save_torchscript(model, path):
     atomic_write(path, lambda f: torch.jit.save(traced, f))
 
 
+def vit_forward(visual, x, tokens=False):
+    """CLIP's VisionTransformer.forward (clip/model.py) written out, so that the per-token embeddings are available
+    without changing the clip package; the project's one ViT forward (ImageEncoder calls it).
+
+    visual: a clip.model.VisionTransformer; x: (B, 3, R, R) CLIP-normalised pixels.
+    Returns the class-token embedding ln_post(z_0) @ proj, (B, D), bit for bit what visual(x) returns; with
+    tokens=True every token's embedding ln_post(z_i) @ proj, (B, 1 + P, D): the class token first, then the
+    P = (R / patch)² patch tokens in row-major grid order (TGA-ZSR's attention maps need them)."""
+    x = visual.conv1(x)  # (B, W, g, g), g = R / patch
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, P, W)
+    cls = visual.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, 1 + P, W)
+    x = visual.ln_pre(x)
+    x = visual.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # CLIP's Transformer is sequence-first (L, B, W)
+    proj = (lambda z: z @ visual.proj) if visual.proj is not None else (lambda z: z)  # noqa: E731
+    # The class token alone, with CLIP's own ops and shapes: kernels chosen by shape (a GEMM over B rows rather than
+    # B·(1+P)) could round differently, and the class token must equal encode_image exactly.
+    out = proj(visual.ln_post(x[:, 0, :]))  # (B, D)
+    if tokens:
+        out = torch.cat([out.unsqueeze(1), proj(visual.ln_post(x[:, 1:, :]))], dim=1)  # (B, 1 + P, D)
+    return out
+
+
 class ImageEncoder(nn.Module):
     """CLIP's image encoder f_θ on images in [0, 1] (SPEC §1): resizes (bicubic) to the model's resolution when
-    needed and applies CLIP's mean/std inside, so attacks and ε-balls live in pixel space."""
+    needed and applies CLIP's mean/std inside, so attacks and ε-balls live in pixel space.
+    forward(x) gives the (B, D) image embedding; forward(x, tokens=True), ViT only, the (B, 1 + P, D) embeddings of
+    every token (vit_forward), class token first. Call it through the module (or its DDP wrapper), never a method
+    beside forward, so that DDP sees every pass."""
 
     def __init__(self, visual):
         super().__init__()
@@ -331,11 +358,17 @@ class ImageEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x):  # (B, 3, H, W) in [0, 1] -> (B, D) unnormalised features
+    def forward(self, x, tokens=False):  # (B, 3, H, W) in [0, 1] -> (B, D) unnormalised features, or (B, 1 + P, D)
         if x.shape[-2:] != (self.resolution, self.resolution):
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False,
                               antialias=True).clamp(0, 1)  # clamp as PIL's bicubic does
-        features = self.visual((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        if isinstance(self.visual, VisionTransformer):
+            features = vit_forward(self.visual, x, tokens)
+        elif tokens:
+            raise ValueError("per-token embeddings need a ViT image encoder; this one is a ResNet")
+        else:
+            features = self.visual(x)  # ResNet: CLIP's own forward
         state = _attack_grad_scaling.get()  # set by input_grad under fp16 autocast only
         if state is not None and features.dtype == torch.float16 and torch.is_grad_enabled():
             features = _ScaleGradPerSample.apply(features, state)

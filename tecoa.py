@@ -1,7 +1,10 @@
-"""TeCoA: adversarial fine-tuning of CLIP's image encoder with hard-label cross-entropy; PMG-AFT with --pmg.
+"""TeCoA: adversarial fine-tuning of CLIP's image encoder with hard-label cross-entropy; PMG-AFT with --pmg; TGA-ZSR
+with --tga.
 
 Papers: TeCoA (Mao et al., ICLR 2023) as written in ../shared/papers/000_* (AGFT) Eq. 4-5; PMG-AFT (Wang et al.,
-CVPR 2024) as described in AGFT §6 / Table 11. Decisions in ../shared/SPEC.md §4.
+CVPR 2024) as described in AGFT §6 / Table 11; TGA-ZSR (Yu et al., NeurIPS 2024, "Text-Guided Attention is All You
+Need for Zero-Shot Robustness in Vision-Language Models"; official code zhyblue424/TGA-ZSR). Decisions in
+../shared/SPEC.md §4, §4b.
 The image encoder f_θ is trained to classify adversarial images into their ImageNet class prompts T:
 
     L_CE   = −mean_i log softmax(100 · s(f_θ(x_adv), T))[i, y_i]             (Eq. 4)
@@ -13,17 +16,34 @@ PMG-AFT adds two KL terms, weight 1 each, all at scale 100, with p(·) = softmax
     (f_θorig frozen, under no_grad; the clean term p_θ(x) is not detached.) Its inner max is TeCoA's: PGD on L_CE,
     as in the PMG-AFT authors' code.
 
-Reproduce the paper's rows (ViT-B/32, ImageNet, ε = 1/255, lr 1e-5, 10 epochs, batch 256):
+TGA-ZSR adds two terms on text-guided attention maps (ViT backbones only). With z_0..z_P(x) the embeddings of the
+class token and the P patch tokens (ln_post and proj applied to every token, common.vit_forward) and t_y the text
+embedding of the image's own class prompt:
+
+    a_j(x) = < z_j(x) / ‖z_·,d(x)‖ , t_y >,  j = 1..P        (‖·‖ along the token axis, per feature d: official code)
+    A(x)   = bilinear upsampling to R × R of the √P × √P grid of (a − min_j a) / (max_j a − min_j a)
+    L_AR   = mean_i ‖A_θ(x_adv,i) − A_orig(x_i)‖₂                                   (attention refinement, Eq. 6)
+    L_AMC  = mean_i ‖A_θ(x_i) − A_orig(x_i)‖₂                                 (attention-based model constraint, Eq. 7)
+    L_TGA  = L_CE + 0.08 · L_AR + 0.05 · L_AMC
+    (‖·‖₂ over the R² pixels of a map; A_orig from f_θorig under no_grad; A_θ(x) keeps its gradient.) Its inner max is
+    TeCoA's: PGD on L_CE, as in the official code. Default lr 4e-5 (AGFT Table 11, its TGA-ZSR rows).
+
+Reproduce the paper's rows (ViT-B/32, ImageNet, ε = 1/255, lr 1e-5 (TGA-ZSR: 4e-5), 10 epochs, batch 256):
     torchrun --nproc_per_node=2 tecoa.py --eps 1 --data /path/to/imagenet --out runs/tecoa-eps1
     torchrun --nproc_per_node=2 tecoa.py --eps 1 --pmg --data /path/to/imagenet --out runs/pmg-aft-eps1
+    torchrun --nproc_per_node=2 tecoa.py --eps 1 --tga --data /path/to/imagenet --out runs/tga-zsr-eps1
     python tecoa.py --eps 1 --data /path/to/imagenet --out runs/tecoa-eps1      # one process
 The demo (no download, a few minutes on a CPU):
     python tecoa.py --demo
     python tecoa.py --demo --pmg
+    python tecoa.py --demo --tga
 Benchmark (no dataset, no weights: images/s, s/step and peak memory go to the run's log.jsonl):
     python tecoa.py --model random:ViT-B/32 --data synthetic --max-steps 30      # batch 256, logged every 10 steps
+    python tecoa.py --model random:ViT-B/32 --data synthetic --max-steps 30 --tga
 Re-running a command with the same --out resumes from its last.pt.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -31,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import common
 
 
-# ------------------------------------------------------------------------------- the method (Eq. 4-5, PMG-AFT)
+# ---------------------------------------------------------------------- the method (Eq. 4-5, PMG-AFT, TGA-ZSR)
 def tecoa_loss(adv_sim, labels, logit_scale=100.0):
     """TeCoA's hard-label cross-entropy (Eq. 4).
 
@@ -55,12 +75,54 @@ def pmg_loss(adv_sim, orig_adv_sim, clean_sim, labels, logit_scale=100.0):
     return tecoa_loss(adv_sim, labels, logit_scale) + kl_orig + kl_clean
 
 
+def text_guided_attention(token_features, text_features, labels, size):
+    """TGA-ZSR's text-guided attention map of each image for its own class, as the official code computes it.
+
+    token_features: (B, 1 + P, D) embeddings of the class token and the P patch tokens (common.vit_forward).
+    text_features:  (C, D) L2-normalised class-prompt embeddings; labels: (B,) class indices.
+    size:           the model's input resolution R: the maps are upsampled to R × R.
+    Returns (B, R·R) maps in [0, 1], flattened row-major."""
+    dtype = torch.promote_types(token_features.dtype, torch.float32)  # fp32 at least (the maps of bf16 tokens too)
+    z = token_features.to(dtype)
+    z = z / z.norm(dim=1, keepdim=True)  # along the token axis (dim 1, class token included), as the official code does
+    text = text_features.to(dtype)[labels]  # (B, D) each image's own class prompt
+    scores = (z[:, 1:] * text[:, None, :]).sum(-1)  # (B, P); a product and a sum, so autocast leaves it in fp32
+    lo, hi = scores.min(dim=1, keepdim=True).values, scores.max(dim=1, keepdim=True).values
+    scores = (scores - lo) / (hi - lo).clamp_min(torch.finfo(scores.dtype).tiny)  # min-max per image; 0 if constant
+    side = math.isqrt(scores.shape[1])
+    if side * side != scores.shape[1]:
+        raise ValueError(f"{scores.shape[1]} patch tokens do not form a square grid")
+    grid = scores.view(-1, 1, side, side)  # (B, 1, √P, √P), row-major as the patches are
+    return F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False).flatten(1)  # (B, R·R)
+
+
+def tga_loss(adv_sim, labels, att_adv, att_clean, att_orig, alpha=0.08, beta=0.05, logit_scale=100.0):
+    """TGA-ZSR: TeCoA's cross-entropy + alpha · mean_i ‖A_θ(x_adv) − A_orig(x)‖₂ + beta · mean_i ‖A_θ(x) − A_orig(x)‖₂.
+
+    adv_sim:   (B, C) s(f_θ(x_adv), T) of the model being trained; labels: (B,) class indices.
+    att_adv:   (B, R·R) A_θ(x_adv), the trained model's map of the adversarial image (text_guided_attention).
+    att_clean: (B, R·R) A_θ(x), the trained model's map of the clean image (gradients flow through it).
+    att_orig:  (B, R·R) A_orig(x), the frozen original model's map of the clean image (a constant).
+    Each distance is the L2 norm over the whole flattened map, averaged over the batch (official code, 'l2')."""
+    att_orig = att_orig.detach()
+    refine = (att_adv - att_orig).norm(dim=1).mean()  # L_AR (Eq. 6): adversarial vs original attention
+    constrain = (att_clean - att_orig).norm(dim=1).mean()  # L_AMC (Eq. 7): clean vs original attention
+    return tecoa_loss(adv_sim, labels, logit_scale) + alpha * refine + beta * constrain
+
+
 # --------------------------------------------------------------------------------------------------------- config
 def parse_args(argv=None):
     parser = common.train_parser(__doc__, "tecoa", lr=1e-5)
     parser.add_argument("--pmg", action="store_true",
                         help="PMG-AFT: add KL(p_orig(x_adv)‖p(x_adv)) + KL(p(x)‖p(x_adv)) to TeCoA's loss")
-    parser.set_defaults(method="pmg-aft" if parser.parse_known_args(argv)[0].pmg else "tecoa")  # names runs, table
+    parser.add_argument("--tga", action="store_true",
+                        help="TGA-ZSR (ViT only): add 0.08·‖A(x_adv)−A_orig(x)‖ + 0.05·‖A(x)−A_orig(x)‖ on text-guided "
+                             "attention maps to TeCoA's loss; default lr 4e-5")
+    known = parser.parse_known_args(argv)[0]
+    if known.pmg and known.tga:
+        raise common.UsageError("--pmg and --tga: choose one method (PMG-AFT or TGA-ZSR)")
+    method = "pmg-aft" if known.pmg else "tga-zsr" if known.tga else "tecoa"  # names runs, table
+    parser.set_defaults(method=method, lr=4e-5 if known.tga else 1e-5)  # TGA-ZSR: AGFT Table 11
     return common.parse_train_args(parser, argv, demo_defaults=dict(lr=1e-3))
 
 
@@ -72,6 +134,9 @@ def main(argv=None):
     dist = common.setup_distributed()
     amp, ctx, scaler = common.amp_setup(args.amp, dist.device)
     clip_model = common.load_clip(args.model, args.seed, args.vision_weights, dist)
+    if args.tga and not isinstance(clip_model.visual, common.VisionTransformer):  # before anything is written
+        raise common.UsageError(f"--tga --model {args.model}: TGA-ZSR needs a ViT image encoder (patch tokens), "
+                                "not a ResNet")
     resolution = clip_model.visual.input_resolution
     dataset, class_names = common.training_dataset(args.data, resolution, args.class_names, args.synthetic_size,
                                                    args.seed)
@@ -109,7 +174,7 @@ def main(argv=None):
             images = images.to(device, non_blocking=True)  # (b, 3, H, W) in [0, 1], b = batch_size / world
             labels = labels.to(device, non_blocking=True)  # (b,)
 
-            # --- TeCoA: PGD on the hard-label CE (Eq. 4-5); PMG-AFT attacks the same CE and adds its KL terms ---
+            # --- TeCoA: PGD on the hard-label CE (Eq. 4-5); PMG-AFT and TGA-ZSR attack the same CE, add their terms
             def attack_loss(x):
                 with ctx:
                     return tecoa_loss(common.cosine_sim(encoder(x), text), labels)
@@ -120,14 +185,22 @@ def main(argv=None):
             x_adv = common.pgd(attack_loss, images, eps, alpha, args.attack_steps, delta)  # inner max, Eq. 5
             encoder.train()
             with ctx:
-                adv_sim = common.cosine_sim(train_encoder(x_adv), text)  # (b, C)
-                if args.pmg:
+                if args.tga:  # three forwards keep every token (AGFT Table 10: 3 forward, 2 backward)
+                    adv_tokens = train_encoder(x_adv, tokens=True)  # (b, 1+P, D), class token first
+                    clean_tokens = train_encoder(images, tokens=True)  # (b, 1+P, D), not detached
+                    with torch.no_grad():  # A_orig(x): the original model on the clean image
+                        att_orig = text_guided_attention(orig_encoder(images, tokens=True), text, labels, resolution)
+                    att_adv = text_guided_attention(adv_tokens, text, labels, resolution)  # (b, R·R)
+                    att_clean = text_guided_attention(clean_tokens, text, labels, resolution)  # (b, R·R)
+                    loss = tga_loss(common.cosine_sim(adv_tokens[:, 0], text), labels, att_adv, att_clean, att_orig)
+                elif args.pmg:
+                    adv_sim = common.cosine_sim(train_encoder(x_adv), text)  # (b, C)
                     with torch.no_grad():
                         orig_adv_sim = common.cosine_sim(orig_encoder(x_adv), text)  # (b, C) original model
                     clean_sim = common.cosine_sim(train_encoder(images), text)  # (b, C), not detached
                     loss = pmg_loss(adv_sim, orig_adv_sim, clean_sim, labels)
                 else:
-                    loss = tecoa_loss(adv_sim, labels)
+                    loss = tecoa_loss(common.cosine_sim(train_encoder(x_adv), text), labels)  # (b, C) similarities
             # --------------------------------------------------------------------------------------------------
 
             optimizer.zero_grad(set_to_none=True)

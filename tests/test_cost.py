@@ -23,6 +23,7 @@ PASSES_PER_STEP = {
     "agft": (agft.main, [], lambda k: (k, 1, 1)),  # f_orig(x) for the soft target, f_θ(x_adv)
     "tecoa": (tecoa.main, [], lambda k: (k, 0, 1)),  # f_θ(x_adv)
     "pmg-aft": (tecoa.main, ["--pmg"], lambda k: (k, 1, 2)),  # f_orig(x_adv); f_θ(x_adv), f_θ(x)
+    "tga-zsr": (tecoa.main, ["--tga"], lambda k: (k, 1, 2)),  # f_orig(x); f_θ(x_adv), f_θ(x), all with tokens
     "advflyp-none": (advflyp.main, ["--reg", "none"], lambda k: (k, 0, 1)),  # f_θ(x_adv)
     "advflyp-full": (advflyp.main, ["--reg", "full"], lambda k: (k, 1, 2)),  # f_orig(x_adv); f_θ(x_adv), f_θ(x)
 }
@@ -31,10 +32,10 @@ PASSES_PER_STEP = {
 @pytest.fixture
 def counter(monkeypatch):
     """Counts ImageEncoder forward passes by kind, and calls of CLIP's text encoder."""
-    counts = {"attack": 0, "frozen": 0, "train": 0, "other": 0, "text": 0}
+    counts = {"attack": 0, "frozen": 0, "train": 0, "other": 0, "text": 0, "tokens": 0}
     image_forward, encode_text = common.ImageEncoder.forward, clip.model.CLIP.encode_text
 
-    def counted_image_forward(self, x):
+    def counted_image_forward(self, x, tokens=False):
         frozen = not any(p.requires_grad for p in self.parameters())
         if frozen and not torch.is_grad_enabled():
             kind = "frozen"  # the original encoder f_θorig, under no_grad
@@ -45,7 +46,8 @@ def counter(monkeypatch):
         else:
             kind = "other"
         counts[kind] += 1
-        return image_forward(self, x)
+        counts["tokens"] += tokens  # passes that keep every token (TGA-ZSR)
+        return image_forward(self, x, tokens)
 
     def counted_encode_text(self, text):
         counts["text"] += 1
@@ -72,6 +74,7 @@ def test_encoder_passes_per_training_step_match_the_cost_table(method, counter, 
     for (n, k), c in runs.items():
         assert (c["attack"], c["frozen"], c["train"]) == tuple(n * v for v in per_step(k)), (method, n, k, c)
         assert c["other"] == 0, c
+        assert c["tokens"] == (n * 3 if method == "tga-zsr" else 0), c  # the training passes; the attack's do not
     if method.startswith("advflyp"):  # each step's own captions, once per step, never per attack iteration
         assert runs[3, 2]["text"] - runs[1, 1]["text"] == 2
     else:  # the class prompts, once per run
