@@ -11,6 +11,7 @@ import advflyp
 import agft
 import common
 import evaluate
+import fare
 import tecoa
 from conftest import run_script
 
@@ -25,6 +26,7 @@ PASSES_PER_STEP = {
     "pmg-aft": (tecoa.main, ["--pmg"], lambda k: (k, 1, 2)),  # f_orig(x_adv); f_θ(x_adv), f_θ(x)
     "advflyp-none": (advflyp.main, ["--reg", "none"], lambda k: (k, 0, 1)),  # f_θ(x_adv)
     "advflyp-full": (advflyp.main, ["--reg", "full"], lambda k: (k, 1, 2)),  # f_orig(x_adv); f_θ(x_adv), f_θ(x)
+    "fare": (fare.main, [], lambda k: (k, 1, 1)),  # f_orig(x), the target embeddings; f_θ(x_adv)
 }
 
 
@@ -74,6 +76,8 @@ def test_encoder_passes_per_training_step_match_the_cost_table(method, counter, 
         assert c["other"] == 0, c
     if method.startswith("advflyp"):  # each step's own captions, once per step, never per attack iteration
         assert runs[3, 2]["text"] - runs[1, 1]["text"] == 2
+    elif method == "fare":  # no labels, no text: the text encoder never runs
+        assert runs[3, 2]["text"] == runs[1, 1]["text"] == 0
     else:  # the class prompts, once per run
         assert runs[3, 2]["text"] == runs[1, 1]["text"]
     for n, k in runs:  # the benchmark numbers are in the log
@@ -107,7 +111,7 @@ def test_attack_forwards_per_batch_and_text_once_per_dataset(counter, tmp_path):
         assert all(v > 0 for v in report["img_per_s"][name].values())
 
 
-@pytest.mark.parametrize("script,extra", [("agft.py", []), ("tecoa.py", ["--pmg"]), ("advflyp.py", [])])
+@pytest.mark.parametrize("script,extra", [("agft.py", []), ("tecoa.py", ["--pmg"]), ("advflyp.py", []), ("fare.py", [])])
 def test_benchmark_mode_runs(script, extra, tmp_path):
     """The README's benchmark command, with a tiny model and batch instead of ViT-B/32 and 256."""
     out = tmp_path / "bench"
