@@ -1,5 +1,6 @@
-"""Shared code for agft.py, tecoa.py, advflyp.py, fare.py and evaluate.py: everything that is the same for every method, behind
-plain names, so that the method scripts read top to bottom. Equations and choices follow ../shared/SPEC.md.
+"""Shared code for agft.py, tecoa.py, advflyp.py, fare.py and evaluate.py: everything that is the same for every
+method, behind plain names, so that the method scripts read top to bottom. Equations and choices follow
+../shared/SPEC.md.
 
 Sections, in the order data flows (search for the `# ---- name` rule):
     errors               UsageError (one-line errors, exit 2), run_main

@@ -106,7 +106,7 @@ def main(argv=None):
                 group["lr"] = lr
             images = images.to(device, non_blocking=True)  # (b, 3, H, W) in [0, 1], b = batch_size / world
 
-            # --- FARE: PGD drives f_θ(x_adv) away from the original clean embedding (Eq. 3), the update pulls it back ---
+            # --- FARE: PGD drives f_θ(x_adv) away from the original clean embedding (Eq. 3), the update pulls it in ---
             with torch.no_grad(), ctx:
                 orig = orig_encoder(images)  # (b, D) f_θorig(x): raw embeddings of the original model, clean x
 

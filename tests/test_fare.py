@@ -48,7 +48,7 @@ def test_fare_loss_is_on_raw_embeddings_summed_over_the_dimension_averaged_over_
     assert fare.fare_loss(adv, orig).item() == 4.0  # not 1 (a mean over d), not 8 (a sum over the batch)
     g = torch.Generator().manual_seed(1)
     adv, orig = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
-    assert torch.allclose(fare.fare_loss(5 * adv, 5 * orig), 25 * fare.fare_loss(adv, orig), rtol=1e-5)  # no normalising
+    assert torch.allclose(fare.fare_loss(5 * adv, 5 * orig), 25 * fare.fare_loss(adv, orig), rtol=1e-5)  # raw
     assert fare.fare_loss(orig.clone(), orig).item() == 0.0
 
 
