@@ -1,5 +1,6 @@
-"""Shared code for agft.py, tecoa.py, advflyp.py and evaluate.py: everything that is the same for every method, behind
-plain names, so that the method scripts read top to bottom. Equations and choices follow ../shared/SPEC.md.
+"""Shared code for agft.py, tecoa.py, advflyp.py, fare.py and evaluate.py: everything that is the same for every
+method, behind plain names, so that the method scripts read top to bottom. Equations and choices follow
+../shared/SPEC.md.
 
 Sections, in the order data flows (search for the `# ---- name` rule):
     errors               UsageError (one-line errors, exit 2), run_main
@@ -10,8 +11,9 @@ Sections, in the order data flows (search for the `# ---- name` rule):
     distributed and AMP  setup_distributed (torchrun, NCCL/gloo, a host-side gloo group), all_reduce_sum,
                          all_gather_with_grad, Preemption (SIGTERM/SIGUSR1), amp_setup
     data                 training_dataset (ImageNet, ImageFolder, synthetic), GlobalBatchSampler, make_loader;
-                         caption data (AdvFLYP: CSV/TSV, img2dataset); evaluation datasets (EVAL_DATASETS,
-                         ObjectNet's overlap with ImageNet, eval_dataset) and eval_loader
+                         caption data (AdvFLYP: CSV/TSV, img2dataset); images alone (FARE: image_dataset);
+                         evaluation datasets (EVAL_DATASETS, ObjectNet's overlap with ImageNet, eval_dataset) and
+                         eval_loader
     attacks              input_grad, pgd (training and evaluation), APGD, C&W, targeted PGD; Table 6's MI, NI, DI, TI
                          (momentum_ifgsm), PI, PI++ (pi_fgsm) and targeted versions; APGD-T, Square; the ATTACKS registry
     training harness     cosine_lr, train_parser / parse_train_args, Run (the run directory: args.json, log.jsonl,
@@ -822,8 +824,9 @@ class Captioned(torch.utils.data.Dataset):
 
 def read_caption_table(path, img_key="filepath", caption_key="title", separator=None):
     """(image paths, captions) from a CSV/TSV in open_clip's convention: one row per pair, a header naming the
-    image-path column `img_key` and the caption column `caption_key`. The separator defaults to ',' for .csv and a
-    tab otherwise (open_clip's default); relative image paths are resolved against the file's folder."""
+    image-path column `img_key` and the caption column `caption_key` (None: no caption column is needed, and the
+    captions returned are None). The separator defaults to ',' for .csv and a tab otherwise (open_clip's default);
+    relative image paths are resolved against the file's folder."""
     import csv
     if separator is None:
         separator = "," if path.lower().endswith(".csv") else "\t"
@@ -834,16 +837,18 @@ def read_caption_table(path, img_key="filepath", caption_key="title", separator=
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=separator)
             columns = reader.fieldnames or []
-            missing = [key for key in (img_key, caption_key) if key not in columns]
+            missing = [key for key in (img_key, caption_key) if key is not None and key not in columns]
             if missing:
+                flags = "--csv-img-key, --csv-caption-key" if caption_key is not None else "--csv-img-key"
                 raise UsageError(f"--data {path}: no column {' or '.join(map(repr, missing))} (separator "
-                                 f"{separator!r}, columns {columns}); set --csv-img-key, --csv-caption-key, "
-                                 "--csv-separator")
-            rows = [(row[img_key] or "", row[caption_key] or "") for row in reader]
+                                 f"{separator!r}, columns {columns}); set {flags}, --csv-separator")
+            rows = [(row[img_key] or "", (row[caption_key] or "") if caption_key is not None else None)
+                    for row in reader]
     except (UnicodeDecodeError, csv.Error) as e:
         raise UsageError(f"--data {path}: not a readable CSV/TSV file ({e})")
     folder = os.path.dirname(os.path.abspath(path))
-    return [os.path.join(folder, p) for p, _ in rows], [c for _, c in rows]  # join keeps absolute paths as they are
+    images = [os.path.join(folder, p) for p, _ in rows]  # join keeps absolute paths as they are
+    return images, None if caption_key is None else [c for _, c in rows]
 
 
 def find_caption_files(root):
@@ -878,6 +883,55 @@ def caption_dataset(spec, resolution, img_key="filepath", caption_key="title", s
         return SkipUnreadable(CaptionFiles(images, None, resolution, spec))
     raise UsageError(f"--data {spec}: no such file or directory (expected a CSV/TSV of image paths and captions, "
                      "an img2dataset output folder, 'synthetic' or 'demo')")
+
+
+# images alone (FARE, SPEC §4c: no labels, no text). Such a method reads any training data of the other scripts and
+# uses only the images, so the layout of a folder (class folders, img2dataset shards, captions) never matters.
+class ImageFiles(CaptionPairs):
+    """Image files without a target: items are (image, ""); an unreadable image raises (SkipUnreadable replaces it)."""
+
+    def __init__(self, images, resolution, source):
+        super().__init__(images, None, resolution, source)
+
+    def caption(self, i):
+        return ""
+
+
+def find_images(root):
+    """Sorted paths of every image file (IMAGE_EXTENSIONS) under `root`, recursively; hidden folders are skipped."""
+    images = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        images += [os.path.join(folder, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(images)
+
+
+def image_dataset(spec, resolution, img_key="filepath", separator=None, synthetic_size=None, seed=0):
+    """(dataset of (image in [0, 1], target, unreadable), a description of what is read) for `--data` of a method
+    that trains on images alone (FARE); the target (a label, or "") is never used.
+
+    spec: `synthetic`; `demo` (the proxy-concept images the other scripts' demos train on); a file: a CSV/TSV with an
+    image-path column `img_key` (advflyp.py's caption table reads as it is: other columns are not read); a directory:
+    every image under its train/ if it has one (an ImageNet root, as training_dataset reads it), else every image
+    under it, recursively (an ImageFolder, an img2dataset output folder, a plain folder of images), in sorted path
+    order. A file is a table and a directory is images, so no layout is guessed. An unreadable image is replaced by
+    the next readable one (SkipUnreadable) and flagged."""
+    if spec in ("synthetic", "demo"):
+        return training_dataset(spec, resolution, synthetic_size=synthetic_size, seed=seed)[0], spec
+    if os.path.isfile(spec):
+        images, _ = read_caption_table(spec, img_key, None, separator)
+        if not images:
+            raise UsageError(f"--data {spec}: lists no images")
+        return SkipUnreadable(ImageFiles(images, resolution, spec)), f"the image column '{img_key}' of {spec}"
+    if not os.path.isdir(spec):
+        raise UsageError(f"--data {spec}: no such file or directory (expected a CSV/TSV of image paths, a folder of "
+                         "images such as an ImageNet root, an ImageFolder or an img2dataset output folder, "
+                         "'synthetic' or 'demo')")
+    root = os.path.join(spec, "train") if os.path.isdir(os.path.join(spec, "train")) else spec
+    images = find_images(root)
+    if not images:
+        raise UsageError(f"--data {spec}: no image files under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return SkipUnreadable(ImageFiles(images, resolution, spec)), f"every image under {root}"
 
 
 # evaluation datasets: the zero-shot benchmark (SPEC §6). Every name maps to a loader returning (dataset of
@@ -1774,7 +1828,9 @@ def cosine_lr(step, base_lr, warmup, total):
 
 
 def train_parser(doc, method, **defaults):
-    """The flags every training script shares; `defaults` are the method's paper settings."""
+    """The flags every training script shares; `defaults` are the method's paper settings. `optimizer` (default
+    "SGD") names the method's optimizer in the help; only SGD has --momentum."""
+    optimizer = defaults.pop("optimizer", "SGD")
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B/32", help="released CLIP name, checkpoint file, random:ARCH or demo")
     p.add_argument("--vision-weights", default=None, metavar="FILE",
@@ -1787,12 +1843,14 @@ def train_parser(doc, method, **defaults):
     p.add_argument("--epochs", type=int, default=10, help="training epochs")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size, split across processes")
-    p.add_argument("--lr", type=float, default=defaults.pop("lr"), help="peak learning rate (SGD)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay")
+    p.add_argument("--lr", type=float, default=defaults.pop("lr"), help=f"peak learning rate ({optimizer})")
+    if optimizer == "SGD":
+        p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help=f"{optimizer} weight decay")
     p.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps before cosine decay")
     p.add_argument("--eps", type=float, default=1.0, help="training ε, in units of 1/255 (ℓ∞)")
-    p.add_argument("--alpha", type=float, default=None, help="PGD step size in units of 1/255 (default: = eps)")
+    alpha = "= eps" if defaults.get("alpha") is None else f"{defaults['alpha']:g}"
+    p.add_argument("--alpha", type=float, default=None, help=f"PGD step size in units of 1/255 (default: {alpha})")
     p.add_argument("--attack-steps", type=int, default=2, help="PGD steps of the inner maximisation")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="mixed precision (auto: bf16 on CUDA, off on CPU)")

@@ -11,6 +11,7 @@ import advflyp
 import agft
 import common
 import evaluate
+import fare
 import tecoa
 from conftest import run_script
 
@@ -26,6 +27,7 @@ PASSES_PER_STEP = {
     "tga-zsr": (tecoa.main, ["--tga"], lambda k: (k, 1, 2)),  # f_orig(x); f_θ(x_adv), f_θ(x), all with tokens
     "advflyp-none": (advflyp.main, ["--reg", "none"], lambda k: (k, 0, 1)),  # f_θ(x_adv)
     "advflyp-full": (advflyp.main, ["--reg", "full"], lambda k: (k, 1, 2)),  # f_orig(x_adv); f_θ(x_adv), f_θ(x)
+    "fare": (fare.main, [], lambda k: (k, 1, 1)),  # f_orig(x), the target embeddings; f_θ(x_adv)
 }
 
 
@@ -77,6 +79,8 @@ def test_encoder_passes_per_training_step_match_the_cost_table(method, counter, 
         assert c["tokens"] == (n * 3 if method == "tga-zsr" else 0), c  # the training passes; the attack's do not
     if method.startswith("advflyp"):  # each step's own captions, once per step, never per attack iteration
         assert runs[3, 2]["text"] - runs[1, 1]["text"] == 2
+    elif method == "fare":  # no labels, no text: only tracing the whole CLIP into model.pt runs the text encoder
+        assert runs[3, 2]["text"] == runs[1, 1]["text"] == 1
     else:  # the class prompts, once per run
         assert runs[3, 2]["text"] == runs[1, 1]["text"]
     for n, k in runs:  # the benchmark numbers are in the log
@@ -160,7 +164,8 @@ def test_structure_metrics_reuse_the_evaluation_passes(counter, tmp_path):
         assert c["train"] == c["other"] == 0 and c["text"] == text, c
 
 
-@pytest.mark.parametrize("script,extra", [("agft.py", []), ("tecoa.py", ["--pmg"]), ("advflyp.py", [])])
+@pytest.mark.parametrize("script,extra", [("agft.py", []), ("tecoa.py", ["--pmg"]), ("advflyp.py", []),
+                                          ("fare.py", [])])
 def test_benchmark_mode_runs(script, extra, tmp_path):
     """The README's benchmark command, with a tiny model and batch instead of ViT-B/32 and 256."""
     out = tmp_path / "bench"

@@ -1,0 +1,311 @@
+"""fare.py: the loss (Eq. 3) against an independent computation (value and gradient), the attack on it, the image-only
+data (CSV/TSV, folders, an ImageNet root's train/), the defaults, and the script end to end (caption CSV and
+ImageFolder data, 1 vs 2 processes, resume after kill -9, model.pt, the demo, one-line errors)."""
+import json
+import os
+import signal
+
+import clip
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import load_weights, run_and_kill, run_script, tiny_clip
+
+import common  # noqa: E402
+import fare  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs and attacks on one thread, as the subprocesses
+
+
+def write_images(folder, names, size=(40, 48), seed=0):
+    rng = np.random.default_rng(seed)
+    for name in names:
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+
+
+# ------------------------------------------------------------------------------------------------------- the loss
+def test_fare_loss_value_and_gradient_against_a_loop():
+    """Eq. 3 written out in float64: mean over i of Σ_d (a[i, d] − o[i, d])², and its gradient 2 (a − o) / B."""
+    g = torch.Generator().manual_seed(0)
+    adv = (torch.randn(5, 7, generator=g, dtype=torch.float64) * 3).requires_grad_(True)  # raw, not unit norm
+    orig = torch.randn(5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
+    a, o = adv.detach().tolist(), orig.detach().tolist()
+    expected = sum(sum((a[i][d] - o[i][d]) ** 2 for d in range(7)) for i in range(5)) / 5
+    loss = fare.fare_loss(adv, orig)
+    assert loss.dtype == torch.float32  # computed in fp32, also under AMP
+    assert abs(loss.item() - expected) < 1e-5 * expected
+    grad_adv, grad_orig = torch.autograd.grad(loss, [adv, orig], allow_unused=True)
+    np.testing.assert_allclose(grad_adv.numpy(), 2 * (np.array(a) - np.array(o)) / 5, rtol=1e-5, atol=1e-6)
+    assert grad_orig is None or not grad_orig.any(), "f_orig(x) is a constant"
+
+
+def test_fare_loss_is_on_raw_embeddings_summed_over_the_dimension_averaged_over_the_batch():
+    adv, orig = torch.zeros(2, 4), torch.ones(2, 4)
+    assert fare.fare_loss(adv, orig).item() == 4.0  # not 1 (a mean over d), not 8 (a sum over the batch)
+    g = torch.Generator().manual_seed(1)
+    adv, orig = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    assert torch.allclose(fare.fare_loss(5 * adv, 5 * orig), 25 * fare.fare_loss(adv, orig), rtol=1e-5)  # raw
+    assert fare.fare_loss(orig.clone(), orig).item() == 0.0
+
+
+def test_pgd_on_the_fare_loss_moves_the_embedding_away():
+    """At θ = θ_orig the loss is 0 on clean x; PGD-10 (α = 1/255) finds x_adv in the ε-ball whose embedding is far
+    from the clean one, farther than its random start, without touching parameter gradients."""
+    encoder = common.ImageEncoder(tiny_clip().visual).eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        orig = encoder(x)
+    loss = lambda z: fare.fare_loss(encoder(z), orig)  # noqa: E731
+    eps = 4 / 255
+    delta = common.random_start(x.shape, eps, seed=0, step=0, rank=0, world=1, device="cpu")
+    x_adv = common.pgd(loss, x, eps, 1 / 255, 10, delta)
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
+    with torch.no_grad():
+        assert loss(x).item() == 0 and loss(x_adv) > 2 * loss((x + delta).clamp(0, 1))
+    assert all(p.grad is None for p in encoder.parameters())
+
+
+def official_momentum_pgd(loss_fn, x, eps, alpha, steps, delta, momentum=0.9):
+    """The FARE authors' ℓ∞ update (RobustVLM train/pgd_train.py), written from its description: the gradient's sign
+    is added to momentum × the previous velocity and the sum normalised to its sign, v ← sign(0.9·v + sign(∇)),
+    δ ← δ + α·v, then the ε-ball and [0, 1]. Started, like common.pgd, at clamp(x + δ₀, 0, 1)."""
+    x_adv, v = (x + delta).clamp(0, 1), torch.zeros_like(x)
+    for _ in range(steps):
+        v = (momentum * v + common.input_grad(loss_fn, x_adv).sign()).sign()
+        x_adv = (x + (x_adv + alpha * v - x).clamp(-eps, eps)).clamp(0, 1)
+    return x_adv
+
+
+def test_the_official_momentum_update_is_sign_pgd_except_at_zero_gradients():
+    """README: sign(0.9·v + g) = g wherever g ≠ 0, so the official attack equals SPEC §2's PGD on the FARE loss; an
+    entry whose gradient is exactly 0 repeats the previous step there instead of standing still."""
+    encoder = common.ImageEncoder(tiny_clip().visual).eval()
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        orig = encoder(x)
+    loss = lambda z: fare.fare_loss(encoder(z), orig)  # noqa: E731
+    delta = common.random_start(x.shape, 4 / 255, seed=1, step=0, rank=0, world=1, device="cpu")
+    assert torch.equal(official_momentum_pgd(loss, x, 4 / 255, 1 / 255, 10, delta),
+                       common.pgd(loss, x, 4 / 255, 1 / 255, 10, delta))
+    calls = []
+
+    def gradient_then_none(z):  # ∇ = 1 at the first step, exactly 0 at the second
+        calls.append(1)
+        return z.sum() * (1.0 if len(calls) % 2 else 0.0)
+    x = torch.full((1, 4), 0.5)
+    zero = torch.zeros_like(x)
+    assert torch.allclose(common.pgd(gradient_then_none, x, 0.1, 0.01, 2, zero), x + 0.01)
+    assert torch.allclose(official_momentum_pgd(gradient_then_none, x, 0.1, 0.01, 2, zero), x + 0.02)
+
+
+# ------------------------------------------------------------------------------------------------ image-only data
+def test_image_dataset_reads_tables_and_folders_without_labels(tmp_path):
+    # a CSV with an image column only; advflyp.py's caption CSV (extra columns are not read); a TSV
+    write_images(tmp_path / "web", [f"imgs/{i}.png" for i in range(4)])
+    (tmp_path / "web" / "imgs" / "1.png").write_bytes(b"broken")
+    (tmp_path / "web" / "paths.csv").write_text("filepath\n" + "".join(f"imgs/{i}.png\n" for i in range(4)))
+    (tmp_path / "web" / "pairs.csv").write_text("filepath,title\n" + "".join(f"imgs/{i}.png,\"a, b {i}\"\n"
+                                                                              for i in range(4)))
+    (tmp_path / "web" / "pairs.tsv").write_text("path\ttext\n" + "".join(f"imgs/{i}.png\tcap {i}\n" for i in range(4)))
+    for name, key in (("paths.csv", "filepath"), ("pairs.csv", "filepath"), ("pairs.tsv", "path")):
+        ds, source = common.image_dataset(str(tmp_path / "web" / name), 32, img_key=key)
+        assert len(ds) == 4 and f"'{key}'" in source
+        image, target, unreadable = ds[0]
+        assert image.shape == (3, 32, 32) and 0 <= image.min() <= image.max() <= 1 and (target, unreadable) == ("", 0)
+        assert ds[1][2] == 1 and torch.equal(ds[1][0], ds[2][0])  # broken: the next readable image stands in
+    # an ImageNet root: train/ only, whatever else is beside it
+    write_images(tmp_path / "imagenet", ["train/n01/a.JPEG", "train/n01/b.JPEG", "train/n02/c.png", "val/n01/d.JPEG"])
+    ds, source = common.image_dataset(str(tmp_path / "imagenet"), 32)
+    assert len(ds) == 3 and source.endswith(os.path.join("imagenet", "train"))
+    # an img2dataset folder (captions and metadata are not images), an ImageFolder, a flat folder: every image under it
+    write_images(tmp_path / "laion", ["00000/000.jpg", "00000/001.jpg", "00001/010.jpg", ".cache/x.jpg"])
+    for key in ("00000/000", "00000/001", "00001/010"):
+        (tmp_path / "laion" / f"{key}.txt").write_text("a caption")
+        (tmp_path / "laion" / f"{key}.json").write_text("{}")
+    ds, _ = common.image_dataset(str(tmp_path / "laion"), 32)
+    assert [os.path.relpath(p, tmp_path / "laion") for p in ds.dataset.images] == ["00000/000.jpg", "00000/001.jpg",
+                                                                                 "00001/010.jpg"]  # sorted, no .cache
+    write_images(tmp_path / "flat", ["b.webp", "a.bmp"])
+    ds, _ = common.image_dataset(str(tmp_path / "flat"), 32)
+    assert [os.path.basename(p) for p in ds.dataset.images] == ["a.bmp", "b.webp"]
+    # the demo's images (labels unused) and synthetic images
+    demo, source = common.image_dataset("demo", 32)
+    assert source == "demo" and len(demo) == 64 * len(common.DEMO_PROXY) and demo[0][0].shape == (3, 32, 32)
+    assert len(common.image_dataset("synthetic", 32, synthetic_size=5)[0]) == 5
+
+
+def test_image_dataset_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("no images here")
+    (tmp_path / "cols.csv").write_text("image,caption\na.png,b\n")
+    (tmp_path / "header_only.csv").write_text("filepath\n")
+    (tmp_path / "binary.tsv").write_bytes(b"\xff\xfe\x00\x81 not text")
+    write_images(tmp_path, ["x.png"])
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    (tmp_path / "unreadable.csv").write_text("filepath\nx.png\nmissing.png\n")
+    cases = {
+        "empty": "no image files under", "notes": "no image files under", "cols.csv": "no column 'filepath'",
+        "header_only.csv": "lists no images", "binary.tsv": "not a readable CSV/TSV file",
+        "unreadable.csv": "none of its 2 images can be read", "nowhere": "no such file or directory",
+    }
+    for name, message in cases.items():
+        with pytest.raises(common.UsageError, match=message) as e:
+            common.image_dataset(str(tmp_path / name), 32)
+        assert "\n" not in str(e.value)
+
+
+def test_defaults_are_the_fare_authors_and_the_demo_is_the_others():
+    args = fare.parse_args(["--data", "synthetic", "--out", "unused"])  # the default ./data/imagenet is not here
+    assert (args.lr, args.weight_decay, args.warmup, args.batch_size, args.epochs, args.max_steps) == \
+        (1e-5, 1e-4, 1400, 128, 2, 20_000)
+    assert (args.eps, args.alpha, args.attack_steps, args.model, args.method) == (1.0, 1.0, 10, "ViT-B/32", "fare")
+    assert not hasattr(args, "momentum")  # AdamW: SGD's flag does not exist here
+    demo = fare.parse_args(["--demo", "--out", "unused"])
+    assert {k: getattr(demo, k) for k in common.DEMO_DEFAULTS} == common.DEMO_DEFAULTS and demo.lr == 1e-3
+    assert (demo.alpha, demo.attack_steps) == (1.0, 10)  # FARE's attack at the demo's ε = 4/255
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory):
+    """advflyp.py's kind of data: 8 captioned PNGs in a CSV with relative paths, one of them unreadable."""
+    root = tmp_path_factory.mktemp("csvdata")
+    write_images(root, [f"imgs/{i}.png" for i in range(8)])
+    (root / "imgs" / "5.png").write_bytes(b"broken")
+    (root / "pairs.csv").write_text("filepath,title\n" + "".join(f"imgs/{i}.png,a photo of thing {i}\n"
+                                                                 for i in range(8)))
+    return str(root / "pairs.csv")
+
+
+def train_args(model, data, out, *extra):
+    return ["--model", model, "--data", data, "--out", out, "--batch-size", "4", "--lr", "1e-3", "--warmup", "1",
+            "--eps", "4", "--workers", "0", "--amp", "off", "--log-every", "1", "--max-unreadable", "0.5", *extra]
+
+
+@pytest.fixture(scope="module")
+def single_run(one_thread, tiny_ckpt, csv_data, tmp_path_factory):
+    """FARE's defaults (2 epochs, PGD-10, AdamW) on 8 images in batches of 4: 4 steps, in this process."""
+    out = str(tmp_path_factory.mktemp("fare") / "one")
+    fare.main(train_args(tiny_ckpt, csv_data, out))
+    return out
+
+
+def test_csv_run_writes_everything_and_trains_the_image_encoder_only(single_run, tiny_ckpt):
+    names = set(os.listdir(single_run))
+    assert {"args.json", "log.jsonl", "last.pt", "model.pt"} <= names and not any(n.endswith(".tmp") for n in names)
+    records = [json.loads(line) for line in open(os.path.join(single_run, "log.jsonl"))]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in records)
+    assert [r["unreadable_images"] for r in records if r["step"] % 2 == 0] == [1, 1]  # one broken image per epoch
+    ckpt = torch.load(os.path.join(single_run, "last.pt"), weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["data"]["size"] == 8 and ckpt["args"]["method"] == "fare"
+    assert {"exp_avg", "exp_avg_sq"} <= set(next(iter(ckpt["optimizer"]["state"].values())))  # Adam's moments
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 1e-4
+    before, after = load_weights(tiny_ckpt), ckpt["model"]
+    assert not torch.equal(before["visual.proj"], after["visual.proj"])
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("visual."))
+
+
+def test_model_pt_loads_with_clip_load(single_run):
+    trained = load_weights(os.path.join(single_run, "last.pt"))
+    model, _ = clip.load(os.path.join(single_run, "model.pt"), device="cpu", jit=False)  # fp16-rounded matrices
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, trained[k]) or torch.equal(v, trained[k].half().float()), k
+    exact = common.load_clip(os.path.join(single_run, "model.pt"))
+    assert all(torch.equal(v, trained[k]) for k, v in exact.state_dict().items())
+
+
+def test_two_processes_equal_one(single_run, tiny_ckpt, csv_data, tmp_path):
+    """Global batch 4 as 2 x 2 under torchrun. DDP's average of the two per-process means is the gradient of the global
+    mean, so Adam's moments agree with one process (a factor W in the gradient would show as W² in exp_avg_sq, to
+    which Adam's update itself is blind) and so does the trained encoder. It is compared by its embeddings, not weight
+    by weight: the attention's key biases get a gradient that is 0 in exact arithmetic (softmax is shift-invariant)
+    and float noise in practice, which Adam's normalisation turns into steps of ±lr that change no output."""
+    out = str(tmp_path / "two")
+    r = run_script(["fare.py", *train_args(tiny_ckpt, csv_data, out)], nproc=2)
+    assert r.returncode == 0, r.stderr
+    ckpts = [torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (single_run, out)]
+    for a, b in zip(*(c["optimizer"]["state"].values() for c in ckpts)):
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert (a[moment] - b[moment]).abs().max() <= 1e-3 * a[moment].abs().max(), moment
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        start, one, two = (common.clip_from_state_dict(w).encode_image(x) for w in
+                           (load_weights(tiny_ckpt), ckpts[0]["model"], ckpts[1]["model"]))
+    moved, diff = (one - start).abs().max().item(), (one - two).abs().max().item()
+    assert diff < 1e-3 * moved, (moved, diff)
+    losses = lambda p: [json.loads(line)["loss"] for line in open(os.path.join(p, "log.jsonl"))]  # noqa: E731
+    np.testing.assert_allclose(losses(single_run), losses(out), rtol=1e-4)
+    counts = [json.loads(line)["unreadable_images"] for line in open(os.path.join(out, "log.jsonl"))]
+    assert counts[1::2] == [1, 1]  # the broken image is met by one process; each epoch's count sums both
+
+
+def test_resume_after_kill_matches_the_uninterrupted_run(single_run, tiny_ckpt, csv_data, tmp_path):
+    out = str(tmp_path / "resumed")
+    args = train_args(tiny_ckpt, csv_data, out, "--save-every", "1")
+    ckpt = os.path.join(out, "last.pt")
+    code = run_and_kill(["fare.py", *args], lambda: os.path.exists(ckpt))
+    assert code == -signal.SIGKILL and not os.path.exists(os.path.join(out, "model.pt")), "it finished unkilled"
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert 1 <= step < 4
+    fare.main(args)  # the same command: resumes from last.pt
+    a, b = load_weights(os.path.join(single_run, "last.pt")), load_weights(ckpt)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [1, 2, 3, 4]
+
+
+def test_imagefolder_data_trains(tiny_ckpt, tmp_path, capsys):
+    """An ImageNet-style root: train/<class>/ images are read (no devkit, no class names needed), val/ is not."""
+    write_images(tmp_path / "imagenet", [f"train/n0{c}/{i}.JPEG" for c in range(3) for i in range(2)]
+                 + ["val/n00/v.JPEG", "val/n01/w.JPEG"])
+    out = str(tmp_path / "run")
+    fare.main(train_args(tiny_ckpt, str(tmp_path / "imagenet"), out, "--batch-size", "2", "--max-steps", "2",
+                         "--attack-steps", "2"))
+    assert f"FARE: 6 images (every image under {tmp_path / 'imagenet' / 'train'})" in capsys.readouterr().out
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["data"]["size"] == 6 and ckpt["scheduler"]["total"] == 2
+
+
+def test_demo_runs_and_reports(tmp_path, capsys, monkeypatch):
+    """The demo end to end, shortened: 2 training steps, and every 8th of its test images (the full demo's table is
+    in the README)."""
+    zero_shot_eval = common.zero_shot_eval
+    monkeypatch.setattr(common, "zero_shot_eval", lambda encoder, text, ds, *a, **k: zero_shot_eval(
+        encoder, text, torch.utils.data.Subset(ds, range(0, len(ds), 8)), *a, **k))
+    out = str(tmp_path / "demo")
+    fare.main(["--demo", "--max-steps", "2", "--out", out])
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["method"] == "fare" and res["eps"] == 4.0
+    for when in ("before", "after"):
+        assert set(res[when]) == {"n", "clean", "pgd"} and 0 <= res[when]["pgd"] <= res[when]["clean"] <= 100
+        assert res[when]["n"] == 64
+    assert res["before"]["clean"] > 80, "the pretrained demo CLIP should classify held-out concepts zero-shot"
+    stdout = capsys.readouterr().out
+    assert "after (FARE)" in stdout and f"FARE: {64 * len(common.DEMO_PROXY)} images (demo), 2 steps" in stdout
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def test_bad_input_is_one_line_and_writes_nothing(tiny_ckpt, csv_data, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "cols.csv").write_text("image,caption\na.png,b\n")
+    cases = {
+        "--data /nonexistent/imagenet: no such file or directory": ["--data", "/nonexistent/imagenet"],
+        "no image files under": ["--data", str(tmp_path / "empty")],
+        "no column 'filepath'": ["--data", str(tmp_path / "cols.csv")],
+        "FARE uses no labels": ["--data", csv_data, "--class-names", str(tmp_path / "names.txt")],
+        "--eps -1.0: must be >= 0": ["--data", csv_data, "--eps", "-1"],
+        "fewer than one global batch": ["--data", csv_data, "--batch-size", "16"],
+    }
+    for message, argv in cases.items():
+        out = tmp_path / "out"
+        with pytest.raises(common.UsageError, match=message.replace("(", r"\(")) as e:
+            fare.main(["--model", tiny_ckpt, "--workers", "0", "--out", str(out), *argv])
+        assert "\n" not in str(e.value) and not out.exists(), message
+    # through the command line: `error: ...`, exit status 2, no traceback (common.run_main)
+    r = run_script(["fare.py", "--data", str(tmp_path / "cols.csv"), "--out", str(tmp_path / "out")])
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
