@@ -25,8 +25,10 @@ Sections, in the order data flows (search for the `# ---- name` rule):
     demo                 the procedural task (DemoImages), its tiny pretrained CLIP (demo_clip), demo tables
 """
 import argparse
+import contextlib
 import contextvars
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -1466,12 +1468,49 @@ def cross_entropy_per_sample(logits, y):
     return F.softplus(torch.logsumexp(rest, dim=1))
 
 
+# Attacks that others are made of (aa: APGD-CE then APGD-DLR; aa-ce-t: APGD-CE then APGD-T) run once per image when
+# an evaluation asks for several that share them (e.g. apgd-ce, apgd-dlr and aa, or Table 6 with AutoAttack's parts):
+# zero_shot_samples opens a shared_attacks() scope per batch, and inside it an attack marked @shared_in_batch returns
+# the x_adv it already computed for these images (same ε, α, steps and seed) instead of attacking again.
+_shared_attacks = contextvars.ContextVar("shared_attacks", default=None)
+
+
+@contextlib.contextmanager
+def shared_attacks():
+    """Within this scope, @shared_in_batch attacks reuse each image's x_adv (keyed by its dataset index)."""
+    token = _shared_attacks.set({})
+    try:
+        yield
+    finally:
+        _shared_attacks.reset(token)
+
+
+def shared_in_batch(attack):
+    """Decorator for an ATTACKS function: inside shared_attacks(), an image's x_adv is computed once per (attack, ε,
+    α, steps, seed, keyword arguments); a call whose images all have one is answered from it."""
+    @functools.wraps(attack)
+    def wrapper(logits_fn, x, y, index, eps, alpha, steps, seed, **kwargs):
+        memo = _shared_attacks.get()
+        if memo is None:
+            return attack(logits_fn, x, y, index, eps, alpha, steps, seed, **kwargs)
+        known = memo.setdefault((attack.__name__, eps, alpha, steps, seed, tuple(sorted(kwargs.items()))), {})
+        keys = index.tolist()
+        if keys and all(k in known for k in keys):
+            return torch.stack([known[k] for k in keys])
+        x_adv = attack(logits_fn, x, y, index, eps, alpha, steps, seed, **kwargs)
+        known.update(zip(keys, x_adv))  # dataset index -> (3, H, W)
+        return x_adv
+    return wrapper
+
+
+@shared_in_batch
 def attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed):
     """APGD on the cross-entropy at CLIP's logit scale (SPEC §6 `apgd-ce`); α is unused (step size 2ε, adaptive)."""
     delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
     return apgd(logits_fn, cross_entropy_per_sample, x, y, eps, steps, delta)
 
 
+@shared_in_batch
 def attack_apgd_dlr(logits_fn, x, y, index, eps, alpha, steps, seed):
     """APGD on the DLR loss (SPEC §6 `apgd-dlr`); needs ≥ 3 classes (ATTACK_MIN_CLASSES)."""
     delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
@@ -1482,12 +1521,23 @@ def attack_aa(logits_fn, x, y, index, eps, alpha, steps, seed):
     """AutoAttack as the AGFT paper runs it (its App. 7: APGD-CE and APGD-DLR): APGD-DLR attacks the samples that
     survived APGD-CE, so the returned point fools the model iff one of the two runs did (per-sample worst case).
     On 2-class sets DLR is undefined and `aa` is APGD-CE alone."""
-    x_adv = attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed)
-    with torch.no_grad():
-        logits = logits_fn(x_adv)
-    alive = (logits.argmax(-1) == y).nonzero()[:, 0]  # survivors of APGD-CE
-    if logits.shape[1] >= 3 and len(alive):
-        x_adv[alive] = attack_apgd_dlr(logits_fn, x[alive], y[alive], index[alive.cpu()], eps, alpha, steps, seed)
+    return attacks_in_turn(COMBINED_ATTACKS["aa"], logits_fn, x, y, index, eps, alpha, steps, seed)
+
+
+def attacks_in_turn(names, logits_fn, x, y, index, eps, alpha, steps, seed):
+    """AutoAttack's way of combining attacks: each of `names` (ATTACKS) runs on the images that every earlier one
+    left correctly classified; per image, the point of the attack that fooled it (else of the last one). An attack
+    that needs more classes than there are (ATTACK_MIN_CLASSES) is skipped."""
+    x_adv, alive = x.detach().clone(), torch.arange(len(x), device=x.device)  # alive: (B',) not fooled so far
+    n_classes = None  # known after the first attack (which must apply to any number of classes)
+    for i, name in enumerate(names):
+        if len(alive) == 0 or (n_classes is not None and n_classes < ATTACK_MIN_CLASSES.get(name, 2)):
+            continue
+        x_adv[alive] = ATTACKS[name](logits_fn, x[alive], y[alive], index[alive.cpu()], eps, alpha, steps, seed)
+        if i < len(names) - 1:
+            with torch.no_grad():
+                logits = logits_fn(x_adv[alive])  # (B', C)
+            n_classes, alive = logits.shape[1], alive[logits.argmax(-1) == y[alive]]
     return x_adv
 
 
@@ -1737,6 +1787,7 @@ def dlr_targeted_loss(logits, y, target):
     return -(z_y - z_t) / (z[:, 0] - 0.5 * (z[:, 2] + z[:, 3]) + 1e-12)
 
 
+@shared_in_batch
 def attack_apgd_t(logits_fn, x, y, index, eps, alpha, steps, seed, n_targets=9):
     """APGD-T as in AutoAttack (Croce & Hein 2020, §4): APGD on the targeted DLR loss towards the k-th most likely
     class of the clean prediction, k = 2, ..., n_targets + 1 (at most C − 1), each run on the images no earlier run
@@ -1754,6 +1805,13 @@ def attack_apgd_t(logits_fn, x, y, index, eps, alpha, steps, seed, n_targets=9):
         if len(alive) == 0:
             break
     return x_adv
+
+
+def attack_aa_ce_t(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """RobustVLM's AutoAttack (Schlarmann et al. 2024; autoattack's version="custom" with ["apgd-ce", "apgd-t"]):
+    APGD-T attacks the samples that survived APGD-CE; robust only if a sample survives both. Below 4 classes APGD-T
+    is not applicable and this is APGD-CE alone."""
+    return attacks_in_turn(COMBINED_ATTACKS["aa-ce-t"], logits_fn, x, y, index, eps, alpha, steps, seed)
 
 
 def square_p(i, n_iter, p_init=0.8):
@@ -1810,10 +1868,13 @@ ATTACKS = {"pgd": attack_pgd, "cw": attack_cw, "apgd-ce": attack_apgd_ce, "apgd-
            "aa": attack_aa, "pgd-t-rand": attack_pgd_t_rand, "pgd-t-least": attack_pgd_t_least,
            "mi": attack_mi, "ni": attack_ni, "di": attack_di, "ti": attack_ti, "pi": attack_pi, "pi++": attack_pi_plus,
            "mi-t": attack_mi_t, "di-t": attack_di_t, "ti-t": attack_ti_t, "ni-t": attack_ni_t,
-           "apgd-t": attack_apgd_t, "square": attack_square}
+           "apgd-t": attack_apgd_t, "aa-ce-t": attack_aa_ce_t, "square": attack_square}
 DEFAULT_ATTACK_STEPS = {"pgd": 20, "cw": 20, "apgd-ce": 100, "apgd-dlr": 100, "aa": 100, "pgd-t-rand": 20,
                         "pgd-t-least": 20, **dict.fromkeys(["mi", "ni", "di", "ti", "pi", "pi++", "mi-t", "di-t", "ti-t",
-                                                            "ni-t"], 20), "apgd-t": 100, "square": 5000}
+                                                            "ni-t"], 20), "apgd-t": 100, "aa-ce-t": 100,
+                        "square": 5000}
+# attacks made of others (attacks_in_turn): an image is robust only if it survives every part
+COMBINED_ATTACKS = {"aa": ("apgd-ce", "apgd-dlr"), "aa-ce-t": ("apgd-ce", "apgd-t")}
 # below this many classes the attack is not applicable: reported as None, not a number
 ATTACK_MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
 
@@ -2251,12 +2312,19 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
     image the adversarial metrics are averaged over; the accuracies are the same either way. The metrics reuse the
     features of the clean pass and of the classification of x_adv; top5-iou compares with the top-5 of
     `reference(x)` (the reference model's logits on the clean image; None: the evaluated model itself).
+    steps: every attack's iterations (None: DEFAULT_ATTACK_STEPS) or {attack: iterations}. The attacks run on each
+    batch while its clean features are in memory; an attack that others are made of runs once per image
+    (shared_attacks), and the combined attacks (COMBINED_ATTACKS) run last so that they find their parts' results.
     timing: a dict to fill with images per second of the clean pass and of each attack (all processes together)."""
     encoder.eval()
     logits_fn = lambda x: CLIP_LOGIT_SCALE * cosine_sim(encoder(x), text_feats)  # noqa: E731
     n_classes = len(text_feats)
     applicable = [n_classes >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
     adv_metrics = bool(metrics) and bool(attacks) and applicable[0]
+
+    def steps_of(name):
+        return (steps.get(name) if isinstance(steps, dict) else steps) or DEFAULT_ATTACK_STEPS[name]
+    order = sorted(range(len(attacks)), key=lambda k: attacks[k] in COMBINED_ATTACKS)  # parts first, then aa & co.
     indices = range(len(dataset)) if indices is None else indices
     n_batches = -(-(-(-len(indices) // batch_size)) // dist.world)  # ⌈⌈N / B⌉ / W⌉, the same on every rank
     seconds, images = [0.0] * (1 + len(attacks)), [0] * (1 + len(attacks))  # for `timing`; clean, then each attack
@@ -2278,27 +2346,29 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
                 with ctx, torch.no_grad():
                     ref_scores = sim if reference is None else reference(x)
             out.update(structure_metrics(metrics, sim, ref_scores, "clean"))
-        for k, name in enumerate(attacks):
-            if not applicable[k]:
-                continue
-            metrics_here = k == 0 and adv_metrics  # the first attack's x_adv of every image, for the metrics
-            keep = torch.ones_like(ok) if attack_all or metrics_here else ok
-            correct = torch.zeros_like(ok)
-            if keep.any():
-                t = tick()
-                with ctx:
-                    x_adv = ATTACKS[name](logits_fn, x[keep], y[keep], index[keep.cpu()], eps, alpha,
-                                          steps or DEFAULT_ATTACK_STEPS[name], seed)
-                with ctx, torch.no_grad():
-                    adv_features = encoder(x_adv)
-                    adv_sim = cosine_sim(adv_features, text_feats)
-                correct[keep] = ((CLIP_LOGIT_SCALE * adv_sim).argmax(-1) == y[keep]) & ok[keep]
-                seconds[k + 1], images[k + 1] = seconds[k + 1] + tick() - t, images[k + 1] + int(keep.sum())
-                if metrics_here:  # keep is every image
-                    out.update(structure_metrics(metrics, adv_sim, ref_scores, "adv"))
-                    if "phi" in metrics:
-                        out["phi.adv"] = cosine_deviation(features, adv_features)
-            out[name] = correct
+        with shared_attacks():  # an attack that others are made of (APGD-CE in aa) runs once per image
+            for k in order:
+                name = attacks[k]
+                if not applicable[k]:
+                    continue
+                metrics_here = k == 0 and adv_metrics  # the first attack's x_adv of every image, for the metrics
+                keep = torch.ones_like(ok) if attack_all or metrics_here else ok
+                correct = torch.zeros_like(ok)
+                if keep.any():
+                    t = tick()
+                    with ctx:
+                        x_adv = ATTACKS[name](logits_fn, x[keep], y[keep], index[keep.cpu()], eps, alpha,
+                                              steps_of(name), seed)
+                    with ctx, torch.no_grad():
+                        adv_features = encoder(x_adv)
+                        adv_sim = cosine_sim(adv_features, text_feats)
+                    correct[keep] = ((CLIP_LOGIT_SCALE * adv_sim).argmax(-1) == y[keep]) & ok[keep]
+                    seconds[k + 1], images[k + 1] = seconds[k + 1] + tick() - t, images[k + 1] + int(keep.sum())
+                    if metrics_here:  # keep is every image
+                        out.update(structure_metrics(metrics, adv_sim, ref_scores, "adv"))
+                        if "phi" in metrics:
+                            out["phi.adv"] = cosine_deviation(features, adv_features)
+                out[name] = correct
         yield index, {f: v.cpu() for f, v in out.items()}
         done += 1
     for _ in range(done, n_batches):

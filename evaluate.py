@@ -21,14 +21,24 @@ Attacks (ℓ∞, --eps in units of 1/255; common.ATTACKS):
   AutoAttack's other two:
     apgd-t       APGD-100 on the targeted DLR loss, 9 target classes (not applicable below 4 classes: n/a)
     square       Square Attack, 5000 queries (--steps), margin loss, gradient-free: a check for gradient masking
+    aa-ce-t      robust only if the sample survives apgd-ce and apgd-t (RobustVLM's AutoAttack)
+  Groups: table6 (the 15 columns of the AGFT paper's Table 6, in its order), autoattack. An attack that others are
+  made of (apgd-ce in aa and aa-ce-t) runs once per image when several of them are asked for.
 
-Reproduce the AGFT paper's evaluation rows (ViT-B/32, ε = 1/255, the 15 datasets; Tables 1, 2, 12, 13):
-    python evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks pgd,cw,aa --out runs/agft-eps1/eval.json
-    torchrun --nproc_per_node=2 evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks pgd,cw,aa \\
+Protocols (--protocol; explicit --attacks, --steps, --alpha, --samples override them; SPEC §6):
+    agft         pgd, cw (20 steps, α = 1/255) and aa with 10 iterations (the AGFT code's torchattacks AutoAttack)
+    advflyp      pgd, cw (10 steps, α = 1/255) and aa with 100 iterations (the AdvFLYP code's autoattack package)
+    robustvlm    aa-ce-t (APGD-CE + APGD-T, 100 iterations) on 1000 images per dataset (RobustVLM's evaluation)
+
+Reproduce the AGFT paper's evaluation rows (ViT-B/32, ε = 1/255, the 15 datasets; Tables 1, 2, 12, 13), and its
+Table 6 (its 15 attack columns in one run; its AA has 10 iterations, which the protocol sets):
+    torchrun --nproc_per_node=2 evaluate.py --model runs/agft-eps1/model.pt --datasets all --protocol agft \\
         --out runs/agft-eps1/eval.json
-Table 6 (the 15 attack columns; its AA column is APGD-CE + APGD-DLR at 10 iterations: a second run, --steps 10):
-    python evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks \\
-        pgd,mi,di,ti,ni,pi,pi++,cw,pgd-t-rand,pgd-t-least,mi-t,di-t,ti-t,ni-t --out runs/agft-eps1/table6.json
+    torchrun --nproc_per_node=2 evaluate.py --model runs/agft-eps1/model.pt --datasets all --protocol agft \\
+        --attacks table6 --out runs/agft-eps1/table6.json
+The AdvFLYP paper's rows (its 14 datasets; its ImageNet shifts: --datasets imagenet-shifts) and RobustVLM's:
+    python evaluate.py --model runs/advflyp/model.pt --datasets advflyp --protocol advflyp --out runs/advflyp/eval.json
+    python evaluate.py --model runs/fare-eps2/model.pt --datasets all --protocol robustvlm --eps 2 --out rvlm.json
 The original CLIP row: --model ViT-B/32. Another project's released image encoder (its layout is recognised; README,
 "Released weights of other projects"), e.g. RobustVLM's FARE at ε = 1/255:
     python evaluate.py --model ViT-B/32 --vision-weights vitb32_fare_eps_1.pt --datasets all --attacks pgd,cw,aa
@@ -56,6 +66,7 @@ import json
 import math
 import os
 import signal
+import textwrap
 import time
 from statistics import NormalDist
 
@@ -71,33 +82,73 @@ ATTACK_LABELS = {"pgd": "PGD-{n}", "cw": "C&W-{n}", "apgd-ce": "APGD-CE-{n}", "a
                  "di": "DI²-FGSM-{n}", "ti": "TI-FGSM-{n}", "pi": "PI-FGSM-{n}", "pi++": "PI-FGSM++-{n}",
                  "mi-t": "MI-FGSM-{n} targeted, random class", "di-t": "DI²-FGSM-{n} targeted, random class",
                  "ti-t": "TI-FGSM-{n} targeted, random class", "ni-t": "NI-FGSM-{n} targeted, random class",
-                 "apgd-t": "APGD-T-{n} (9 target classes)", "square": "Square ({n} queries)"}
+                 "apgd-t": "APGD-T-{n} (9 target classes)", "aa-ce-t": "AA (APGD-CE + APGD-T, {n} it.)",
+                 "square": "Square ({n} queries)"}
 METRIC_LABELS = {"conf": "conf", "smax": "smax", "smean": "smean", "top5-iou": "top-5 IoU (%)", "phi": "φ (°)"}
+# --datasets groups: each paper's evaluation sets (SPEC §6; the AdvFLYP paper's §4.1)
+DATASET_GROUPS = {"all": list(common.AGFT_DATASETS), "agft": list(common.AGFT_DATASETS),
+                  "advflyp": ["CIFAR10", "CIFAR100", "STL10", "Caltech101", "Caltech256", "OxfordIIITPet", "Flowers102",
+                              "Food101", "StanfordCars", "SUN397", "Country211", "FGVCAircraft", "EuroSAT", "DTD"],
+                  "imagenet-shifts": ["ImageNet-R", "ImageNet-A", "ImageNet-Sketch", "ObjectNet"]}
+# attacks that take --alpha as their step size (the others: APGD adapts its own, PI's is 10·ε/steps, Square's squares)
+STEP_SIZE_ATTACKS = {"pgd", "cw", "pgd-t-rand", "pgd-t-least", "mi", "ni", "di", "ti", "mi-t", "ni-t", "di-t", "ti-t"}
+# The AGFT paper's Table 6, in its column order (PGD MI DI² TI NI PI PI++ C&W AA PGDT PGDTL MIT DI²T TIT NIT):
+# --attacks table6 (its AA is 10-iteration AutoAttack: use it with --protocol agft).
+ATTACK_GROUPS = {"table6": ["pgd", "mi", "di", "ti", "ni", "pi", "pi++", "cw", "aa", "pgd-t-rand", "pgd-t-least",
+                            "mi-t", "di-t", "ti-t", "ni-t"],
+                 "autoattack": ["apgd-ce", "apgd-dlr", "apgd-t", "square", "aa", "aa-ce-t"]}
+# Each paper's evaluation as its code runs it (SPEC §6): the attacks (when --attacks is not given), every attack's
+# iterations (when --steps does not name it), the PGD/C&W step size and the images per dataset (unless --alpha or
+# --samples are given). Attacks a protocol does not name keep DEFAULT_ATTACK_STEPS.
+PROTOCOLS = {
+    "agft": {"about": "the AGFT code: PGD-20 and C&W-20 at α = 1/255; AA = torchattacks' AutoAttack(version='rand'), "
+                      "APGD-CE + APGD-DLR with 10 iterations; Table 6's attacks at 20 steps",
+             "attacks": ["pgd", "cw", "aa"], "steps": {**dict.fromkeys(ATTACK_GROUPS["table6"], 20), "aa": 10},
+             "alpha": 1.0, "samples": None},
+    "advflyp": {"about": "the AdvFLYP code: PGD-10 and C&W-10 at α = 1/255; AA = the autoattack package's APGD-CE + "
+                         "APGD-DLR with 100 iterations",
+                "attacks": ["pgd", "cw", "aa"], "steps": {"pgd": 10, "cw": 10, "aa": 100}, "alpha": 1.0,
+                "samples": None},
+    "robustvlm": {"about": "RobustVLM (FARE) with CLIP_benchmark: AutoAttack of APGD-CE + APGD-T (9 targets), 100 "
+                           "iterations, 1000 images per dataset",
+                  "attacks": ["aa-ce-t"], "steps": {"aa-ce-t": 100, "apgd-ce": 100, "apgd-t": 100}, "alpha": 1.0,
+                  "samples": 1000},
+}
 
 
 # --------------------------------------------------------------------------------------------------------- config
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=help_lists(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ViT-B/32", help="released CLIP name, checkpoint file, random:ARCH or demo")
     p.add_argument("--vision-weights", default=None, metavar="FILE",
                    help="image-encoder weights (e.g. a robust model another project released, README) loaded into "
                         "--model's image encoder; text encoder from --model")
     p.add_argument("--datasets", default="all",
-                   help="comma-separated: dataset names (see README), demo, folder:PATH, all (the AGFT paper's 15), "
-                        "or synthetic (random images and 1000 classes, for benchmarks)")
+                   help="comma-separated dataset names or groups (listed below): all (the AGFT paper's 15), advflyp "
+                        "(the AdvFLYP paper's 14), imagenet-shifts, demo, folder:PATH, or synthetic (random images "
+                        "and 1000 classes, for benchmarks)")
     p.add_argument("--data-root", default="./data", help="directory holding the datasets (layout in the README)")
     p.add_argument("--download", action="store_true", help="download the datasets torchvision can fetch")
     p.add_argument("--class-names", default=None,
                    help="names for WordNet-id classes (ImageNet and variants): 'wnid name' lines, or one name per "
                         "line in sorted wnid order (default: ImageNet's devkit in DATA_ROOT/imagenet)")
     p.add_argument("--template", default=None, help="prompt template for every dataset, e.g. 'a photo of a {}.'")
-    p.add_argument("--attacks", default="pgd", help=f"comma-separated, from: {', '.join(common.ATTACKS)}; "
-                                                    "'none' for clean accuracy only")
+    p.add_argument("--protocol", choices=list(PROTOCOLS), default=None,
+                   help="evaluate as a paper's code does (attacks, iterations, α, images per dataset; listed below); "
+                        "--attacks, --steps, --alpha and --samples override it")
+    p.add_argument("--attacks", default=None,
+                   help=f"comma-separated attack names or groups ({', '.join(ATTACK_GROUPS)}), listed below; 'none' "
+                        "for clean accuracy only (default: the protocol's, else pgd)")
     p.add_argument("--eps", type=float, default=1.0, help="ℓ∞ budget ε in units of 1/255")
-    p.add_argument("--alpha", type=float, default=1.0, help="PGD/C&W step size in units of 1/255 (APGD adapts its own)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="iterations of every attack (default: PGD/C&W 20, APGD 100)")
-    p.add_argument("--samples", type=int, default=None, help="evaluate a fixed random subset of N images per dataset")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="step size of the PGD-like attacks in units of 1/255 (default 1; APGD adapts its own)")
+    p.add_argument("--steps", default=None,
+                   help="iterations: N for every attack, or NAME=N,... for some (default: the protocol's, else each "
+                        "attack's default, listed below; Square: queries)")
+    p.add_argument("--samples", default=None,
+                   help="evaluate a fixed random subset of N images per dataset, or 'all' (default: the protocol's, "
+                        "else all)")
     p.add_argument("--batch-size", type=int, default=256, help="images per process and batch")
     p.add_argument("--amp", choices=["off", "bf16", "fp16", "auto"], default="off",
                    help="mixed precision for the model and the attacks (default: fp32)")
@@ -129,24 +180,38 @@ def parse_args(argv=None):
         return args
 
     specs = [s.strip() for s in args.datasets.split(",") if s.strip()]
-    specs = [n for s in specs for n in (common.AGFT_DATASETS if s.lower() == "all" else [s])]
+    specs = [n for s in specs for n in DATASET_GROUPS.get(s.lower(), [s])]
     known = {n.lower(): n for n in list(common.EVAL_DATASETS) + ["demo", "synthetic"]}  # case-insensitive
     for s in specs:
         if not s.startswith("folder:") and s.lower() not in known:
-            raise common.UsageError(f"--datasets {s}: unknown dataset (one of {', '.join(known.values())}, all, "
-                                    "folder:PATH)")
+            raise common.UsageError(f"--datasets {s}: unknown dataset (one of {', '.join(known.values())}, "
+                                    f"{', '.join(DATASET_GROUPS)}, folder:PATH)")
     args.datasets = list(dict.fromkeys(s if s.startswith("folder:") else known[s.lower()] for s in specs))
     if not args.datasets:
         raise common.UsageError("--datasets: no dataset given")
-    attacks = [] if args.attacks.strip().lower() in ("", "none") else [a.strip() for a in args.attacks.split(",")]
+    protocol = PROTOCOLS[args.protocol] if args.protocol else {"attacks": ["pgd"], "steps": {}, "alpha": 1.0,
+                                                               "samples": None}
+    attacks = args.attacks if args.attacks is not None else ",".join(protocol["attacks"])
+    attacks = [] if attacks.strip().lower() in ("", "none") else [a.strip() for a in attacks.split(",") if a.strip()]
+    attacks = [a for s in attacks for a in ATTACK_GROUPS.get(s.lower(), [s])]
     for a in attacks:
         if a not in common.ATTACKS:
-            raise common.UsageError(f"--attacks {a}: unknown attack (one of {', '.join(common.ATTACKS)})")
+            raise common.UsageError(f"--attacks {a}: unknown attack (one of {', '.join(common.ATTACKS)}, or a group: "
+                                    f"{', '.join(ATTACK_GROUPS)})")
     args.attacks = list(dict.fromkeys(attacks))
+    args.steps = attack_steps(args.steps, args.attacks, protocol["steps"])
+    args.alpha = protocol["alpha"] if args.alpha is None else args.alpha
+    if args.samples is None or args.samples.strip().lower() == "all":
+        args.samples = protocol["samples"] if args.samples is None else None
+    else:
+        try:
+            args.samples = int(args.samples)
+        except ValueError:
+            raise common.UsageError(f"--samples {args.samples}: expected a number of images or 'all'") from None
     for name in ("eps", "alpha"):
         if getattr(args, name) < 0:
             raise common.UsageError(f"--{name} {getattr(args, name)}: must be >= 0")
-    for name in ("steps", "samples", "batch_size"):
+    for name in ("samples", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise common.UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.workers < 0:
@@ -177,6 +242,43 @@ def parse_args(argv=None):
     if args.save_every < 0:
         raise common.UsageError(f"--save-every {args.save_every}: must be >= 0")
     return args
+
+
+def help_lists():
+    """--help's closing lists: the dataset names, the attacks with their default iterations, groups and protocols."""
+    wrap = lambda text: textwrap.fill(text, 118, initial_indent="  ", subsequent_indent="    ",
+                                         break_on_hyphens=False)  # noqa: E731
+    return "\n".join([
+        "datasets (--datasets; layout under --data-root in the README):",
+        wrap(", ".join(common.EVAL_DATASETS) + "; demo; synthetic; folder:PATH"),
+        "dataset groups:", *(wrap(f"{g} = {', '.join(d)}") for g, d in DATASET_GROUPS.items()),
+        "attacks (--attacks; default iterations in brackets):",
+        wrap(", ".join(f"{a} [{n}]" for a, n in common.DEFAULT_ATTACK_STEPS.items())),
+        "attack groups:", *(wrap(f"{g} = {', '.join(a)}") for g, a in ATTACK_GROUPS.items()),
+        "protocols (--protocol):", *(wrap(f"{name}: {p['about']}; attacks {','.join(p['attacks'])}")
+                                     for name, p in PROTOCOLS.items())])
+
+
+def attack_steps(spec, attacks, protocol_steps):
+    """--steps -> {attack: iterations} for `attacks`: spec is None, 'N' (every attack) or 'NAME=N,...' (those named);
+    the rest from the protocol, else common.DEFAULT_ATTACK_STEPS."""
+    steps = {a: protocol_steps.get(a, common.DEFAULT_ATTACK_STEPS[a]) for a in attacks}
+    if spec is None:
+        return steps
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    try:
+        if len(items) == 1 and "=" not in items[0]:
+            given = dict.fromkeys(attacks, int(items[0]))
+        else:
+            given = {name.strip(): int(n) for name, n in (item.split("=") for item in items)}
+    except ValueError:
+        raise common.UsageError(f"--steps {spec}: expected N or NAME=N,... (e.g. aa=10,pgd=20)") from None
+    for name, n in given.items():
+        if name not in attacks:
+            raise common.UsageError(f"--steps {name}={n}: {name} is not among the attacks ({', '.join(attacks)})")
+        if n < 1:
+            raise common.UsageError(f"--steps {name}={n}: must be >= 1")
+    return {**steps, **given}
 
 
 def default_reference(args):
@@ -574,6 +676,11 @@ def build_report(args, settings, store, class_counts, throughput):
     if "aa" in args.attacks:
         notes += [f"aa on {name} ({class_counts[name]} classes) is APGD-CE alone: DLR needs at least 3 classes"
                   for name in names if class_counts[name] < 3]
+    if "aa-ce-t" in args.attacks:
+        notes += [f"aa-ce-t on {name} ({class_counts[name]} classes) is APGD-CE alone: APGD-T needs at least 4 "
+                  "classes" for name in names if class_counts[name] < 4]
+    if args.protocol:
+        notes.insert(0, f"protocol {args.protocol}: {PROTOCOLS[args.protocol]['about']}")
     complete = len(names) == len(settings["datasets"])
     report = {"complete": complete, "datasets": results, "mean": mean,
               "correct": counts, "ci95": {"method": CI_METHOD, "datasets": ci, "mean": mean_ci}}
@@ -605,8 +712,8 @@ def build_report(args, settings, store, class_counts, throughput):
     steps = settings["steps"]
     labels = {"clean": "clean", **{a: ATTACK_LABELS[a].format(n=steps[a]) for a in args.attacks}}
     title = (f"Zero-shot accuracy (%) of {args.model}, ℓ∞ ε = {args.eps:g}/255"
-             + (f", PGD/C&W α = {args.alpha:g}/255" if {"pgd", "cw", "pgd-t-rand", "pgd-t-least"} & set(args.attacks)
-                else "") + (f", {args.samples} images per dataset at most" if args.samples else "")
+             + (f", protocol {args.protocol}" if args.protocol else "")
+             + (f", α = {args.alpha:g}/255" if set(args.attacks) & STEP_SIZE_ATTACKS else "") + (f", {args.samples} images per dataset at most" if args.samples else "")
              + ("" if complete else f" (incomplete: {len(names)} of {len(settings['datasets'])} datasets)"))
     table = markdown_table(results, mean, columns, labels, title, report["ci95"] if args.intervals else None)
     if args.metrics:
@@ -731,9 +838,9 @@ def evaluate(args, preemption):
             for name, ds, class_names, template in load_datasets(args, dist, model.visual.input_resolution)]
     encoder = common.compile_encoder(common.ImageEncoder(model.visual).to(dist.device).eval(), args.compile)
     ref_encoder = None if reference is None else common.ImageEncoder(reference.visual).to(dist.device).eval()
-    steps = {a: args.steps or common.DEFAULT_ATTACK_STEPS[a] for a in args.attacks}
+    steps = args.steps  # {attack: iterations}
     prompts = {name: common.prompts_for(class_names, template) for name, _, class_names, template, _ in sets}
-    settings = {"model": args.model, "vision_weights": args.vision_weights, "model_sha256": model_sha, "datasets": [s[0] for s in sets],
+    settings = {"protocol": args.protocol, "model": args.model, "vision_weights": args.vision_weights, "model_sha256": model_sha, "datasets": [s[0] for s in sets],
                 "images": {name: [full, len(ds)] for name, ds, _, _, full in sets},  # [dataset size, evaluated]
                 "attacks": args.attacks, "eps": args.eps, "alpha": args.alpha, "steps": steps,
                 "samples": args.samples, "seed": args.seed, "amp": amp, "metrics": args.metrics,
@@ -784,7 +891,7 @@ def evaluate(args, preemption):
                 ref_logits = lambda x: (common.CLIP_LOGIT_SCALE  # noqa: E731
                                         * common.cosine_sim(ref_encoder(x), ref_text))
             for index, out in common.zero_shot_samples(
-                    encoder, text, dataset, dist, tuple(args.attacks), eps, alpha, args.steps, args.batch_size, ctx,
+                    encoder, text, dataset, dist, tuple(args.attacks), eps, alpha, steps, args.batch_size, ctx,
                     args.seed, args.workers, desc=name, timing=timing, attack_all=args.attack_all,
                     metrics=tuple(args.metrics), reference=ref_logits, indices=todo):
                 rows = gather_rows(pack_rows(index, out, fields), dist)
