@@ -15,7 +15,8 @@ Sections, in the order data flows (search for the `# ---- name` rule):
                          evaluation datasets (EVAL_DATASETS, ObjectNet's overlap with ImageNet, eval_dataset) and
                          eval_loader
     attacks              input_grad, pgd (training and evaluation), APGD, C&W, targeted PGD; Table 6's MI, NI, DI, TI
-                         (momentum_ifgsm), PI, PI++ (pi_fgsm) and targeted versions; APGD-T, Square; the ATTACKS registry
+                         (momentum_ifgsm), PI, PI++ (pi_fgsm) and targeted versions; APGD-T, Square, aa-ce-t;
+                         shared_in_batch; the ATTACKS registry
     training harness     cosine_lr, train_parser / parse_train_args, Run (the run directory: args.json, log.jsonl,
                          last.pt, model.pt, model_state_dict.pt; resume, preemption, unreadable images,
                          non-finite losses), checkpoint_state
@@ -222,7 +223,8 @@ def read_checkpoint_weights(path):
     Never unpickles arbitrary objects: TorchScript via torch.jit.load, everything else with weights_only=True."""
     obj = read_checkpoint(path, "--model")
     state_dict = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state_dict, dict) or "visual.conv1.weight" not in state_dict or "text_projection" not in state_dict:
+    if (not isinstance(state_dict, dict) or "visual.conv1.weight" not in state_dict
+            or "text_projection" not in state_dict):
         raise UsageError(f"--model {path}: not a CLIP checkpoint (no CLIP weights found in it)")
     return dict(state_dict)
 
@@ -1720,8 +1722,8 @@ def attack_ti_t(logits_fn, x, y, index, eps, alpha, steps, seed):
 
 
 def pi_projection_kernel():
-    """PI-FGSM's projection kernel W_p (Gao et al. 2020): 3 × 3, 1/8 around a zero centre, so W_p ∗ C is the mean of C over
-    the 8 neighbours. -> (3, 3)."""
+    """PI-FGSM's projection kernel W_p (Gao et al. 2020): 3 × 3, 1/8 around a zero centre, so W_p ∗ C is the mean of
+    C over the 8 neighbours. -> (3, 3)."""
     k = torch.full((3, 3), 1 / 8)
     k[1, 1] = 0.0
     return k
@@ -1778,8 +1780,8 @@ def attack_pi_plus(logits_fn, x, y, index, eps, alpha, steps, seed):
 
 # ---- APGD-T and Square
 def dlr_targeted_loss(logits, y, target):
-    """Targeted DLR (Croce & Hein 2020, §4, AutoAttack's APGD-T): −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12), π the logits in
-    decreasing order. (B, C), (B,), (B,) -> (B,). Scale-invariant; needs C ≥ 4."""
+    """Targeted DLR (Croce & Hein 2020, §4, AutoAttack's APGD-T): −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12),
+    π the logits in decreasing order. (B, C), (B,), (B,) -> (B,). Scale-invariant; needs C ≥ 4."""
     if logits.shape[1] < 4:
         raise ValueError(f"the targeted DLR loss needs at least 4 classes, got {logits.shape[1]}")
     z = logits.sort(dim=1, descending=True).values  # (B, C)
@@ -1870,9 +1872,9 @@ ATTACKS = {"pgd": attack_pgd, "cw": attack_cw, "apgd-ce": attack_apgd_ce, "apgd-
            "mi-t": attack_mi_t, "di-t": attack_di_t, "ti-t": attack_ti_t, "ni-t": attack_ni_t,
            "apgd-t": attack_apgd_t, "aa-ce-t": attack_aa_ce_t, "square": attack_square}
 DEFAULT_ATTACK_STEPS = {"pgd": 20, "cw": 20, "apgd-ce": 100, "apgd-dlr": 100, "aa": 100, "pgd-t-rand": 20,
-                        "pgd-t-least": 20, **dict.fromkeys(["mi", "ni", "di", "ti", "pi", "pi++", "mi-t", "di-t", "ti-t",
-                                                            "ni-t"], 20), "apgd-t": 100, "aa-ce-t": 100,
-                        "square": 5000}
+                        "pgd-t-least": 20,
+                        **dict.fromkeys(["mi", "ni", "di", "ti", "pi", "pi++", "mi-t", "di-t", "ti-t", "ni-t"], 20),
+                        "apgd-t": 100, "aa-ce-t": 100, "square": 5000}
 # attacks made of others (attacks_in_turn): an image is robust only if it survives every part
 COMBINED_ATTACKS = {"aa": ("apgd-ce", "apgd-dlr"), "aa-ce-t": ("apgd-ce", "apgd-t")}
 # below this many classes the attack is not applicable: reported as None, not a number
@@ -2010,7 +2012,8 @@ def resume_mismatch(saved_args, args, saved_data, data):
     show = lambda v: "(not set)" if v is None else str(v)  # noqa: E731
     now = vars(args)
     diffs = [f"--{k.replace('_', '-')} {show(saved_args.get(k))} there, {show(now.get(k))} now"
-             for k in sorted(set(saved_args) | set(now)) if k not in RESUME_MAY_CHANGE and saved_args.get(k) != now.get(k)]
+             for k in sorted(set(saved_args) | set(now))
+             if k not in RESUME_MAY_CHANGE and saved_args.get(k) != now.get(k)]
     for key, what in (("size", "images"), ("classes", "class names")):
         if saved_data is not None and saved_data.get(key) != data.get(key):
             diffs.append(f"--data {what} {show(saved_data.get(key))} there, {show(data.get(key))} now")
@@ -2181,7 +2184,8 @@ class Run:
             peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-        return {"img_per_s": round(n * global_batch / dt, 2), "s_per_step": round(dt / n, 4), "peak_mem_mib": round(peak)}
+        return {"img_per_s": round(n * global_batch / dt, 2), "s_per_step": round(dt / n, 4),
+                "peak_mem_mib": round(peak)}
 
     def save(self, step, extra):
         """Write last.pt (checkpoint_state) at `step`, atomically, on rank 0."""
@@ -2513,7 +2517,8 @@ def demo_evaluate(encoder, clip_model, dist, ctx, args, run, when):
     """Zero-shot clean and PGD-20 (α = 1/255, ε = --eps) accuracy on the demo's held-out and proxy concepts."""
     out = {}
     for name, concepts in (("held_out", DEMO_HELD_OUT), ("proxy", DEMO_PROXY)):
-        ds = DemoImages(concepts, 512 // len(concepts), clip_model.visual.input_resolution, seed=2)  # test images, unseen in training
+        # test images, unseen in training
+        ds = DemoImages(concepts, 512 // len(concepts), clip_model.visual.input_resolution, seed=2)
         text = text_features(clip_model, prompts_for(ds.classes), dist.device)
         out[name] = zero_shot_eval(encoder, text, ds, dist, ("pgd",), args.eps / 255, 1 / 255, 20, ctx=ctx,
                                    seed=args.seed, desc=f"{when}: {name}")
@@ -2529,10 +2534,13 @@ def demo_report(run, args, before, after):
     for label, r in rows:
         run.print(f"{label:24s} {r['held_out']['clean']:15.2f} {r['held_out']['pgd']:13.2f} "
                   f"{r['proxy']['clean']:12.2f} {r['proxy']['pgd']:10.2f}")
+    threads = torch.get_num_threads()
+    run.print(f"(CPU float results depend on the thread count and the CPU: {threads} torch thread(s) here; the "
+              "README's quick start lists the spread measured across thread counts and machines, and what is stable)")
     run.write_results({
         "before": before["held_out"], "after": after["held_out"],
         "proxy": {"before": before["proxy"], "after": after["proxy"]},
-        "eps": args.eps, "method": args.method,
+        "eps": args.eps, "method": args.method, "torch_threads": threads,
         "held_out_concepts": [f"{c} {s}" for c, s in DEMO_HELD_OUT],
         "proxy_concepts": [f"{c} {s}" for c, s in DEMO_PROXY],
     })

@@ -488,10 +488,10 @@ class SampleStore:
     """Per-image results of every dataset (rank 0): the --per-sample file, which is also the state a rerun continues
     from. An image's results depend only on its index and its batch, and common.eval_loader puts it in the same batch
     whatever the number of processes, so a rerun (with any number of processes) evaluates the images still to do
-    exactly as an uninterrupted run would have. An .npz read with allow_pickle=False: "meta" (JSON: format, settings, per dataset its
-    name, image count, fields and whether it is complete) and per dataset k: "k.index" (int64, the image's index in
-    the dataset), "k.done", "k.clean" and "k.<attack>" (np.packbits of booleans, one bit per image), "k.label"
-    (int64), "k.<metric>.clean" / "k.<metric>.adv" (float32). Written atomically (temp file, fsync, rename)."""
+    exactly as an uninterrupted run would have. An .npz read with allow_pickle=False: "meta" (JSON: format,
+    settings, per dataset its name, image count, fields and whether it is complete) and per dataset k: "k.index"
+    (int64, the image's index in the dataset), "k.done", "k.clean" and "k.<attack>" (np.packbits of booleans, one
+    bit per image), "k.label" (int64), "k.<metric>.clean" / "k.<metric>.adv" (float32). Written atomically (temp file, fsync, rename)."""
 
     def __init__(self, path, settings):
         self.path, self.settings, self.sets = path, settings, {}
@@ -713,7 +713,8 @@ def build_report(args, settings, store, class_counts, throughput):
     labels = {"clean": "clean", **{a: ATTACK_LABELS[a].format(n=steps[a]) for a in args.attacks}}
     title = (f"Zero-shot accuracy (%) of {args.model}, ℓ∞ ε = {args.eps:g}/255"
              + (f", protocol {args.protocol}" if args.protocol else "")
-             + (f", α = {args.alpha:g}/255" if set(args.attacks) & STEP_SIZE_ATTACKS else "") + (f", {args.samples} images per dataset at most" if args.samples else "")
+             + (f", α = {args.alpha:g}/255" if set(args.attacks) & STEP_SIZE_ATTACKS else "")
+             + (f", {args.samples} images per dataset at most" if args.samples else "")
              + ("" if complete else f" (incomplete: {len(names)} of {len(settings['datasets'])} datasets)"))
     table = markdown_table(results, mean, columns, labels, title, report["ci95"] if args.intervals else None)
     if args.metrics:
@@ -826,7 +827,8 @@ def evaluate(args, preemption):
     eps, alpha = args.eps / 255, args.alpha / 255
     dist = common.setup_distributed()
     amp, ctx, _ = common.amp_setup(args.amp, dist.device)
-    model = common.load_clip(args.model, args.seed, args.vision_weights, dist).requires_grad_(False).eval()  # no param grads
+    model = common.load_clip(args.model, args.seed, args.vision_weights, dist)
+    model = model.requires_grad_(False).eval()  # no param grads
     model_sha = weights_sha256(model)
     model = model.to(dist.device)
     reference, reference_sha = None, None  # top5-iou's reference model; None: the evaluated model itself
@@ -840,7 +842,8 @@ def evaluate(args, preemption):
     ref_encoder = None if reference is None else common.ImageEncoder(reference.visual).to(dist.device).eval()
     steps = args.steps  # {attack: iterations}
     prompts = {name: common.prompts_for(class_names, template) for name, _, class_names, template, _ in sets}
-    settings = {"protocol": args.protocol, "model": args.model, "vision_weights": args.vision_weights, "model_sha256": model_sha, "datasets": [s[0] for s in sets],
+    settings = {"protocol": args.protocol, "model": args.model, "vision_weights": args.vision_weights,
+                "model_sha256": model_sha, "datasets": [s[0] for s in sets],
                 "images": {name: [full, len(ds)] for name, ds, _, _, full in sets},  # [dataset size, evaluated]
                 "attacks": args.attacks, "eps": args.eps, "alpha": args.alpha, "steps": steps,
                 "samples": args.samples, "seed": args.seed, "amp": amp, "metrics": args.metrics,

@@ -155,7 +155,8 @@ def main(argv=None):
     total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps,
                                                                                      args.epochs * steps_per_epoch)
     step = run.start(clip_model, optimizer, scaler, total_steps, steps_per_epoch)  # resumes from last.pt, if any
-    before = common.demo_evaluate(orig_encoder, clip_model, dist, ctx, args, run, "before") if args.data == "demo" else None
+    before = (common.demo_evaluate(orig_encoder, clip_model, dist, ctx, args, run, "before") if args.data == "demo"
+              else None)
     encoder, orig_encoder = (common.compile_encoder(e, args.compile) for e in (encoder, orig_encoder))  # --compile
     train_encoder = DDP(encoder) if dist.world > 1 else encoder
     loader = common.make_loader(dataset, sampler, args.workers, device)

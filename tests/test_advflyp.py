@@ -189,7 +189,8 @@ def test_csv_tsv_separator_columns_relative_paths_and_broken_images(tmp_path):
     tsv_set = common.caption_dataset(str(tmp_path / "pairs.tsv"), 32, img_key="path", caption_key="text")  # tab
     for ds in (csv_set, tsv_set):
         assert len(ds) == 6
-        assert ds.dataset.images[0] == os.path.join(str(tmp_path), "imgs", "0.png")  # resolved against the file's folder
+        # resolved against the file's folder
+        assert ds.dataset.images[0] == os.path.join(str(tmp_path), "imgs", "0.png")
         image, caption, broken = ds[0]
         assert image.shape == (3, 32, 32) and 0 <= image.min() and image.max() <= 1
         assert (caption, broken) == ("caption, number 0", 0)
@@ -283,7 +284,8 @@ def test_two_processes_train_on_the_global_batch(one_process_run, tiny_ckpt, csv
     assert np.allclose(losses(os.path.join(out, "log.jsonl")), losses(str(tmp_path / "two" / "log.jsonl")),
                        rtol=1e-4)
     # the unreadable image is met by one of the two processes; each epoch's count is summed over both
-    counts = lambda p: [rec["unreadable_images"] for rec in map(json.loads, open(p)) if rec["step"] % 2 == 0]  # noqa: E731
+    counts = lambda p: [rec["unreadable_images"] for rec in map(json.loads, open(p))  # noqa: E731
+                        if rec["step"] % 2 == 0]
     assert counts(str(tmp_path / "two" / "log.jsonl")) == counts(os.path.join(out, "log.jsonl")) == [1, 1, 1, 1]
 
 

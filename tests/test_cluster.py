@@ -343,7 +343,8 @@ def test_resnet_batchnorm_is_frozen_and_two_processes_equal_one(tiny_rn_ckpt, tm
     for out, nproc in ((one, 1), (two, 2)):
         r = run_script(args + ["--out", out], nproc=nproc)
         assert r.returncode == 0, r.stderr[-3000:]
-    start, w1, w2 = (load_weights(p) for p in (tiny_rn_ckpt, os.path.join(one, "last.pt"), os.path.join(two, "last.pt")))
+    start, w1, w2 = (load_weights(p)
+                     for p in (tiny_rn_ckpt, os.path.join(one, "last.pt"), os.path.join(two, "last.pt")))
     stats = [k for k in start if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert stats and all(torch.equal(start[k], w1[k]) for k in stats), "BatchNorm statistics drifted"
     assert not torch.equal(start["visual.attnpool.c_proj.weight"], w1["visual.attnpool.c_proj.weight"])
