@@ -70,3 +70,58 @@ def run_and_kill(args, ready, timeout=120):
 def load_weights(path):
     """The CLIP state dict of a run's last.pt or model.pt, read the way the project reads checkpoints."""
     return common.read_checkpoint_weights(path)
+
+
+def run_main_in_process(main, argv, capsys):
+    """A script's main(argv) through common.run_main, as `python SCRIPT ARGV` runs it: (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        common.run_main(lambda: main(argv))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def write_images(folder, names, size=(40, 48), seed=0):
+    """Small random RGB images at folder/name (format from the extension)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for name in names:
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory):
+    """advflyp.py's kind of data: 8 captioned PNGs in a CSV with relative paths, one of them unreadable."""
+    root = tmp_path_factory.mktemp("csvdata")
+    write_images(root, [f"imgs/{i}.png" for i in range(8)])
+    (root / "imgs" / "5.png").write_bytes(b"broken")
+    (root / "pairs.csv").write_text("filepath,title\n" + "".join(f"imgs/{i}.png,a photo of thing {i}\n"
+                                                                 for i in range(8)))
+    return str(root / "pairs.csv")
+
+
+def kill_then_resume(args, ckpt, max_step):
+    """Start `python ARGS`, SIGKILL it once `ckpt` exists (before it finished and before step max_step), rerun the
+    same command: returns the rerun's CompletedProcess, which must have resumed."""
+    run_and_kill(args, lambda: os.path.exists(ckpt))
+    assert not os.path.exists(os.path.join(os.path.dirname(ckpt), "model.pt")), "the run finished before the kill"
+    assert 1 <= torch.load(ckpt, weights_only=True)["step"] < max_step
+    r = run_script(args)
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    return r
+
+
+def demo_zero_shot(per_class):
+    """The demo CLIP (pretrained, cached) as zero_shot_eval sees it, on its held-out test images (per_class of each of
+    the 16 concepts): (encoder, text features (16, D), dataset, logits_fn)."""
+    model = common.load_clip("demo").requires_grad_(False)
+    ds = common.DemoImages(common.DEMO_HELD_OUT, per_class, 32, seed=2)
+    encoder = common.ImageEncoder(model.visual).eval()
+    text = common.text_features(model, common.prompts_for(ds.classes), torch.device("cpu"))
+    logits_fn = lambda x: common.CLIP_LOGIT_SCALE * common.cosine_sim(encoder(x), text)  # noqa: E731
+    return encoder, text, ds, logits_fn

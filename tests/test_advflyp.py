@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from conftest import ROOT, load_weights, run_and_kill, run_script, tiny_clip
+from conftest import ROOT, load_weights, run_and_kill, run_script, tiny_clip, write_images
 
 import advflyp  # noqa: E402
 import clip  # noqa: E402
@@ -43,12 +42,6 @@ def grads(fn, *tensors):
     return torch.autograd.grad(fn(*leaves), leaves)
 
 
-def write_images(folder, names, size=(40, 48), seed=0):
-    rng = np.random.default_rng(seed)
-    for name in names:
-        path = os.path.join(folder, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
 
 
 # --------------------------------------------------------------------------------------------------------- losses
@@ -232,17 +225,6 @@ def test_synthetic_and_demo_captions():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-@pytest.fixture(scope="module")
-def csv_data(tmp_path_factory):
-    """8 captioned PNGs, one of them unreadable, in a CSV with relative paths."""
-    root = tmp_path_factory.mktemp("csvdata")
-    write_images(root, [f"imgs/{i}.png" for i in range(8)])
-    (root / "imgs" / "5.png").write_bytes(b"broken")
-    (root / "pairs.csv").write_text("filepath,title\n" + "".join(f"imgs/{i}.png,a photo of thing {i}\n"
-                                                                 for i in range(8)))
-    return str(root / "pairs.csv")
-
-
 def train_args(tiny_ckpt, data, out, *extra):
     return ["advflyp.py", "--model", tiny_ckpt, "--data", data, "--out", out, "--batch-size", "4", "--epochs", "4",
             "--lr", "0.05", "--warmup", "1", "--eps", "4", "--workers", "0", "--log-every", "1",

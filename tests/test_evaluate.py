@@ -14,7 +14,7 @@ from PIL import Image
 
 import common
 import evaluate
-from conftest import run_script, tiny_clip
+from conftest import run_main_in_process, run_script, tiny_clip
 
 # SPEC §6, written out again here so that a changed data_lists/templates.tsv fails a test
 SPEC_TEMPLATES = {
@@ -54,14 +54,7 @@ def make_folder(root, counts):
 
 
 def run_in_process(argv, capsys):
-    """evaluate.py's main through common.run_main, as `python evaluate.py ARGV` runs it: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        common.run_main(lambda: evaluate.main(argv))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main_in_process(evaluate.main, argv, capsys)
 
 
 @pytest.fixture(scope="module")

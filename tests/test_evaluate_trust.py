@@ -18,20 +18,13 @@ from scipy.stats import binomtest, multinomial
 
 import common
 import evaluate
-from conftest import ROOT, run_script, tiny_clip
+from conftest import ROOT, run_main_in_process, run_script, tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_in_process(argv, capsys):
-    """evaluate.py's main through common.run_main: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        common.run_main(lambda: evaluate.main(argv))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main_in_process(evaluate.main, argv, capsys)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ import clip
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import load_weights, run_and_kill, run_script, tiny_clip
+from conftest import load_weights, run_and_kill, run_script, tiny_clip, write_images
 
 import common  # noqa: E402
 import fare  # noqa: E402
@@ -19,12 +18,6 @@ import fare  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs and attacks on one thread, as the subprocesses
 
 
-def write_images(folder, names, size=(40, 48), seed=0):
-    rng = np.random.default_rng(seed)
-    for name in names:
-        path = os.path.join(folder, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
 
 
 # ------------------------------------------------------------------------------------------------------- the loss
@@ -171,17 +164,6 @@ def test_defaults_are_the_fare_authors_and_the_demo_is_the_others():
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def csv_data(tmp_path_factory):
-    """advflyp.py's kind of data: 8 captioned PNGs in a CSV with relative paths, one of them unreadable."""
-    root = tmp_path_factory.mktemp("csvdata")
-    write_images(root, [f"imgs/{i}.png" for i in range(8)])
-    (root / "imgs" / "5.png").write_bytes(b"broken")
-    (root / "pairs.csv").write_text("filepath,title\n" + "".join(f"imgs/{i}.png,a photo of thing {i}\n"
-                                                                 for i in range(8)))
-    return str(root / "pairs.csv")
-
-
 def train_args(model, data, out, *extra):
     return ["--model", model, "--data", data, "--out", out, "--batch-size", "4", "--lr", "1e-3", "--warmup", "1",
             "--eps", "4", "--workers", "0", "--amp", "off", "--log-every", "1", "--max-unreadable", "0.5", *extra]

@@ -9,6 +9,7 @@ import torch
 
 import common
 import evaluate
+from conftest import demo_zero_shot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -90,12 +91,7 @@ def test_protocol_is_in_the_results_and_the_title(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def demo():
     """The demo CLIP and 64 held-out images (4 per class) as zero_shot_samples sees them."""
-    model = common.load_clip("demo").requires_grad_(False)
-    ds = common.DemoImages(common.DEMO_HELD_OUT, 4, 32, seed=2)
-    encoder = common.ImageEncoder(model.visual).eval()
-    text = common.text_features(model, common.prompts_for(ds.classes), CPU)
-    logits_fn = lambda x: common.CLIP_LOGIT_SCALE * common.cosine_sim(encoder(x), text)  # noqa: E731
-    return encoder, text, ds, logits_fn
+    return demo_zero_shot(4)
 
 
 def test_aa_ce_t_is_robust_only_if_both_parts_fail(demo):

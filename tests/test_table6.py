@@ -19,7 +19,7 @@ import torch
 import torchattacks
 
 import common
-from conftest import tiny_clip
+from conftest import demo_zero_shot, tiny_clip
 
 CPU = torch.device("cpu")
 EPS, ALPHA = 4 / 255, 1 / 255  # the demo's budget (the tiny model at 32 × 32 is hardly attacked at 1/255)
@@ -41,11 +41,7 @@ class Classifier(torch.nn.Module):
 @pytest.fixture(scope="module")
 def demo():
     """The demo CLIP (pretrained, cached) and 256 held-out images (16 per class), as zero_shot_eval sees them."""
-    model = common.load_clip("demo").requires_grad_(False)
-    ds = common.DemoImages(common.DEMO_HELD_OUT, 16, 32, seed=2)
-    encoder = common.ImageEncoder(model.visual).eval()
-    text = common.text_features(model, common.prompts_for(ds.classes), CPU)
-    logits_fn = lambda x: common.CLIP_LOGIT_SCALE * common.cosine_sim(encoder(x), text)  # noqa: E731
+    encoder, _, ds, logits_fn = demo_zero_shot(16)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     y = torch.tensor([ds[i][1] for i in range(len(ds))])
     with torch.no_grad():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_weights, run_and_kill, run_script
+from conftest import ROOT, kill_then_resume, load_weights, run_script
 
 import clip  # noqa: E402
 import common  # noqa: E402
@@ -148,11 +148,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(runs, tiny_ckpt, tmp_pat
     out = str(tmp_path / "resumed")
     args = train_args("tecoa.py", tiny_ckpt, out, "--pmg", "--save-every", "1")
     ckpt = os.path.join(out, "last.pt")
-    run_and_kill(args, lambda: os.path.exists(ckpt))
-    assert not os.path.exists(os.path.join(out, "model.pt")), "the run finished before it could be killed"
-    assert 1 <= torch.load(ckpt, weights_only=True)["step"] < 12
-    r = run_script(args)
-    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    kill_then_resume(args, ckpt, 12)
     a, b = load_weights(os.path.join(runs["pmg"], "last.pt")), load_weights(ckpt)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_weights, run_and_kill, run_script, tiny_clip
+from conftest import ROOT, kill_then_resume, load_weights, tiny_clip
 
 import clip  # noqa: E402
 import common  # noqa: E402
@@ -307,11 +307,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(launched, tiny_ckpt, tmp
     out = str(tmp_path / "resumed")
     args = train_args(tiny_ckpt, out, "--save-every", "1")
     ckpt = os.path.join(out, "last.pt")
-    run_and_kill(args, lambda: os.path.exists(ckpt))
-    assert not os.path.exists(os.path.join(out, "model.pt")), "the run finished before it could be killed"
-    assert 1 <= torch.load(ckpt, weights_only=True)["step"] < 12
-    r = run_script(args)
-    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    kill_then_resume(args, ckpt, 12)
     code, _, stderr = finished("one")
     assert code == 0, stderr
     a, b = load_weights(str(root / "one" / "last.pt")), load_weights(ckpt)
