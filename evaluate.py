@@ -268,6 +268,8 @@ def attack_steps(spec, attacks, protocol_steps):
     items = [s.strip() for s in spec.split(",") if s.strip()]
     try:
         if len(items) == 1 and "=" not in items[0]:
+            if int(items[0]) < 1:
+                raise common.UsageError(f"--steps {spec}: must be >= 1")
             given = dict.fromkeys(attacks, int(items[0]))
         else:
             given = {name.strip(): int(n) for name, n in (item.split("=") for item in items)}
