@@ -125,3 +125,15 @@ def demo_zero_shot(per_class):
     text = common.text_features(model, common.prompts_for(ds.classes), torch.device("cpu"))
     logits_fn = lambda x: common.CLIP_LOGIT_SCALE * common.cosine_sim(encoder(x), text)  # noqa: E731
     return encoder, text, ds, logits_fn
+
+
+def run_demo_reduced(main, argv, out, monkeypatch):
+    """A script's demo in this process, shortened for the tests: its --max-steps from argv and every 8th of the demo's
+    test images in the before/after evaluation (the full demo's numbers are in the README). Returns results.json."""
+    import json
+    zero_shot_eval = common.zero_shot_eval
+    monkeypatch.setattr(common, "zero_shot_eval", lambda encoder, text, ds, *a, **k: zero_shot_eval(
+        encoder, text, torch.utils.data.Subset(ds, range(0, len(ds), 8)), *a, **k))
+    main(["--demo", *argv, "--out", str(out)])
+    with open(os.path.join(str(out), "results.json")) as f:
+        return json.load(f)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_weights, run_and_kill, run_script, tiny_clip, write_images
+from conftest import load_weights, run_and_kill, run_demo_reduced, run_script, tiny_clip, write_images
 
 import common  # noqa: E402
 import fare  # noqa: E402
@@ -255,12 +255,7 @@ def test_imagefolder_data_trains(tiny_ckpt, tmp_path, capsys):
 def test_demo_runs_and_reports(tmp_path, capsys, monkeypatch):
     """The demo end to end, shortened: 2 training steps, and every 8th of its test images (the full demo's table is
     in the README)."""
-    zero_shot_eval = common.zero_shot_eval
-    monkeypatch.setattr(common, "zero_shot_eval", lambda encoder, text, ds, *a, **k: zero_shot_eval(
-        encoder, text, torch.utils.data.Subset(ds, range(0, len(ds), 8)), *a, **k))
-    out = str(tmp_path / "demo")
-    fare.main(["--demo", "--max-steps", "2", "--out", out])
-    res = json.load(open(os.path.join(out, "results.json")))
+    res = run_demo_reduced(fare.main, ["--max-steps", "2"], tmp_path / "demo", monkeypatch)
     assert res["method"] == "fare" and res["eps"] == 4.0
     for when in ("before", "after"):
         assert set(res[when]) == {"n", "clean", "pgd"} and 0 <= res[when]["pgd"] <= res[when]["clean"] <= 100

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, kill_then_resume, load_weights, run_script
+from conftest import ROOT, kill_then_resume, load_weights, run_demo_reduced, run_script
 
 import clip  # noqa: E402
 import common  # noqa: E402
+import advflyp  # noqa: E402
 import tecoa  # noqa: E402
 
 
@@ -174,22 +175,17 @@ def test_model_pt_of_the_three_methods_loads(runs, tiny_ckpt, tmp_path):
             assert torch.allclose(model.float().encode_image(image), mine.encode_image(image), rtol=1e-2, atol=1e-2)
 
 
-def test_demos_reduced_pmg_and_advflyp(tmp_path):
-    """`tecoa.py --demo --pmg` and `advflyp.py --demo` with few training steps, run at the same time: each is mostly
-    the demo's fixed-size before/after evaluation (PGD-20 on ~1000 images, twice), single-threaded."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {script: subprocess.Popen([sys.executable, script, "--demo", "--epochs", "1", "--max-steps", "3",
-                                       "--out", str(tmp_path / script), *flags], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for script, flags in (("tecoa.py", ["--pmg"]), ("advflyp.py", []))}
-    for (script, p), (method, label) in zip(procs.items(), (("pmg-aft", "PMG-AFT"), ("advflyp", "ADVFLYP"))):
-        stdout, stderr = p.communicate(timeout=600)
-        assert p.returncode == 0, stderr
-        assert f"after ({label})" in stdout and "before (original CLIP)" in stdout
-        results = json.load(open(tmp_path / script / "results.json"))
-        assert results["method"] == method and results["after"]["n"] == results["before"]["n"] > 0
-        for row in (results["before"], results["after"], results["proxy"]["before"], results["proxy"]["after"]):
-            assert 0 <= row["pgd"] <= row["clean"] <= 100
+@pytest.mark.parametrize("script,flags,method,label", [("tecoa", ["--pmg"], "pmg-aft", "PMG-AFT"),
+                                                     ("advflyp", [], "advflyp", "ADVFLYP")])
+def test_demos_reduced_pmg_and_advflyp(script, flags, method, label, tmp_path, capsys, monkeypatch):
+    """`tecoa.py --demo --pmg` and `advflyp.py --demo` with 2 training steps and every 8th test image."""
+    main = tecoa.main if script == "tecoa" else advflyp.main
+    results = run_demo_reduced(main, [*flags, "--max-steps", "2"], tmp_path / script, monkeypatch)
+    stdout = capsys.readouterr().out
+    assert f"after ({label})" in stdout and "before (original CLIP)" in stdout
+    assert results["method"] == method and results["after"]["n"] == results["before"]["n"] > 0
+    for row in (results["before"], results["after"], results["proxy"]["before"], results["proxy"]["after"]):
+        assert 0 <= row["pgd"] <= row["clean"] <= 100
 
 
 def test_bad_input_is_one_line_without_traceback(tiny_ckpt, tmp_path):
