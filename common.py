@@ -2478,6 +2478,11 @@ def demo_cache_path():
     return os.path.join(root, "demo-clip-v1.pt")
 
 
+# The demo CLIP is pretrained with this many torch threads whatever the machine has (and whatever a caller set), so
+# that every machine of a kind pretrains the same model: CPU float results depend on how many threads split a sum.
+DEMO_PRETRAIN_THREADS = 2
+
+
 def demo_clip(steps=800, log=print):
     """The demo's tiny CLIP (ARCHITECTURES['tiny']), pretrained contrastively on captioned demo images of all 64
     concepts. Deterministic; cached in $CLIP_AFT_CACHE (default ~/.cache/clip-aft) after the first call."""
@@ -2485,6 +2490,19 @@ def demo_clip(steps=800, log=print):
     if os.path.isfile(path):
         return clip_from_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
     log(f"pretraining the demo CLIP ({steps} steps, cached in {path}) ...")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO_PRETRAIN_THREADS)  # how a float sum is split changes the model: the same everywhere
+    try:
+        model = _pretrain_demo_clip(steps, log)
+    finally:
+        torch.set_num_threads(threads)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_save({"model": model.state_dict(), "steps": steps}, path)
+    return model
+
+
+def _pretrain_demo_clip(steps, log):
+    """demo_clip's contrastive pretraining (CLIP's InfoNCE on the demo's captioned images)."""
     torch.manual_seed(0)
     model = CLIP(*ARCHITECTURES["tiny"]).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
@@ -2507,10 +2525,7 @@ def demo_clip(steps=800, log=print):
         opt.step()
         if (step + 1) % 250 == 0:
             log(f"  step {step + 1}/{steps}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
-    model.eval()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_save({"model": model.state_dict(), "steps": steps}, path)
-    return model
+    return model.eval()
 
 
 def demo_evaluate(encoder, clip_model, dist, ctx, args, run, when):

@@ -79,7 +79,10 @@ def test_eps_zero_leaves_accuracy_at_clean(tiny, name):
 # Table 6's transfer attacks are weaker white-box attacks by design: TI's 15 × 15 Gaussian smoothing makes the step
 # low-frequency (a third of the 32 × 32 image), and NI's look-ahead x_t + α·g_t is not projected, so with α = 4/255
 # and a consistent targeted gradient it lands far outside the ε-ball. Square is random search: 20 queries are nothing.
-LARGE_EPS = {"ti": (20, 0.15), "ti-t": (20, 0.2), "ni-t": (20, 0.3), "square": (1000, 0.07)}  # (steps, accuracy ≤)
+# DI-T: half of its gradients are taken through a random resize towards a random class; 3 of 32 images survived on
+# one pretraining of the demo CLIP.
+LARGE_EPS = {"ti": (20, 0.15), "ti-t": (20, 0.2), "ni-t": (20, 0.3), "di-t": (20, 0.15),
+             "square": (1000, 0.07)}  # (steps, accuracy ≤)
 
 
 @pytest.mark.parametrize("name", ATTACK_NAMES)
