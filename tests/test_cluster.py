@@ -381,3 +381,24 @@ def test_gif_caption_pairs_and_folders_are_read(tmp_path):
     (shard / "000000000.txt").write_text("a gif")
     assert common.find_caption_files(str(tmp_path)) == [str(shard / "000000000.gif")]
     assert len(common.image_folder(str(tmp_path), common.native_transform())[0]) == 1
+
+
+def test_demo_clip_is_the_same_whatever_the_callers_thread_count(tmp_path, monkeypatch):
+    """The demo CLIP's pretraining is pinned to DEMO_PRETRAIN_THREADS: from a caller at 1 thread and at 2 the same
+    weights, bit for bit; the same pretraining run at the caller's count differs (what the pin is for). 6 steps."""
+    before = torch.get_num_threads()
+
+    def weights(model):
+        return torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
+    try:
+        unpinned, pinned = [], []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            unpinned.append(weights(common._pretrain_demo_clip(6, log=lambda *a: None)))
+            monkeypatch.setenv("CLIP_AFT_CACHE", str(tmp_path / f"cache{threads}"))
+            pinned.append(weights(common.demo_clip(6, log=lambda *a: None)))
+            assert torch.get_num_threads() == threads  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(before)
+    assert not torch.equal(*unpinned)
+    assert torch.equal(*pinned)
