@@ -493,7 +493,8 @@ class SampleStore:
     exactly as an uninterrupted run would have. An .npz read with allow_pickle=False: "meta" (JSON: format,
     settings, per dataset its name, image count, fields and whether it is complete) and per dataset k: "k.index"
     (int64, the image's index in the dataset), "k.done", "k.clean" and "k.<attack>" (np.packbits of booleans, one
-    bit per image), "k.label" (int64), "k.<metric>.clean" / "k.<metric>.adv" (float32). Written atomically (temp file, fsync, rename)."""
+    bit per image), "k.label" (int64), "k.<metric>.clean" / "k.<metric>.adv" (float32). Written atomically (temp
+    file, fsync, rename)."""
 
     def __init__(self, path, settings):
         self.path, self.settings, self.sets = path, settings, {}
