@@ -80,8 +80,7 @@ def main(argv=None):
     optimizer = torch.optim.SGD(clip_model.visual.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     steps_per_epoch = sampler.batches_per_epoch()
-    total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps,
-                                                                                     args.epochs * steps_per_epoch)
+    total_steps = common.schedule_steps(args, steps_per_epoch)  # --epochs, capped by --max-steps
     step = run.start(clip_model, optimizer, scaler, total_steps, steps_per_epoch)  # resumes from last.pt, if any
     before = (common.demo_evaluate(orig_encoder, clip_model, dist, ctx, args, run, "before") if args.data == "demo"
               else None)

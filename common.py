@@ -17,9 +17,9 @@ Sections, in the order data flows (search for the `# ---- name` rule):
     attacks              input_grad, pgd (training and evaluation), APGD, C&W, targeted PGD; Table 6's MI, NI, DI, TI
                          (momentum_ifgsm), PI, PI++ (pi_fgsm) and targeted versions; APGD-T, Square, aa-ce-t;
                          shared_in_batch; the ATTACKS registry
-    training harness     cosine_lr, train_parser / parse_train_args, Run (the run directory: args.json, log.jsonl,
-                         last.pt, model.pt, model_state_dict.pt; resume, preemption, unreadable images,
-                         non-finite losses), checkpoint_state
+    training harness     cosine_lr, schedule_steps, train_parser / parse_train_args, Run (the run directory:
+                         args.json, log.jsonl, last.pt, model.pt, model_state_dict.pt; resume, preemption, unreadable
+                         images, non-finite losses), checkpoint_state
     evaluation           zero_shot_samples (per-image clean and robust correctness and structure metrics),
                          zero_shot_eval (accuracies); the structure metrics (STRUCTURE_METRICS: max_softmax,
                          similarity_max_mean, topk_iou, cosine_deviation)
@@ -1888,6 +1888,12 @@ def cosine_lr(step, base_lr, warmup, total):
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def schedule_steps(args, steps_per_epoch):
+    """The run's length in optimizer steps: --epochs of the data, capped by --max-steps when given."""
+    full = args.epochs * steps_per_epoch
+    return full if args.max_steps is None else min(args.max_steps, full)
 
 
 def train_parser(doc, method, **defaults):

@@ -1,12 +1,15 @@
 """Shared fixtures: a tiny random CLIP checkpoint, the demo CLIP cache, and helpers to run the scripts."""
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -85,8 +88,6 @@ def run_main_in_process(main, argv, capsys):
 
 def write_images(folder, names, size=(40, 48), seed=0):
     """Small random RGB images at folder/name (format from the extension)."""
-    import numpy as np
-    from PIL import Image
     rng = np.random.default_rng(seed)
     for name in names:
         path = os.path.join(folder, name)
@@ -130,7 +131,6 @@ def demo_zero_shot(per_class):
 def run_demo_reduced(main, argv, out, monkeypatch):
     """A script's demo in this process, shortened for the tests: its --max-steps from argv and every 8th of the demo's
     test images in the before/after evaluation (the full demo's numbers are in the README). Returns results.json."""
-    import json
     zero_shot_eval = common.zero_shot_eval
     monkeypatch.setattr(common, "zero_shot_eval", lambda encoder, text, ds, *a, **k: zero_shot_eval(
         encoder, text, torch.utils.data.Subset(ds, range(0, len(ds), 8)), *a, **k))
