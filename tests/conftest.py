@@ -19,7 +19,12 @@ import common  # noqa: E402
 # The demo CLIP is pretrained once per test session (about a minute) unless CLIP_AFT_CACHE points at a cache.
 if not os.environ.get("CLIP_AFT_CACHE"):
     os.environ["CLIP_AFT_CACHE"] = os.path.join(ROOT, ".pytest_cache", "clip-aft")
-torch.set_num_threads(2)
+# Thread counts. With OMP_NUM_THREADS set, every computation in the tests and every script they start uses that many
+# threads (other counts split float sums differently: the nearest this machine comes to another CPU; the suite must
+# pass at any). Without it: 2 in this process, 1 in the scripts and in the modules that ask for `one_thread`.
+THREADS = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None
+SCRIPT_THREADS = {"OMP_NUM_THREADS": str(THREADS or 1)}  # the environment the tests start scripts with
+torch.set_num_threads(THREADS or 2)
 
 
 def tiny_clip(seed=0):
@@ -30,9 +35,9 @@ def tiny_clip(seed=0):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for a module: the tiny model is fastest on one thread, and the machine is shared."""
+    """One torch thread for a module (OMP_NUM_THREADS if set): the tiny model is fastest on one thread."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS or 1)
     yield
     torch.set_num_threads(before)
 
@@ -52,14 +57,14 @@ def run_script(args, nproc=1, timeout=600, env=None):
         cmd = [sys.executable] + list(args)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + list(args)
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, **SCRIPT_THREADS, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
 def run_and_kill(args, ready, timeout=120):
     """Start `python ARGS` in its own process group, wait until ready() is true (or the run ends, or `timeout` s pass),
     then SIGKILL the group; returns the exit code (-SIGKILL if it was killed while running)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **SCRIPT_THREADS}
     proc = subprocess.Popen([sys.executable] + list(args), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout

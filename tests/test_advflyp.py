@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, load_weights, run_and_kill, run_script, tiny_clip, write_images
+from conftest import ROOT, SCRIPT_THREADS, load_weights, run_and_kill, run_script, tiny_clip, write_images
 
 import advflyp  # noqa: E402
 import clip  # noqa: E402
@@ -344,7 +344,7 @@ def test_bad_input_is_one_line_without_traceback(tiny_ckpt, csv_data, tmp_path):
         "--reg sometimes: must be one of": ["--data", csv_data, "--reg", "sometimes"],
         "exists and is not a directory": ["--data", csv_data, "--out", str(tmp_path / "afile")],
     }
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **SCRIPT_THREADS}
     procs = {msg: subprocess.Popen([sys.executable, "advflyp.py", "--model", tiny_ckpt, "--workers", "0", *argv],
                                    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for msg, argv in cases.items()}  # concurrently: each is mostly interpreter start-up

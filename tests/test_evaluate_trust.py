@@ -18,7 +18,7 @@ from scipy.stats import binomtest, multinomial
 
 import common
 import evaluate
-from conftest import ROOT, run_main_in_process, run_script, tiny_clip
+from conftest import ROOT, SCRIPT_THREADS, run_main_in_process, run_script, tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -398,7 +398,7 @@ def test_sigterm_saves_and_exits_75_then_the_rerun_completes(data, uninterrupted
     samples = tmp_path / "r.samples.npz"
     proc = subprocess.Popen([sys.executable, "evaluate.py", *demo_argv(data, out)], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, **SCRIPT_THREADS, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 120
     while not samples.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -440,7 +440,7 @@ def test_kill9_of_two_processes_mid_dataset_then_one_process_gives_the_same_numb
     out, samples = tmp_path / "r.json", tmp_path / "r.samples.npz"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "evaluate.py", *demo_argv(data, out)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.DEVNULL, env={**os.environ, **SCRIPT_THREADS})
     deadline = time.time() + 180
     while not samples.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

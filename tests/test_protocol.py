@@ -94,28 +94,6 @@ def demo():
     return demo_zero_shot(4)
 
 
-def test_aa_ce_t_is_robust_only_if_both_parts_fail(demo):
-    """Per image: robust under aa-ce-t iff robust under APGD-CE and under APGD-T, each run on its own."""
-    encoder, text, ds, logits_fn = demo
-    x = torch.stack([ds[i][0] for i in range(len(ds))])
-    y = torch.tensor([ds[i][1] for i in range(len(ds))])
-    index, eps, steps = torch.arange(len(y)), 3 / 255, 2  # weak enough that the two parts fool different images
-
-    def correct(x_adv):
-        with torch.no_grad():
-            return logits_fn(x_adv).argmax(-1) == y
-    both = correct(common.attack_aa_ce_t(logits_fn, x, y, index, eps, 1 / 255, steps, 0))
-    ce = correct(common.attack_apgd_ce(logits_fn, x, y, index, eps, 1 / 255, steps, 0))
-    t = correct(common.attack_apgd_t(logits_fn, x, y, index, eps, 1 / 255, steps, 0))
-    assert torch.equal(both, ce & t)
-    assert (ce & ~t).any() or (t & ~ce).any()  # the parts differ here, so the test can tell AND from either part
-    # below 4 classes APGD-T does not apply: aa-ce-t is APGD-CE alone
-    two = lambda z: logits_fn(z)[:, :2]  # noqa: E731
-    keep = y < 2
-    assert torch.equal(common.attack_aa_ce_t(two, x[keep], y[keep], index[keep], eps, 1 / 255, steps, 0),
-                       common.attack_apgd_ce(two, x[keep], y[keep], index[keep], eps, 1 / 255, steps, 0))
-
-
 def test_shared_parts_run_once_and_give_the_same_accuracies(demo, monkeypatch):
     """apgd-ce, apgd-dlr, apgd-t, aa and aa-ce-t together: APGD runs for apgd-ce once, for apgd-dlr once and for
     apgd-t once per target on each batch (aa and aa-ce-t find their parts' results), and every accuracy equals the

@@ -242,7 +242,9 @@ def torchattacks_for(name, model, eps, alpha, steps):
 
 @pytest.mark.parametrize("name", ["mi", "ni", "pi", "pi++", "mi-t", "ni-t", "di", "ti", "di-t", "ti-t"])
 def test_same_adversarial_images_as_torchattacks(demo, name):
-    """Bit for bit on 16 images, 5 steps. Targeted: torchattacks aims at our targets (set_mode_targeted_by_function);
+    """Bit for bit on 16 images, 5 steps: the same batch through the same model ops, so the same rounding; torchattacks
+    averages the loss over the batch where we sum it, a factor 1/16 (a power of two: every gradient scaled exactly,
+    and sign and ∇/mean|∇| do not see it). Targeted: torchattacks aims at our targets (set_mode_targeted_by_function);
     DI/TI: its input_diversity is replaced by ours with our draws for each iteration, so what is compared is
     everything else (the transform itself is compared above)."""
     logits_fn, model, x, y, index, _ = demo

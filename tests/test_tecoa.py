@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, kill_then_resume, load_weights, run_demo_reduced, run_script
+from conftest import ROOT, SCRIPT_THREADS, kill_then_resume, load_weights, run_demo_reduced, run_script
 
 import clip  # noqa: E402
 import common  # noqa: E402
@@ -113,7 +113,7 @@ def train_args(script, tiny_ckpt, out, *extra):
 def runs(tiny_ckpt, tmp_path_factory):
     """TeCoA and PMG-AFT with one process (run concurrently: mostly start-up time)."""
     root = tmp_path_factory.mktemp("runs")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **SCRIPT_THREADS}
     procs = {name: subprocess.Popen([sys.executable] + train_args("tecoa.py", tiny_ckpt, str(root / name), *flags),
                                     cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, flags in (("tecoa", []), ("pmg", ["--pmg"]))}
@@ -156,7 +156,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(runs, tiny_ckpt, tmp_pat
 
 def test_model_pt_of_the_three_methods_loads(runs, tiny_ckpt, tmp_path):
     agft_out, advflyp_out = str(tmp_path / "agft"), str(tmp_path / "advflyp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **SCRIPT_THREADS}
     procs = [subprocess.Popen([sys.executable] + args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for args in (train_args("agft.py", tiny_ckpt, agft_out, "--max-steps", "2"),
@@ -194,7 +194,7 @@ def test_bad_input_is_one_line_without_traceback(tiny_ckpt, tmp_path):
         "no such directory": ["--data", str(tmp_path / "nowhere")],
         "exists and is not a directory": ["--data", "synthetic", "--out", str(tmp_path / "afile")],
     }
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **SCRIPT_THREADS}
     procs = {msg: subprocess.Popen([sys.executable, "tecoa.py", "--model", tiny_ckpt, "--pmg", *argv], cwd=ROOT,
                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for msg, argv in cases.items()}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, kill_then_resume, load_weights, run_demo_reduced, tiny_clip
+from conftest import ROOT, SCRIPT_THREADS, kill_then_resume, load_weights, run_demo_reduced, tiny_clip
 
 import clip  # noqa: E402
 import common  # noqa: E402
@@ -252,7 +252,7 @@ def launched(tiny_ckpt, tmp_path_factory):
                     str(root / "resnet-run")], 1),
         "with-pmg": ([sys.executable] + train_args(tiny_ckpt, str(root / "pmg-run"), "--pmg"), 1),
     }
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **SCRIPT_THREADS, "PYTHONUNBUFFERED": "1"}
     procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, (cmd, _) in commands.items()}
     results = {}
