@@ -153,8 +153,8 @@ def main(argv=None):
               f"{args.batch_size} on {dist.world} process(es), {device}, amp {amp}")
 
     def validate(step):  # --patience: early stopping on the validation set's PGD accuracy, at each epoch's end
-        val = common.zero_shot_eval(encoder, val_text, val_set, dist, ("pgd",), eps, 1 / 255, args.val_steps,
-                                    ctx=ctx, seed=args.seed, workers=args.workers)
+        val = common.zero_shot_accuracy(encoder, val_text, val_set, dist, eps, 1 / 255, args.val_steps, ctx=ctx,
+                                        seed=args.seed, workers=args.workers)
         if val["pgd"] > early["best"]:
             early.update(best=val["pgd"], best_step=step, bad_epochs=0)
             if dist.is_main:

@@ -1,35 +1,30 @@
 """Shared code for agft.py, tecoa.py, advflyp.py, fare.py and evaluate.py: everything that is the same for every
-method, behind plain names, so that the method scripts read top to bottom. Equations and choices follow
-../shared/SPEC.md.
+method, behind plain names, so that the method scripts read top to bottom. The equations, defaults and choices are
+in docs/ (docs/methods.md for the methods, docs/attacks.md for the attacks, which live in attacks.py).
 
 Sections, in the order data flows (search for the `# ---- name` rule):
     errors               UsageError (one-line errors, exit 2), run_main
     model                load_clip (names, checkpoints, random:ARCH, demo), released image-encoder weights
                          (--vision-weights: VISION_LAYOUTS, vision_state_dict, load_vision_weights), vit_forward
                          (CLIP's ViT forward, with per-token embeddings on request), ImageEncoder (pixel space,
-                         [0, 1]), text_features, cosine_sim, frozen_copy, save_torchscript
+                         [0, 1]), input_grad (every attack's one differentiation, with the fp16 guard that
+                         ImageEncoder applies), text_features, cosine_sim, frozen_copy, save_torchscript
     distributed and AMP  setup_distributed (torchrun, NCCL/gloo, a host-side gloo group), all_reduce_sum,
                          all_gather_with_grad, Preemption (SIGTERM/SIGUSR1), amp_setup
     data                 training_dataset (ImageNet, ImageFolder, synthetic), GlobalBatchSampler, make_loader;
                          caption data (AdvFLYP: CSV/TSV, img2dataset); images alone (FARE: image_dataset);
                          evaluation datasets (EVAL_DATASETS, ObjectNet's overlap with ImageNet, eval_dataset) and
                          eval_loader
-    attacks              input_grad, pgd (training and evaluation), APGD, C&W, targeted PGD; Table 6's MI, NI, DI, TI
-                         (momentum_ifgsm), PI, PI++ (pi_fgsm) and targeted versions; APGD-T, Square, aa-ce-t;
-                         shared_in_batch; the ATTACKS registry
+    PGD                  random_start, pgd (training's inner maximisation), attack_pgd (per-image random starts),
+                         zero_shot_accuracy (clean and PGD accuracy: the demo's tables, AdvFLYP's validation)
     training harness     cosine_lr, schedule_steps, train_parser / parse_train_args, Run (the run directory:
                          args.json, log.jsonl, last.pt, model.pt, model_state_dict.pt; resume, preemption, unreadable
                          images, non-finite losses), checkpoint_state
-    evaluation           zero_shot_samples (per-image clean and robust correctness and structure metrics),
-                         zero_shot_eval (accuracies); the structure metrics (STRUCTURE_METRICS: max_softmax,
-                         similarity_max_mean, topk_iou, cosine_deviation)
     demo                 the procedural task (DemoImages), its tiny pretrained CLIP (demo_clip), demo tables
 """
 import argparse
-import contextlib
 import contextvars
 import copy
-import functools
 import hashlib
 import json
 import math
@@ -419,6 +414,27 @@ class _ScaleGradPerSample(torch.autograd.Function):
             ctx.state["scale"] = torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), torch.ones_like(peak))
         scale = ctx.state["scale"].view(-1, *[1] * (grad.dim() - 1))
         return (grad * scale).to(ctx.dtype), None
+
+
+def input_grad(loss_fn, x, has_aux=False):
+    """∇_x loss_fn(x) for a scalar loss: the one place where every attack differentiates, w.r.t. the input only
+    (torch.autograd.grad), so parameters never accumulate .grad. has_aux=True: loss_fn returns (loss, aux) and this
+    returns (grad, aux) (APGD reads its per-sample losses and logits from aux).
+    Under fp16 autocast the gradient is scaled per sample inside ImageEncoder and unscaled here, so that no sample's
+    gradient underflows to 0 (see _ScaleGradPerSample); the encoder must see x's batch (one row per row of x)."""
+    x = x.detach().requires_grad_(True)
+    state = {}  # ImageEncoder scales only fp16 outputs (fp16 autocast, whether entered here or inside loss_fn)
+    token = _attack_grad_scaling.set(state)
+    try:
+        out = loss_fn(x)
+        loss, aux = out if has_aux else (out, None)
+        with torch.autocast(x.device.type, enabled=False):  # backward ops keep their forward dtypes (see above)
+            grad, = torch.autograd.grad(loss, x)
+    finally:
+        _attack_grad_scaling.reset(token)
+    if state.get("scale") is not None:
+        grad = grad / state["scale"].view(-1, *[1] * (x.dim() - 1)).to(grad.dtype)  # (B, 3, H, W)
+    return (grad, aux) if has_aux else grad
 
 
 @torch.no_grad()
@@ -1303,28 +1319,7 @@ def eval_loader(dataset, batch_size, dist, workers=0, indices=None):
                                        pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_preemption_signals)
 
 
-# ------------------------------------------------------------------------------------------------------------ attacks
-def input_grad(loss_fn, x, has_aux=False):
-    """∇_x loss_fn(x) for a scalar loss: the one place where every attack differentiates, w.r.t. the input only
-    (torch.autograd.grad), so parameters never accumulate .grad. has_aux=True: loss_fn returns (loss, aux) and this
-    returns (grad, aux) (APGD reads its per-sample losses and logits from aux).
-    Under fp16 autocast the gradient is scaled per sample inside ImageEncoder and unscaled here, so that no sample's
-    gradient underflows to 0 (see _ScaleGradPerSample); the encoder must see x's batch (one row per row of x)."""
-    x = x.detach().requires_grad_(True)
-    state = {}  # ImageEncoder scales only fp16 outputs (fp16 autocast, whether entered here or inside loss_fn)
-    token = _attack_grad_scaling.set(state)
-    try:
-        out = loss_fn(x)
-        loss, aux = out if has_aux else (out, None)
-        with torch.autocast(x.device.type, enabled=False):  # backward ops keep their forward dtypes (see above)
-            grad, = torch.autograd.grad(loss, x)
-    finally:
-        _attack_grad_scaling.reset(token)
-    if state.get("scale") is not None:
-        grad = grad / state["scale"].view(-1, *[1] * (x.dim() - 1)).to(grad.dtype)  # (B, 3, H, W)
-    return (grad, aux) if has_aux else grad
-
-
+# ---------------------------------------------------------------------------------------------------------------- PGD
 def random_start(global_shape, eps, seed, step, rank, world, device):
     """PGD's uniform random start U(-ε, ε) for this rank's share of a global batch. Drawn for the whole global
     batch from a generator seeded by (seed, step), so it does not depend on the number of processes."""
@@ -1373,512 +1368,31 @@ def attack_pgd(logits_fn, x, y, index, eps, alpha, steps, seed):
     return pgd(ce_attack_loss(logits_fn, y), x, eps, alpha, steps, delta)
 
 
-def margin_loss(logits, y):
-    """C&W margin max_{j≠y} z_j − z_y (κ = 0): (B, C), (B,) -> (B,); positive iff the sample is misclassified."""
-    z_y = logits.gather(1, y[:, None])[:, 0]
-    z_other = logits.scatter(1, y[:, None], float("-inf")).amax(1)  # max over j ≠ y
-    return z_other - z_y
+def zero_shot_accuracy(encoder, text_feats, dataset, dist, eps, alpha=1 / 255, steps=20, batch_size=256,
+                       ctx=nullcontext(), seed=0, workers=0, desc=None):
+    """Zero-shot clean and PGD accuracy (%) of `encoder` on `dataset` with class text features `text_feats` (C, D):
+    {"n": images, "clean": %, "pgd": %}, every image counted once across processes. Logits are 100 · s(f(x), T); an
+    image counts as robust only if it is classified correctly both clean and at x_adv, and only those are attacked
+    (attack_pgd). The demo's tables and AdvFLYP's validation use it; evaluate.py runs the other attacks, keeps the
+    per-image results and gives the same numbers for PGD (same batches, same per-image random starts)."""
+    encoder.eval()
+    logits_fn = lambda x: CLIP_LOGIT_SCALE * cosine_sim(encoder(x), text_feats)  # noqa: E731
+    counts = torch.zeros(3, dtype=torch.float64, device=dist.device)  # images, correct clean, robust
+    for x, y, index in progress(eval_loader(dataset, batch_size, dist, workers), dist, desc=desc, leave=False):
+        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+        with ctx, torch.no_grad():
+            ok = logits_fn(x).argmax(-1) == y  # (B,)
+        robust = torch.zeros_like(ok)
+        if ok.any():
+            with ctx:
+                x_adv = attack_pgd(logits_fn, x[ok], y[ok], index[ok.cpu()], eps, alpha, steps, seed)
+            with ctx, torch.no_grad():
+                robust[ok] = logits_fn(x_adv).argmax(-1) == y[ok]
+        counts += torch.stack([torch.tensor(len(y), device=dist.device), ok.sum(), robust.sum()]).double()
+    n, clean, pgd_ok = all_reduce_sum(counts, dist).tolist()
+    return {"n": int(n), "clean": round(100.0 * clean / max(n, 1), 2), "pgd": round(100.0 * pgd_ok / max(n, 1), 2)}
 
 
-def dlr_loss(logits, y):
-    """Difference of Logits Ratio (Croce & Hein 2020, Eq. 6): −(z_y − max_{j≠y} z_j) / (z_π1 − z_π3 + 1e-12),
-    π the logits sorted in decreasing order. (B, C), (B,) -> (B,). Scale-invariant; needs C ≥ 3."""
-    if logits.shape[1] < 3:
-        raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
-    z = logits.sort(dim=1, descending=True).values  # (B, C): z_π1 ≥ z_π2 ≥ ...
-    return margin_loss(logits, y) / (z[:, 0] - z[:, 2] + 1e-12)
-
-
-def attack_cw(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """ℓ∞ C&W as in the AGFT/TeCoA evaluations (SPEC §6 `cw`): PGD, same schedule as `pgd`, on the margin loss."""
-    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
-    return pgd(lambda x_adv: margin_loss(logits_fn(x_adv), y).sum(), x, eps, alpha, steps, delta)
-
-
-def apgd_checkpoints(n_iter):
-    """APGD's checkpoints w_j = ⌈p_j · N_iter⌉ (Croce & Hein 2020, §3.2): p_0 = 0, p_1 = 0.22,
-    p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06) while p_j ≤ 1. Computed in integer hundredths, so ⌈·⌉ is exact
-    (in floats 0.22 · 100 = 22.000000000000004 would round up to 23)."""
-    p = [0, 22]
-    while p[-1] + max(p[-1] - p[-2] - 3, 6) <= 100:
-        p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
-    return sorted({-(-pj * n_iter // 100) for pj in p})  # ceil; duplicates merge for small N_iter
-
-
-def apgd_conditions(n_up, window, f_max, f_max_ckpt, reduced_ckpt, rho=0.75):
-    """APGD's test at checkpoint w_j (Croce & Hein 2020, §3.2), per sample (B,) -> (B,) bool, True = halve η and
-    restart from x_max. Condition 1: the loss rose in fewer than ρ · (w_j − w_{j−1}) of the steps since w_{j−1}
-    (n_up of window). Condition 2: η was not halved at w_{j−1} and f_max has not improved since then."""
-    return (n_up < rho * window) | (~reduced_ckpt & (f_max == f_max_ckpt))
-
-
-def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=0.75):
-    """APGD (Croce & Hein 2020, Algorithm 1), ℓ∞: maximise loss_of_logits(logits, y) (per sample, (B,)) over the
-    ε-ball around x inside [0, 1]. Every sample has its own step size, best point and checkpoint tests, so the
-    result does not depend on the batch. Starts at clamp(x + delta, 0, 1).
-
-    Returns the best point x_max of Algorithm 1; where some iterate fooled the model, the highest-loss such iterate
-    instead (AutoAttack's reference code counts a sample as broken as soon as any iterate fools the model)."""
-    x = x.detach()
-    project = lambda z: (x + (z - x).clamp(-eps, eps)).clamp(0, 1)  # noqa: E731  P_S
-    per = lambda v: v.view(-1, *[1] * (x.dim() - 1))  # noqa: E731  (B,) -> (B, 1, 1, 1)
-
-    def loss_and_logits(z):
-        logits = logits_fn(z)
-        loss = loss_of_logits(logits, y).float()
-        return loss.sum(), (loss.detach(), logits.detach())  # samples are independent: ∇ of the sum is per-sample ∇
-
-    def evaluate(z):  # -> f(z) (B,), fooled (B,) bool, ∇f(z) (B, 3, H, W)
-        grad, (loss, logits) = input_grad(loss_and_logits, z, has_aux=True)
-        return loss, logits.argmax(-1).ne(y), grad
-
-    checkpoints = set(apgd_checkpoints(steps)[1:])
-    eta = torch.full((len(x),), 2.0 * eps, device=x.device)  # η^(0) = 2ε
-    x_k = project(x + delta)
-    f_k, fooled, grad = evaluate(x_k)
-    x_prev = x_k
-    x_max, f_max, grad_max = x_k, f_k, grad  # best point so far, by loss (restarts go back to it)
-    x_out, f_out, out_fooled = x_k, f_k, fooled  # best point by (fooled, loss): the output
-    n_up = torch.zeros(len(x), device=x.device)  # Σ 1[f(x^(i+1)) > f(x^(i))] since the last checkpoint
-    f_max_ckpt, reduced_ckpt, w_last = f_max, torch.zeros_like(fooled), 0  # state at the last checkpoint
-    for k in range(steps):
-        z = project(x_k + per(eta) * grad.sign())  # z^(k+1)
-        a = 1.0 if k == 0 else momentum  # x^(1) = z^(1); then momentum 0.75 (Alg. 1)
-        x_next = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev))
-        f_next, fooled, grad = evaluate(x_next)
-        n_up += f_next > f_k
-        x_prev, x_k, f_k = x_k, x_next, f_next
-        better = f_k > f_max
-        x_max, f_max = torch.where(per(better), x_k, x_max), torch.where(better, f_k, f_max)
-        grad_max = torch.where(per(better), grad, grad_max)
-        out = (fooled & ~out_fooled) | ((fooled == out_fooled) & (f_k > f_out))
-        x_out, f_out, out_fooled = torch.where(per(out), x_k, x_out), torch.where(out, f_k, f_out), out_fooled | fooled
-        if k + 1 in checkpoints and k + 1 < steps:  # k + 1 = w_j: halve η and restart from x_max if
-            reduce = apgd_conditions(n_up, k + 1 - w_last, f_max, f_max_ckpt, reduced_ckpt, rho)
-            eta = torch.where(reduce, eta / 2, eta)
-            x_k, f_k, grad = torch.where(per(reduce), x_max, x_k), torch.where(reduce, f_max, f_k), \
-                torch.where(per(reduce), grad_max, grad)
-            n_up, f_max_ckpt, reduced_ckpt, w_last = torch.zeros_like(n_up), f_max, reduce, k + 1
-    return x_out.detach()
-
-
-def cross_entropy_per_sample(logits, y):
-    """CE(logits, y) = log(1 + Σ_{j≠y} exp(z_j − z_y)), (B, C), (B,) -> (B,), without the cancellation of
-    logsumexp(z) − z_y: at CLIP's scale 100 a confident sample's CE is below float32's resolution around 1 and
-    F.cross_entropy returns exactly 0, which would hide APGD's progress from its best-point and checkpoint tests."""
-    rest = (logits - logits.gather(1, y[:, None])).scatter(1, y[:, None], float("-inf"))  # z_j − z_y, j ≠ y
-    return F.softplus(torch.logsumexp(rest, dim=1))
-
-
-# Attacks that others are made of (aa: APGD-CE then APGD-DLR; aa-ce-t: APGD-CE then APGD-T) run once per image when
-# an evaluation asks for several that share them (e.g. apgd-ce, apgd-dlr and aa, or Table 6 with AutoAttack's parts):
-# zero_shot_samples opens a shared_attacks() scope per batch, and inside it an attack marked @shared_in_batch returns
-# the x_adv it already computed for these images (same ε, α, steps and seed) instead of attacking again.
-_shared_attacks = contextvars.ContextVar("shared_attacks", default=None)
-
-
-@contextlib.contextmanager
-def shared_attacks():
-    """Within this scope, @shared_in_batch attacks reuse each image's x_adv (keyed by its dataset index)."""
-    token = _shared_attacks.set({})
-    try:
-        yield
-    finally:
-        _shared_attacks.reset(token)
-
-
-def shared_in_batch(attack):
-    """Decorator for an ATTACKS function: inside shared_attacks(), an image's x_adv is computed once per (attack, ε,
-    α, steps, seed, keyword arguments); a call whose images all have one is answered from it."""
-    @functools.wraps(attack)
-    def wrapper(logits_fn, x, y, index, eps, alpha, steps, seed, **kwargs):
-        memo = _shared_attacks.get()
-        if memo is None:
-            return attack(logits_fn, x, y, index, eps, alpha, steps, seed, **kwargs)
-        known = memo.setdefault((attack.__name__, eps, alpha, steps, seed, tuple(sorted(kwargs.items()))), {})
-        keys = index.tolist()
-        if keys and all(k in known for k in keys):
-            return torch.stack([known[k] for k in keys])
-        x_adv = attack(logits_fn, x, y, index, eps, alpha, steps, seed, **kwargs)
-        known.update(zip(keys, x_adv))  # dataset index -> (3, H, W)
-        return x_adv
-    return wrapper
-
-
-@shared_in_batch
-def attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """APGD on the cross-entropy at CLIP's logit scale (SPEC §6 `apgd-ce`); α is unused (step size 2ε, adaptive)."""
-    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
-    return apgd(logits_fn, cross_entropy_per_sample, x, y, eps, steps, delta)
-
-
-@shared_in_batch
-def attack_apgd_dlr(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """APGD on the DLR loss (SPEC §6 `apgd-dlr`); needs ≥ 3 classes (ATTACK_MIN_CLASSES)."""
-    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
-    return apgd(logits_fn, dlr_loss, x, y, eps, steps, delta)
-
-
-def attack_aa(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """AutoAttack as the AGFT paper runs it (its App. 7: APGD-CE and APGD-DLR): APGD-DLR attacks the samples that
-    survived APGD-CE, so the returned point fools the model iff one of the two runs did (per-sample worst case).
-    On 2-class sets DLR is undefined and `aa` is APGD-CE alone."""
-    return attacks_in_turn(COMBINED_ATTACKS["aa"], logits_fn, x, y, index, eps, alpha, steps, seed)
-
-
-def attacks_in_turn(names, logits_fn, x, y, index, eps, alpha, steps, seed):
-    """AutoAttack's way of combining attacks: each of `names` (ATTACKS) runs on the images that every earlier one
-    left correctly classified; per image, the point of the attack that fooled it (else of the last one). An attack
-    that needs more classes than there are (ATTACK_MIN_CLASSES) is skipped."""
-    x_adv, alive = x.detach().clone(), torch.arange(len(x), device=x.device)  # alive: (B',) not fooled so far
-    n_classes = None  # known after the first attack (which must apply to any number of classes)
-    for i, name in enumerate(names):
-        if len(alive) == 0 or (n_classes is not None and n_classes < ATTACK_MIN_CLASSES.get(name, 2)):
-            continue
-        x_adv[alive] = ATTACKS[name](logits_fn, x[alive], y[alive], index[alive.cpu()], eps, alpha, steps, seed)
-        if i < len(names) - 1:
-            with torch.no_grad():
-                logits = logits_fn(x_adv[alive])  # (B', C)
-            n_classes, alive = logits.shape[1], alive[logits.argmax(-1) == y[alive]]
-    return x_adv
-
-
-def per_sample_randint(index, high, seed, device):
-    """One integer in [0, high) per sample from a generator seeded by its dataset index (a stream apart from
-    per_sample_start's): independent of batching and of the number of processes. index: (B,) -> (B,)."""
-    draw = lambda i: int(torch.randint(high, (), generator=torch.Generator().manual_seed(  # noqa: E731
-        seed * 1_000_003 + i + (1 << 40))))
-    return torch.tensor([draw(i) for i in index.tolist()], dtype=torch.long, device=device)
-
-
-def per_sample_uniform(index, shape, seed, stream, device):
-    """U[0, 1) draws of `shape` for each sample from a generator seeded by (seed, its dataset index, stream):
-    independent of batching and of the number of processes; `stream` keeps different attacks' draws apart (0 is
-    per_sample_start's, 1 per_sample_randint's). index: (B,) -> (B, *shape)."""
-    out = torch.empty((len(index), *shape))
-    for j, i in enumerate(index.tolist()):
-        out[j] = torch.rand(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i + (stream << 40)))
-    return out.to(device)
-
-
-def random_target(logits_fn, x, y, index, seed):
-    """A uniformly random wrong class per sample, fixed by its dataset index (`pgd-t-rand` and the `*-t` attacks of
-    Table 6 aim at the same one)."""
-    with torch.no_grad():
-        n_classes = logits_fn(x[:1]).shape[1]
-    return (y + 1 + per_sample_randint(index, n_classes - 1, seed, y.device)) % n_classes  # never y
-
-
-def pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed):
-    """PGD (same schedule and random start as `pgd`) minimising CE(logits, target), i.e. maximising its negative."""
-    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
-    return pgd(lambda x_adv: -F.cross_entropy(logits_fn(x_adv), target, reduction="sum"), x, eps, alpha, steps, delta)
-
-
-def attack_pgd_t_rand(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """Targeted PGD towards a uniformly random wrong class (SPEC §6 `pgd-t-rand`)."""
-    return pgd_targeted(logits_fn, x, random_target(logits_fn, x, y, index, seed), index, eps, alpha, steps, seed)
-
-
-def attack_pgd_t_least(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """Targeted PGD towards the least-likely class of the clean prediction (SPEC §6 `pgd-t-least`)."""
-    with torch.no_grad():
-        target = logits_fn(x).argmin(-1)
-    return pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed)
-
-
-# ---- Table 6 of the AGFT paper: MI, NI, DI, TI, PI, PI++ (and targeted MI, DI, TI, NI), the algorithms of
-# torchattacks 3.5.1 at its defaults (which the AGFT code runs), written from the papers; random draws per image.
-def ce_ascent_loss(y, target=None):
-    """The loss of the logits that the Table 6 attacks ascend: Σ_i CE(z_i, y_i) untargeted, or −Σ_i CE(z_i, t_i)
-    towards targets t (descent on CE to t). Summed, so each sample's gradient does not depend on the batch
-    (torchattacks averages over the batch: a constant factor, which sign and ∇/‖∇‖₁ remove)."""
-    if target is None:
-        return lambda logits: F.cross_entropy(logits, y, reduction="sum")
-    return lambda logits: -F.cross_entropy(logits, target, reduction="sum")
-
-
-def gaussian_kernel(size, nsig):
-    """size × size Gaussian on [−nsig, nsig]², summing to 1 (TI-FGSM's W, Dong et al. 2019): float32."""
-    t = torch.linspace(-nsig, nsig, size, dtype=torch.float64)
-    g = torch.exp(-t ** 2 / 2)  # N(0, 1)'s density up to its constant, which the normalisation removes
-    k = g[:, None] * g[None, :]
-    return (k / k.sum()).float()
-
-
-def input_diversity_params(index, steps, size, seed, device, resize_rate=0.9, prob=0.5):
-    """DI²-FGSM's random transform for every sample and iteration (Xie et al. 2019, with torchattacks' resize rate
-    0.9 < 1: shrink, then zero-pad back): new side r ~ U{⌊0.9·size⌋, ..., size − 1}, top and left padding
-    ~ U{0, ..., size − r − 1}, applied with probability `prob`. Drawn per sample (torchattacks draws one transform
-    per batch). -> (B, steps, 4) long: (apply, r, top, left)."""
-    u = per_sample_uniform(index, (steps, 4), seed, 2, device)  # (B, steps, 4)
-    low = int(size * resize_rate)
-    r = low + (u[..., 1] * (size - low)).long()
-    top, left = (u[..., 2] * (size - r)).long(), (u[..., 3] * (size - r)).long()
-    return torch.stack([(u[..., 0] < prob).long(), r, top, left], dim=-1)
-
-
-def input_diversity(x, params):
-    """T(x): each image bilinearly resized to r × r and zero-padded back to its size at (top, left), where
-    params[i] = (apply, r, top, left) says so; the others unchanged. (B, 3, S, S), (B, 4) -> (B, 3, S, S).
-    Differentiable in x (the attack's gradient flows through the resize)."""
-    size = x.shape[-1]
-    out = []
-    for xi, (apply, r, top, left) in zip(x, params.tolist()):
-        if apply:
-            xi = F.interpolate(xi[None], size=(r, r), mode="bilinear", align_corners=False)[0]
-            xi = F.pad(xi, (left, size - r - left, top, size - r - top), value=0.0)
-        out.append(xi)
-    return torch.stack(out)
-
-
-def depthwise(kernel):
-    """A (k, k) kernel as the weight of a per-channel conv2d on RGB images: (3, 1, k, k)."""
-    return kernel.expand(3, 1, *kernel.shape).contiguous()
-
-
-def normalized_momentum(g, grad, decay):
-    """g_{t+1} = μ·g_t + ∇/‖∇‖₁ (MI-FGSM, Dong et al. 2018, Alg. 1), ‖∇‖₁ taken per sample as the mean |∇| (as
-    torchattacks; a constant factor). A zero gradient stays zero (torchattacks would divide 0 by 0)."""
-    norm = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True)
-    return decay * g + grad / norm.clamp_min(torch.finfo(grad.dtype).tiny)
-
-
-def momentum_ifgsm(logits_fn, loss_of_logits, x, eps, alpha, steps, decay=1.0, nesterov=False, diversity=None,
-                   kernel=None):
-    """The iterative FGSM family of Table 6 in one loop (torchattacks' MIFGSM, NIFGSM, DIFGSM, TIFGSM), x_0 = x:
-        x̃_t = x_t + α·μ·g_t                if nesterov (NI-FGSM, Lin et al. 2020), else x̃_t = x_t
-        ∇_t = ∇_x L(f(T_t(x̃_t)))          T_t: DI's random resize-and-pad (diversity[:, t]) or the identity
-        ∇_t ← W ∗ ∇_t                      TI-FGSM (Dong et al. 2019): a Gaussian kernel W, per channel
-        g_{t+1} = μ·g_t + ∇_t / ‖∇_t‖₁    MI-FGSM (Dong et al. 2018, Alg. 1); μ = 0: no momentum (DI, TI)
-        x_{t+1} = Π_{‖δ‖∞ ≤ ε, [0, 1]}(x_t + α·sign(g_{t+1}))
-    No random start (as in the papers and torchattacks). loss_of_logits: the scalar L of the logits (ce_ascent_loss).
-    diversity: (B, steps, 4) input_diversity_params or None; kernel: (k, k) or None."""
-    x = x.detach()
-    x_adv, g = x, torch.zeros_like(x)
-    weight = None if kernel is None else depthwise(kernel).to(x)  # (3, 1, k, k)
-    for t in range(steps):
-        shift = decay * alpha * g if nesterov else 0.0  # the look-ahead moves the point, not the variable
-
-        def loss_fn(z):
-            z = z + shift
-            return loss_of_logits(logits_fn(z if diversity is None else input_diversity(z, diversity[:, t])))
-
-        grad = input_grad(loss_fn, x_adv)
-        if weight is not None:
-            grad = F.conv2d(grad, weight, padding=kernel.shape[-1] // 2, groups=3).float()  # fp32 under autocast
-        g = normalized_momentum(g, grad, decay)
-        x_adv = x_adv + alpha * g.sign()
-        x_adv = (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1)
-    return x_adv.detach()
-
-
-TI_KERNEL = (15, 3)  # TI-FGSM's Gaussian: 15 × 15 on [−3σ, 3σ] (torchattacks' defaults, the paper's best size)
-
-
-def attack_mi(logits_fn, x, y, index, eps, alpha, steps, seed, target=None):
-    """MI-FGSM (Dong et al. 2018): g_{t+1} = g_t + ∇/‖∇‖₁, x_{t+1} = Π(x_t + α·sign(g_{t+1})), decay μ = 1."""
-    return momentum_ifgsm(logits_fn, ce_ascent_loss(y, target), x, eps, alpha, steps, decay=1.0)
-
-
-def attack_ni(logits_fn, x, y, index, eps, alpha, steps, seed, target=None):
-    """NI-FGSM (Lin et al. 2020): MI-FGSM with the gradient taken at the look-ahead point x_t + α·μ·g_t, μ = 1."""
-    return momentum_ifgsm(logits_fn, ce_ascent_loss(y, target), x, eps, alpha, steps, decay=1.0, nesterov=True)
-
-
-def attack_di(logits_fn, x, y, index, eps, alpha, steps, seed, target=None):
-    """DI²-FGSM (Xie et al. 2019): x_{t+1} = Π(x_t + α·sign(∇L(f(T(x_t))))), T the random resize-and-pad with
-    probability 0.5, no momentum, no random start."""
-    diversity = input_diversity_params(index, steps, x.shape[-1], seed, x.device)
-    return momentum_ifgsm(logits_fn, ce_ascent_loss(y, target), x, eps, alpha, steps, decay=0.0, diversity=diversity)
-
-
-def attack_ti(logits_fn, x, y, index, eps, alpha, steps, seed, target=None):
-    """TI-FGSM (Dong et al. 2019) as torchattacks runs it: DI's input diversity, then the gradient convolved with a
-    15 × 15 Gaussian (nsig 3) before its sign, no momentum."""
-    diversity = input_diversity_params(index, steps, x.shape[-1], seed, x.device)
-    return momentum_ifgsm(logits_fn, ce_ascent_loss(y, target), x, eps, alpha, steps, decay=0.0, diversity=diversity,
-                          kernel=gaussian_kernel(*TI_KERNEL))
-
-
-def attack_mi_t(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """MI-FGSM towards a random wrong class (torchattacks' set_mode_targeted_random; pgd-t-rand's target)."""
-    return attack_mi(logits_fn, x, y, index, eps, alpha, steps, seed, random_target(logits_fn, x, y, index, seed))
-
-
-def attack_ni_t(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """NI-FGSM towards a random wrong class."""
-    return attack_ni(logits_fn, x, y, index, eps, alpha, steps, seed, random_target(logits_fn, x, y, index, seed))
-
-
-def attack_di_t(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """DI²-FGSM towards a random wrong class."""
-    return attack_di(logits_fn, x, y, index, eps, alpha, steps, seed, random_target(logits_fn, x, y, index, seed))
-
-
-def attack_ti_t(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """TI-FGSM towards a random wrong class."""
-    return attack_ti(logits_fn, x, y, index, eps, alpha, steps, seed, random_target(logits_fn, x, y, index, seed))
-
-
-def pi_projection_kernel():
-    """PI-FGSM's projection kernel W_p (Gao et al. 2020): 3 × 3, 1/8 around a zero centre, so W_p ∗ C is the mean of
-    C over the 8 neighbours. -> (3, 3)."""
-    k = torch.full((3, 3), 1 / 8)
-    k[1, 1] = 0.0
-    return k
-
-
-def pi_plus_smoothing_kernel():
-    """PI-FGSM++'s gradient smoothing as torchattacks 3.5.1 runs it, (3, 1, 3, 3). It builds a 3 × 3 Gaussian K
-    (nsig 3) in TensorFlow's (kh, kw, in, 1) layout and hands it to PyTorch's (out, 1, kh, kw) conv2d, so channel c
-    is convolved with w[i, j] = K[i, c]: a vertical Gaussian times a horizontal 3-box (the per-channel factor K[1, c]
-    / K[0, c] cancels in the sign). We keep it because the AGFT numbers come from it (README: a true 3 × 3 Gaussian
-    is nearly the identity here, centre weight 0.96)."""
-    k = gaussian_kernel(3, 3)
-    return k.t()[:, None, :, None].expand(3, 1, 3, 3).contiguous()
-
-
-def pi_fgsm(logits_fn, loss_of_logits, x, eps, steps, amplification=10.0, plus=False):
-    """PI-FGSM (Gao et al. 2020, Alg. 1) and, with plus=True, PI-FGSM++ (Gao et al. 2020b) as torchattacks 3.5.1
-    runs them (no momentum and no input diversity: its `momentum` and `prob` arguments are unused):
-        β·α = amplification · ε / steps        (the paper's α = ε/T; --alpha is not used); γ = β·α (PI), 0.8·β·α (PI++)
-        ∇_t ← W_g ∗ ∇_t                         PI++ only: pi_plus_smoothing_kernel
-        a_{t+1} = a_t + β·α·sign(∇_t)           the amplified accumulated step
-        C = max(|a_{t+1}| − ε, 0)·sign(a_{t+1})  the part of a that the ε-ball cuts off
-        p = γ·sign(W_p ∗ C)                     W_p: 3 × 3, 1/8 around a zero centre: C goes to the neighbours
-        a_{t+1} ← a_{t+1} + p                   PI only
-        x_{t+1} = clip_{[x − ε, x + ε] ∩ [0, 1]}(x_t + β·α·sign(∇_t) + p)"""
-    x = x.detach()
-    step = eps / steps * amplification if steps else 0.0  # this order of operations: torchattacks' bits
-    gamma = step * (0.8 if plus else 1.0)
-    low, high = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
-    project, smooth = depthwise(pi_projection_kernel()).to(x), pi_plus_smoothing_kernel().to(x)
-    x_adv, a = x, torch.zeros_like(x)
-    for _ in range(steps):
-        grad = input_grad(lambda z: loss_of_logits(logits_fn(z)), x_adv)
-        if plus:
-            grad = F.conv2d(grad, smooth, padding=1, groups=3).float()  # fp32 bookkeeping under autocast
-        a = a + step * grad.sign()
-        cut = (a.abs() - eps).clamp(min=0) * a.sign()
-        p = gamma * F.conv2d(cut, project, padding=1, groups=3).float().sign()
-        if not plus:
-            a = a + p
-        x_adv = torch.min(torch.max(x_adv + step * grad.sign() + p, low), high)
-    return x_adv.detach()
-
-
-def attack_pi(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """PI-FGSM (Gao et al. 2020): amplification 10, project factor 1, step 10·ε/steps (see pi_fgsm)."""
-    return pi_fgsm(logits_fn, ce_ascent_loss(y), x, eps, steps)
-
-
-def attack_pi_plus(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """PI-FGSM++ (Gao et al. 2020b): PI-FGSM with project factor 0.8 and a smoothed gradient (see pi_fgsm)."""
-    return pi_fgsm(logits_fn, ce_ascent_loss(y), x, eps, steps, plus=True)
-
-
-# ---- APGD-T and Square
-def dlr_targeted_loss(logits, y, target):
-    """Targeted DLR (Croce & Hein 2020, §4, AutoAttack's APGD-T): −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12),
-    π the logits in decreasing order. (B, C), (B,), (B,) -> (B,). Scale-invariant; needs C ≥ 4."""
-    if logits.shape[1] < 4:
-        raise ValueError(f"the targeted DLR loss needs at least 4 classes, got {logits.shape[1]}")
-    z = logits.sort(dim=1, descending=True).values  # (B, C)
-    z_y, z_t = logits.gather(1, y[:, None])[:, 0], logits.gather(1, target[:, None])[:, 0]
-    return -(z_y - z_t) / (z[:, 0] - 0.5 * (z[:, 2] + z[:, 3]) + 1e-12)
-
-
-@shared_in_batch
-def attack_apgd_t(logits_fn, x, y, index, eps, alpha, steps, seed, n_targets=9):
-    """APGD-T as in AutoAttack (Croce & Hein 2020, §4): APGD on the targeted DLR loss towards the k-th most likely
-    class of the clean prediction, k = 2, ..., n_targets + 1 (at most C − 1), each run on the images no earlier run
-    fooled; robust only if an image survives all. The same random start for every target; α is unused."""
-    with torch.no_grad():
-        ranked = logits_fn(x).argsort(dim=1, descending=True)  # (B, C): the clean prediction's classes in order
-    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
-    x_adv, alive = x.detach().clone(), torch.arange(len(x), device=x.device)
-    for k in range(1, min(n_targets, ranked.shape[1] - 1) + 1):
-        target = ranked[alive, k]
-        x_adv[alive] = apgd(logits_fn, lambda z, t, target=target: dlr_targeted_loss(z, t, target), x[alive],
-                            y[alive], eps, steps, delta[alive])
-        with torch.no_grad():
-            alive = alive[logits_fn(x_adv[alive]).argmax(-1) == y[alive]]
-        if len(alive) == 0:
-            break
-    return x_adv
-
-
-def attack_aa_ce_t(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """RobustVLM's AutoAttack (Schlarmann et al. 2024; autoattack's version="custom" with ["apgd-ce", "apgd-t"]):
-    APGD-T attacks the samples that survived APGD-CE; robust only if a sample survives both. Below 4 classes APGD-T
-    is not applicable and this is APGD-CE alone."""
-    return attacks_in_turn(COMBINED_ATTACKS["aa-ce-t"], logits_fn, x, y, index, eps, alpha, steps, seed)
-
-
-def square_p(i, n_iter, p_init=0.8):
-    """Square Attack's fraction p of the image that iteration i changes (Andriushchenko et al. 2020, §4 and their
-    code): p_init halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of a 10 000 budget,
-    the schedule rescaled to n_iter."""
-    i = int(i / n_iter * 10000)
-    for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
-                       (8000, 256)):
-        if i <= bound:
-            return p_init / div
-    return p_init / 512
-
-
-@torch.no_grad()
-def attack_square(logits_fn, x, y, index, eps, alpha, steps, seed, p_init=0.8):
-    """Square Attack, ℓ∞ (Andriushchenko et al. 2020, Alg. 1 and 2): random search on the margin
-    m(x) = z_y − max_{j≠y} z_j, gradient-free (`steps` iterations after the first query; α is unused):
-        x_0 = clip(x + ε·v), v = ±1 per channel and column (vertical stripes)
-        iteration i: a square of side s_i = max(round(√(p_i·H·W)), 1) at a random position, each channel set to
-        ±2ε there (then projected); the candidate replaces x_i iff its margin is lower.
-    An image is no longer queried once it is misclassified (m ≤ 0). Positions, signs and stripes are drawn per image
-    from its index (torchattacks and AutoAttack draw one square per batch)."""
-    x = x.detach()
-    C, H, W = x.shape[1:]
-    stripes = torch.where(per_sample_uniform(index, (C, 1, W), seed, 3, x.device) < 0.5, -1.0, 1.0)  # (B, C, 1, W)
-    u = per_sample_uniform(index, (steps, 2 + C), seed, 4, x.device)  # (B, steps, 2 + C): position, channel signs
-    x_best = (x + eps * stripes).clamp(0, 1)
-    margin = -margin_loss(logits_fn(x_best).float(), y)  # (B,); fp32 under autocast
-    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
-    for i in range(steps):
-        alive = (margin > 0).nonzero()[:, 0]  # (B',) images still classified correctly
-        if len(alive) == 0:
-            break
-        s = max(int(round(math.sqrt(square_p(i, steps, p_init) * H * W))), 1)
-        draw = u[alive, i]  # (B', 2 + C)
-        top, left = (draw[:, 0] * (H - s)).long(), (draw[:, 1] * (W - s)).long()
-        signs = torch.where(draw[:, 2:2 + C] < 0.5, -1.0, 1.0)  # (B', C)
-        in_rows = (rows >= top[:, None]) & (rows < top[:, None] + s)  # (B', H)
-        in_cols = (cols >= left[:, None]) & (cols < left[:, None] + s)  # (B', W)
-        square = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (B', 1, H, W)
-        x_i = x[alive]
-        candidate = x_best[alive] + square * (2 * eps * signs[:, :, None, None])
-        candidate = torch.min(torch.max(candidate, x_i - eps), x_i + eps).clamp(0, 1)
-        m = -margin_loss(logits_fn(candidate).float(), y[alive])
-        better = m < margin[alive]
-        x_best[alive] = torch.where(better[:, None, None, None], candidate, x_best[alive])
-        margin[alive] = torch.where(better, m, margin[alive])
-    return x_best
-
-
-# name -> fn(logits_fn, x, y, index, eps, alpha, steps, seed) -> x_adv
-ATTACKS = {"pgd": attack_pgd, "cw": attack_cw, "apgd-ce": attack_apgd_ce, "apgd-dlr": attack_apgd_dlr,
-           "aa": attack_aa, "pgd-t-rand": attack_pgd_t_rand, "pgd-t-least": attack_pgd_t_least,
-           "mi": attack_mi, "ni": attack_ni, "di": attack_di, "ti": attack_ti, "pi": attack_pi, "pi++": attack_pi_plus,
-           "mi-t": attack_mi_t, "di-t": attack_di_t, "ti-t": attack_ti_t, "ni-t": attack_ni_t,
-           "apgd-t": attack_apgd_t, "aa-ce-t": attack_aa_ce_t, "square": attack_square}
-DEFAULT_ATTACK_STEPS = {"pgd": 20, "cw": 20, "apgd-ce": 100, "apgd-dlr": 100, "aa": 100, "pgd-t-rand": 20,
-                        "pgd-t-least": 20,
-                        **dict.fromkeys(["mi", "ni", "di", "ti", "pi", "pi++", "mi-t", "di-t", "ti-t", "ni-t"], 20),
-                        "apgd-t": 100, "aa-ce-t": 100, "square": 5000}
-# attacks made of others (attacks_in_turn): an image is robust only if it survives every part
-COMBINED_ATTACKS = {"aa": ("apgd-ce", "apgd-dlr"), "aa-ce-t": ("apgd-ce", "apgd-t")}
-# below this many classes the attack is not applicable: reported as None, not a number
-ATTACK_MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
 
 
 # --------------------------------------------------------------------------------------------------- training harness
@@ -2234,180 +1748,6 @@ def progress(iterable, dist, **kw):
     return tqdm(iterable, dynamic_ncols=True, **kw)
 
 
-# --------------------------------------------------------------------------------------------------------- evaluation
-def clock(device):
-    """time.perf_counter() after the device's queued work has finished (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-# Structure metrics (SPEC §6, --metrics), per image, in the units the papers report them in. Each is computed from
-# logits or features that the evaluation computes anyway (the clean pass and the classification of x_adv); only
-# top5-iou needs one more forward pass, of the reference model on the clean image.
-STRUCTURE_METRICS = ("conf", "smax", "smean", "top5-iou", "phi")
-
-
-def max_softmax(logits):
-    """conf (seed 000 Table 9): the largest softmax probability ×100, logits at CLIP's scale: (B, C) -> (B,)."""
-    return 100 * logits.float().softmax(-1).amax(-1)
-
-
-def similarity_max_mean(sim):
-    """smax, smean (seed 000 Table 9): the max and the mean cosine similarity to the C class prompts, ×100:
-    (B, C) -> (B,), (B,)."""
-    return 100 * sim.float().amax(-1), 100 * sim.float().mean(-1)
-
-
-def topk_iou(scores, ref_scores, k=5):
-    """|top-k ∩ top-k_ref| / |top-k ∪ top-k_ref| ×100 per image (seed 000 §4.4: k = 5): (B, C), (B, C) -> (B,).
-    With both sets of size k this is m / (2k − m), m the number of shared classes: 0, 11.1, 25, 42.9, 66.7, 100."""
-    top = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, -1).indices, True)  # (B, C)
-    ref = torch.zeros_like(ref_scores, dtype=torch.bool).scatter_(1, ref_scores.topk(k, -1).indices, True)
-    return 100 * (top & ref).sum(-1).float() / (top | ref).sum(-1).float()
-
-
-def cosine_deviation(features, adv_features):
-    """φ = arccos(cos(f(x), f(x + δ))) in degrees per image (seed 003 Eq. 14): (B, D), (B, D) raw features -> (B,).
-    Computed as 2·atan2(|u − v|, |u + v|) of the unit vectors u, v in float64: the same angle, without arccos's
-    loss of precision near cos = 1 (in float32, angles below ~0.03° would round to 0)."""
-    u, v = F.normalize(features.double(), dim=-1), F.normalize(adv_features.double(), dim=-1)
-    return torch.rad2deg(2 * torch.atan2((u - v).norm(dim=-1), (u + v).norm(dim=-1))).float()
-
-
-def sample_fields(attacks, metrics, n_classes):
-    """The per-image results zero_shot_samples gives for a dataset with `n_classes` classes, in order: "label",
-    "clean" (correct clean), each applicable attack (correct clean and under attack), then "<metric>.clean" and
-    "<metric>.adv" (on x_adv of the first attack; phi is adversarial only). Not applicable, hence absent: an attack
-    that needs more classes (ATTACK_MIN_CLASSES), top5-iou with at most 5 classes (the top-5 sets would be all
-    classes), and every ".adv" metric when there is no attack or the first one does not apply."""
-    applicable = [a for a in attacks if n_classes >= ATTACK_MIN_CLASSES.get(a, 2)]
-    adv = bool(attacks) and attacks[0] in applicable
-    fields = ["label", "clean", *applicable]
-    for m in metrics:
-        if m == "top5-iou" and n_classes <= 5:
-            continue
-        fields += ([f"{m}.clean"] if m != "phi" else []) + ([f"{m}.adv"] if adv else [])
-    return fields
-
-
-def structure_metrics(metrics, sim, ref_scores, which):
-    """The per-image structure metrics of one pass, clean or x_adv (`which`): {"<metric>.<which>": (B,)}, from its
-    (B, C) cosine similarities `sim`; top5-iou against `ref_scores` (the reference model's clean logits, None where
-    it does not apply). phi is left to the caller: it needs both passes."""
-    out = {}
-    smax, smean = similarity_max_mean(sim)
-    if "conf" in metrics:
-        out[f"conf.{which}"] = max_softmax(CLIP_LOGIT_SCALE * sim)
-    if "smax" in metrics:
-        out[f"smax.{which}"] = smax
-    if "smean" in metrics:
-        out[f"smean.{which}"] = smean
-    if "top5-iou" in metrics and ref_scores is not None:
-        out[f"top5-iou.{which}"] = topk_iou(sim, ref_scores)  # the order of sim is the order of the logits
-    return out
-
-
-def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
-                      batch_size=256, ctx=nullcontext(), seed=0, workers=0, desc=None, timing=None, attack_all=False,
-                      metrics=(), reference=None, indices=None):
-    """Per-image zero-shot results of `encoder` on `dataset` (or on its images `indices`), class text features
-    `text_feats`: yields (index (b,), {field: (b,) CPU tensor}) for each batch of this rank's share, fields as
-    sample_fields names them. Every rank yields the same number of batches (a rank with fewer images ends with empty
-    ones), so a caller may run a collective after each.
-
-    Logits are CLIP_LOGIT_SCALE · s(f(x), T). An image counts as robust to an attack only if it is classified
-    correctly both clean and at x_adv (so robust ≤ clean per image). Only clean-correct images are attacked, except
-    with attack_all=True (benchmarks) and, when `metrics` are asked for, by the first attack, whose x_adv of every
-    image the adversarial metrics are averaged over; the accuracies are the same either way. The metrics reuse the
-    features of the clean pass and of the classification of x_adv; top5-iou compares with the top-5 of
-    `reference(x)` (the reference model's logits on the clean image; None: the evaluated model itself).
-    steps: every attack's iterations (None: DEFAULT_ATTACK_STEPS) or {attack: iterations}. The attacks run on each
-    batch while its clean features are in memory; an attack that others are made of runs once per image
-    (shared_attacks), and the combined attacks (COMBINED_ATTACKS) run last so that they find their parts' results.
-    timing: a dict to fill with images per second of the clean pass and of each attack (all processes together)."""
-    encoder.eval()
-    logits_fn = lambda x: CLIP_LOGIT_SCALE * cosine_sim(encoder(x), text_feats)  # noqa: E731
-    n_classes = len(text_feats)
-    applicable = [n_classes >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
-    adv_metrics = bool(metrics) and bool(attacks) and applicable[0]
-
-    def steps_of(name):
-        return (steps.get(name) if isinstance(steps, dict) else steps) or DEFAULT_ATTACK_STEPS[name]
-    order = sorted(range(len(attacks)), key=lambda k: attacks[k] in COMBINED_ATTACKS)  # parts first, then aa & co.
-    indices = range(len(dataset)) if indices is None else indices
-    n_batches = -(-(-(-len(indices) // batch_size)) // dist.world)  # ⌈⌈N / B⌉ / W⌉, the same on every rank
-    seconds, images = [0.0] * (1 + len(attacks)), [0] * (1 + len(attacks))  # for `timing`; clean, then each attack
-    tick = (lambda: clock(dist.device)) if timing is not None else (lambda: 0.0)  # no syncs unless timing
-    done = 0
-    for x, y, index in progress(eval_loader(dataset, batch_size, dist, workers, indices), dist, desc=desc,
-                                leave=False):
-        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-        t = tick()
-        with ctx, torch.no_grad():
-            features = encoder(x)  # (B, D)
-            sim = cosine_sim(features, text_feats)  # (B, C)
-            ok = (CLIP_LOGIT_SCALE * sim).argmax(-1) == y  # (B,) clean-correct
-        seconds[0], images[0] = seconds[0] + tick() - t, images[0] + len(y)
-        out = {"label": y, "clean": ok}
-        ref_scores = None  # (B, C): the reference model's clean logits (seed 000 §4.4: its clean top-5 is the anchor)
-        if metrics:
-            if "top5-iou" in metrics and n_classes > 5:
-                with ctx, torch.no_grad():
-                    ref_scores = sim if reference is None else reference(x)
-            out.update(structure_metrics(metrics, sim, ref_scores, "clean"))
-        with shared_attacks():  # an attack that others are made of (APGD-CE in aa) runs once per image
-            for k in order:
-                name = attacks[k]
-                if not applicable[k]:
-                    continue
-                metrics_here = k == 0 and adv_metrics  # the first attack's x_adv of every image, for the metrics
-                keep = torch.ones_like(ok) if attack_all or metrics_here else ok
-                correct = torch.zeros_like(ok)
-                if keep.any():
-                    t = tick()
-                    with ctx:
-                        x_adv = ATTACKS[name](logits_fn, x[keep], y[keep], index[keep.cpu()], eps, alpha,
-                                              steps_of(name), seed)
-                    with ctx, torch.no_grad():
-                        adv_features = encoder(x_adv)
-                        adv_sim = cosine_sim(adv_features, text_feats)
-                    correct[keep] = ((CLIP_LOGIT_SCALE * adv_sim).argmax(-1) == y[keep]) & ok[keep]
-                    seconds[k + 1], images[k + 1] = seconds[k + 1] + tick() - t, images[k + 1] + int(keep.sum())
-                    if metrics_here:  # keep is every image
-                        out.update(structure_metrics(metrics, adv_sim, ref_scores, "adv"))
-                        if "phi" in metrics:
-                            out["phi.adv"] = cosine_deviation(features, adv_features)
-                out[name] = correct
-        yield index, {f: v.cpu() for f, v in out.items()}
-        done += 1
-    for _ in range(done, n_batches):
-        yield torch.zeros(0, dtype=torch.long), {}
-    if timing is not None:  # images of all processes over the mean wall time of one process
-        work = all_reduce_sum(torch.tensor([seconds, images], dtype=torch.float64, device=dist.device), dist).tolist()
-        timing.update({name: round(im * dist.world / sec, 2) if sec > 0 else None
-                       for name, sec, im in zip(["clean", *attacks], *work)})
-
-
-def zero_shot_eval(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
-                   batch_size=256, ctx=nullcontext(), seed=0, workers=0, desc=None, timing=None, attack_all=False):
-    """Zero-shot clean and robust accuracy (%) of `encoder` on `dataset` (zero_shot_samples, counted): returns
-    {"n": int, "clean": %, attack: % or None, ...}, None for an attack that needs more classes than there are
-    (ATTACK_MIN_CLASSES). Counts are summed across processes; every sample is counted once."""
-    columns = ["clean", *attacks]
-    correct = torch.zeros(len(columns), dtype=torch.float64)
-    n = torch.zeros(1, dtype=torch.float64)
-    for index, out in zero_shot_samples(encoder, text_feats, dataset, dist, attacks, eps, alpha, steps, batch_size,
-                                        ctx, seed, workers, desc, timing, attack_all):
-        n += len(index)
-        correct += torch.tensor([float(out[c].sum()) if c in out else 0.0 for c in columns], dtype=torch.float64)
-    both = all_reduce_sum(torch.cat([n, correct]).to(dist.device), dist).cpu()
-    n, acc = int(both[0].item()), (100.0 * both[1:] / max(int(both[0].item()), 1)).tolist()
-    applicable = [len(text_feats) >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
-    return {"n": n, "clean": round(acc[0], 2),
-            **{name: round(a, 2) if ok_ else None for name, a, ok_ in zip(attacks, acc[1:], applicable)}}
-
-
 # --------------------------------------------------------------------------------------------------------------- demo
 # A task that needs no download: coloured shapes on textured backgrounds, 32x32 pixels. A concept is a colour and a
 # shape ("a red ring"). A tiny CLIP is pretrained contrastively on captions of all 64 concepts; fine-tuning sees the
@@ -2541,8 +1881,8 @@ def demo_evaluate(encoder, clip_model, dist, ctx, args, run, when):
         # test images, unseen in training
         ds = DemoImages(concepts, 512 // len(concepts), clip_model.visual.input_resolution, seed=2)
         text = text_features(clip_model, prompts_for(ds.classes), dist.device)
-        out[name] = zero_shot_eval(encoder, text, ds, dist, ("pgd",), args.eps / 255, 1 / 255, 20, ctx=ctx,
-                                   seed=args.seed, desc=f"{when}: {name}")
+        out[name] = zero_shot_accuracy(encoder, text, ds, dist, args.eps / 255, 1 / 255, 20, ctx=ctx,
+                                       seed=args.seed, desc=f"{when}: {name}")
     run.print(f"{when}: held-out {out['held_out']}  proxy {out['proxy']}")
     return out
 

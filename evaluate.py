@@ -5,7 +5,7 @@ space, lower case), text features computed once per dataset, logits 100 · s(f(x
 an attack only if it is classified correctly clean and at x_adv. Every sample is counted once, with any number of
 processes; random starts and random targets depend only on the sample's index.
 
-Attacks (ℓ∞, --eps in units of 1/255; common.ATTACKS):
+Attacks (ℓ∞, --eps in units of 1/255; ATTACKS):
     pgd          PGD, 20 steps, α = 1/255, cross-entropy at CLIP's scale 100 (the AGFT protocol)
     cw           PGD, same schedule, on the C&W margin max_{j≠y} z_j − z_y
     apgd-ce      APGD (Croce & Hein 2020), 100 iterations, cross-entropy
@@ -61,6 +61,7 @@ Resume: the results are saved after every dataset and every --save-every seconds
 SIGTERM / SIGUSR1 save and exit with status 75 (common.PREEMPTED).
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -73,8 +74,10 @@ from statistics import NormalDist
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+import torch.nn.functional as F
 
 import common
+from attacks import ATTACK_MIN_CLASSES, ATTACKS, COMBINED_ATTACKS, DEFAULT_ATTACK_STEPS, run_attack
 
 ATTACK_LABELS = {"pgd": "PGD-{n}", "cw": "C&W-{n}", "apgd-ce": "APGD-CE-{n}", "apgd-dlr": "APGD-DLR-{n}",
                  "aa": "AA (APGD-CE + APGD-DLR, {n} it.)", "pgd-t-rand": "PGD-{n} targeted, random class",
@@ -195,8 +198,8 @@ def parse_args(argv=None):
     attacks = [] if attacks.strip().lower() in ("", "none") else [a.strip() for a in attacks.split(",") if a.strip()]
     attacks = [a for s in attacks for a in ATTACK_GROUPS.get(s.lower(), [s])]
     for a in attacks:
-        if a not in common.ATTACKS:
-            raise common.UsageError(f"--attacks {a}: unknown attack (one of {', '.join(common.ATTACKS)}, or a group: "
+        if a not in ATTACKS:
+            raise common.UsageError(f"--attacks {a}: unknown attack (one of {', '.join(ATTACKS)}, or a group: "
                                     f"{', '.join(ATTACK_GROUPS)})")
     args.attacks = list(dict.fromkeys(attacks))
     args.steps = attack_steps(args.steps, args.attacks, protocol["steps"])
@@ -221,12 +224,12 @@ def parse_args(argv=None):
     if os.path.isdir(args.out):
         raise common.UsageError(f"--out {args.out}: is a directory, expected a file name")
     metrics = [] if args.metrics.strip().lower() in ("", "none") else [m.strip() for m in args.metrics.split(",")]
-    metrics = [m for s in metrics for m in (common.STRUCTURE_METRICS if s.lower() == "all" else [s])]
+    metrics = [m for s in metrics for m in (STRUCTURE_METRICS if s.lower() == "all" else [s])]
     for m in metrics:
-        if m not in common.STRUCTURE_METRICS:
+        if m not in STRUCTURE_METRICS:
             raise common.UsageError(f"--metrics {m}: unknown metric (one of "
-                                    f"{', '.join(common.STRUCTURE_METRICS)}, all)")
-    args.metrics = [m for m in common.STRUCTURE_METRICS if m in metrics]  # in the table's order
+                                    f"{', '.join(STRUCTURE_METRICS)}, all)")
+    args.metrics = [m for m in STRUCTURE_METRICS if m in metrics]  # in the table's order
     if "phi" in args.metrics and not args.attacks:
         raise common.UsageError("--metrics phi: needs an attack (φ is the angle between f(x) and f(x_adv))")
     if "top5-iou" in args.metrics:
@@ -253,7 +256,7 @@ def help_lists():
         wrap(", ".join(common.EVAL_DATASETS) + "; demo; synthetic; folder:PATH"),
         "dataset groups:", *(wrap(f"{g} = {', '.join(d)}") for g, d in DATASET_GROUPS.items()),
         "attacks (--attacks; default iterations in brackets):",
-        wrap(", ".join(f"{a} [{n}]" for a, n in common.DEFAULT_ATTACK_STEPS.items())),
+        wrap(", ".join(f"{a} [{n}]" for a, n in DEFAULT_ATTACK_STEPS.items())),
         "attack groups:", *(wrap(f"{g} = {', '.join(a)}") for g, a in ATTACK_GROUPS.items()),
         "protocols (--protocol):", *(wrap(f"{name}: {p['about']}; attacks {','.join(p['attacks'])}")
                                      for name, p in PROTOCOLS.items())])
@@ -261,8 +264,8 @@ def help_lists():
 
 def attack_steps(spec, attacks, protocol_steps):
     """--steps -> {attack: iterations} for `attacks`: spec is None, 'N' (every attack) or 'NAME=N,...' (those named);
-    the rest from the protocol, else common.DEFAULT_ATTACK_STEPS."""
-    steps = {a: protocol_steps.get(a, common.DEFAULT_ATTACK_STEPS[a]) for a in attacks}
+    the rest from the protocol, else DEFAULT_ATTACK_STEPS."""
+    steps = {a: protocol_steps.get(a, DEFAULT_ATTACK_STEPS[a]) for a in attacks}
     if spec is None:
         return steps
     items = [s.strip() for s in spec.split(",") if s.strip()]
@@ -379,6 +382,180 @@ def metrics_table(metrics, report_metrics, first_label):
             cells = ["n/a" if v is None else f"{v:.2f}" for v in values + [mean]]
             lines.append("| " + " | ".join([label] + cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------------- zero-shot evaluation
+def clock(device):
+    """time.perf_counter() after the device's queued work has finished (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# Structure metrics (SPEC §6, --metrics), per image, in the units the papers report them in. Each is computed from
+# logits or features that the evaluation computes anyway (the clean pass and the classification of x_adv); only
+# top5-iou needs one more forward pass, of the reference model on the clean image.
+STRUCTURE_METRICS = ("conf", "smax", "smean", "top5-iou", "phi")
+
+
+def max_softmax(logits):
+    """conf (seed 000 Table 9): the largest softmax probability ×100, logits at CLIP's scale: (B, C) -> (B,)."""
+    return 100 * logits.float().softmax(-1).amax(-1)
+
+
+def similarity_max_mean(sim):
+    """smax, smean (seed 000 Table 9): the max and the mean cosine similarity to the C class prompts, ×100:
+    (B, C) -> (B,), (B,)."""
+    return 100 * sim.float().amax(-1), 100 * sim.float().mean(-1)
+
+
+def topk_iou(scores, ref_scores, k=5):
+    """|top-k ∩ top-k_ref| / |top-k ∪ top-k_ref| ×100 per image (seed 000 §4.4: k = 5): (B, C), (B, C) -> (B,).
+    With both sets of size k this is m / (2k − m), m the number of shared classes: 0, 11.1, 25, 42.9, 66.7, 100."""
+    top = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, -1).indices, True)  # (B, C)
+    ref = torch.zeros_like(ref_scores, dtype=torch.bool).scatter_(1, ref_scores.topk(k, -1).indices, True)
+    return 100 * (top & ref).sum(-1).float() / (top | ref).sum(-1).float()
+
+
+def cosine_deviation(features, adv_features):
+    """φ = arccos(cos(f(x), f(x + δ))) in degrees per image (seed 003 Eq. 14): (B, D), (B, D) raw features -> (B,).
+    Computed as 2·atan2(|u − v|, |u + v|) of the unit vectors u, v in float64: the same angle, without arccos's
+    loss of precision near cos = 1 (in float32, angles below ~0.03° would round to 0)."""
+    u, v = F.normalize(features.double(), dim=-1), F.normalize(adv_features.double(), dim=-1)
+    return torch.rad2deg(2 * torch.atan2((u - v).norm(dim=-1), (u + v).norm(dim=-1))).float()
+
+
+def sample_fields(attacks, metrics, n_classes):
+    """The per-image results zero_shot_samples gives for a dataset with `n_classes` classes, in order: "label",
+    "clean" (correct clean), each applicable attack (correct clean and under attack), then "<metric>.clean" and
+    "<metric>.adv" (on x_adv of the first attack; phi is adversarial only). Not applicable, hence absent: an attack
+    that needs more classes (ATTACK_MIN_CLASSES), top5-iou with at most 5 classes (the top-5 sets would be all
+    classes), and every ".adv" metric when there is no attack or the first one does not apply."""
+    applicable = [a for a in attacks if n_classes >= ATTACK_MIN_CLASSES.get(a, 2)]
+    adv = bool(attacks) and attacks[0] in applicable
+    fields = ["label", "clean", *applicable]
+    for m in metrics:
+        if m == "top5-iou" and n_classes <= 5:
+            continue
+        fields += ([f"{m}.clean"] if m != "phi" else []) + ([f"{m}.adv"] if adv else [])
+    return fields
+
+
+def structure_metrics(metrics, sim, ref_scores, which):
+    """The per-image structure metrics of one pass, clean or x_adv (`which`): {"<metric>.<which>": (B,)}, from its
+    (B, C) cosine similarities `sim`; top5-iou against `ref_scores` (the reference model's clean logits, None where
+    it does not apply). phi is left to the caller: it needs both passes."""
+    out = {}
+    smax, smean = similarity_max_mean(sim)
+    if "conf" in metrics:
+        out[f"conf.{which}"] = max_softmax(common.CLIP_LOGIT_SCALE * sim)
+    if "smax" in metrics:
+        out[f"smax.{which}"] = smax
+    if "smean" in metrics:
+        out[f"smean.{which}"] = smean
+    if "top5-iou" in metrics and ref_scores is not None:
+        out[f"top5-iou.{which}"] = topk_iou(sim, ref_scores)  # the order of sim is the order of the logits
+    return out
+
+
+def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
+                      batch_size=256, ctx=contextlib.nullcontext(), seed=0, workers=0, desc=None, timing=None, attack_all=False,
+                      metrics=(), reference=None, indices=None):
+    """Per-image zero-shot results of `encoder` on `dataset` (or on its images `indices`), class text features
+    `text_feats`: yields (index (b,), {field: (b,) CPU tensor}) for each batch of this rank's share, fields as
+    sample_fields names them. Every rank yields the same number of batches (a rank with fewer images ends with empty
+    ones), so a caller may run a collective after each.
+
+    Logits are common.CLIP_LOGIT_SCALE · s(f(x), T). An image counts as robust to an attack only if it is classified
+    correctly both clean and at x_adv (so robust ≤ clean per image). Only clean-correct images are attacked, except
+    with attack_all=True (benchmarks) and, when `metrics` are asked for, by the first attack, whose x_adv of every
+    image the adversarial metrics are averaged over; the accuracies are the same either way. The metrics reuse the
+    features of the clean pass and of the classification of x_adv; top5-iou compares with the top-5 of
+    `reference(x)` (the reference model's logits on the clean image; None: the evaluated model itself).
+    steps: every attack's iterations (None: DEFAULT_ATTACK_STEPS) or {attack: iterations}. The attacks run on each
+    batch while its clean features are in memory; an attack that others are made of runs once per image
+    (run_attack), and the combined attacks (COMBINED_ATTACKS) run last so that they find their parts' results.
+    timing: a dict to fill with images per second of the clean pass and of each attack (all processes together)."""
+    encoder.eval()
+    logits_fn = lambda x: common.CLIP_LOGIT_SCALE * common.cosine_sim(encoder(x), text_feats)  # noqa: E731
+    n_classes = len(text_feats)
+    applicable = [n_classes >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
+    adv_metrics = bool(metrics) and bool(attacks) and applicable[0]
+
+    def steps_of(name):
+        return (steps.get(name) if isinstance(steps, dict) else steps) or DEFAULT_ATTACK_STEPS[name]
+    order = sorted(range(len(attacks)), key=lambda k: attacks[k] in COMBINED_ATTACKS)  # parts first, then aa & co.
+    indices = range(len(dataset)) if indices is None else indices
+    n_batches = -(-(-(-len(indices) // batch_size)) // dist.world)  # ⌈⌈N / B⌉ / W⌉, the same on every rank
+    seconds, images = [0.0] * (1 + len(attacks)), [0] * (1 + len(attacks))  # for `timing`; clean, then each attack
+    tick = (lambda: clock(dist.device)) if timing is not None else (lambda: 0.0)  # no syncs unless timing
+    done = 0
+    for x, y, index in common.progress(common.eval_loader(dataset, batch_size, dist, workers, indices), dist, desc=desc,
+                                leave=False):
+        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+        t = tick()
+        with ctx, torch.no_grad():
+            features = encoder(x)  # (B, D)
+            sim = common.cosine_sim(features, text_feats)  # (B, C)
+            ok = (common.CLIP_LOGIT_SCALE * sim).argmax(-1) == y  # (B,) clean-correct
+        seconds[0], images[0] = seconds[0] + tick() - t, images[0] + len(y)
+        out = {"label": y, "clean": ok}
+        ref_scores = None  # (B, C): the reference model's clean logits (seed 000 §4.4: its clean top-5 is the anchor)
+        if metrics:
+            if "top5-iou" in metrics and n_classes > 5:
+                with ctx, torch.no_grad():
+                    ref_scores = sim if reference is None else reference(x)
+            out.update(structure_metrics(metrics, sim, ref_scores, "clean"))
+        memo = {}  # an attack that others are made of (APGD-CE in aa) runs once per image (run_attack)
+        for k in order:
+            name = attacks[k]
+            if not applicable[k]:
+                continue
+            metrics_here = k == 0 and adv_metrics  # the first attack's x_adv of every image, for the metrics
+            keep = torch.ones_like(ok) if attack_all or metrics_here else ok
+            correct = torch.zeros_like(ok)
+            if keep.any():
+                t = tick()
+                with ctx:
+                    x_adv = run_attack(name, logits_fn, x[keep], y[keep], index[keep.cpu()], eps, alpha,
+                                              steps_of(name), seed, memo)
+                with ctx, torch.no_grad():
+                    adv_features = encoder(x_adv)
+                    adv_sim = common.cosine_sim(adv_features, text_feats)
+                correct[keep] = ((common.CLIP_LOGIT_SCALE * adv_sim).argmax(-1) == y[keep]) & ok[keep]
+                seconds[k + 1], images[k + 1] = seconds[k + 1] + tick() - t, images[k + 1] + int(keep.sum())
+                if metrics_here:  # keep is every image
+                    out.update(structure_metrics(metrics, adv_sim, ref_scores, "adv"))
+                    if "phi" in metrics:
+                        out["phi.adv"] = cosine_deviation(features, adv_features)
+            out[name] = correct
+        yield index, {f: v.cpu() for f, v in out.items()}
+        done += 1
+    for _ in range(done, n_batches):
+        yield torch.zeros(0, dtype=torch.long), {}
+    if timing is not None:  # images of all processes over the mean wall time of one process
+        work = common.all_reduce_sum(torch.tensor([seconds, images], dtype=torch.float64, device=dist.device), dist).tolist()
+        timing.update({name: round(im * dist.world / sec, 2) if sec > 0 else None
+                       for name, sec, im in zip(["clean", *attacks], *work)})
+
+
+def zero_shot_eval(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
+                   batch_size=256, ctx=contextlib.nullcontext(), seed=0, workers=0, desc=None, timing=None, attack_all=False):
+    """Zero-shot clean and robust accuracy (%) of `encoder` on `dataset` (zero_shot_samples, counted): returns
+    {"n": int, "clean": %, attack: % or None, ...}, None for an attack that needs more classes than there are
+    (ATTACK_MIN_CLASSES). Counts are summed across processes; every sample is counted once."""
+    columns = ["clean", *attacks]
+    correct = torch.zeros(len(columns), dtype=torch.float64)
+    n = torch.zeros(1, dtype=torch.float64)
+    for index, out in zero_shot_samples(encoder, text_feats, dataset, dist, attacks, eps, alpha, steps, batch_size,
+                                        ctx, seed, workers, desc, timing, attack_all):
+        n += len(index)
+        correct += torch.tensor([float(out[c].sum()) if c in out else 0.0 for c in columns], dtype=torch.float64)
+    both = common.all_reduce_sum(torch.cat([n, correct]).to(dist.device), dist).cpu()
+    n, acc = int(both[0].item()), (100.0 * both[1:] / max(int(both[0].item()), 1)).tolist()
+    applicable = [len(text_feats) >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
+    return {"n": n, "clean": round(acc[0], 2),
+            **{name: round(a, 2) if ok_ else None for name, a, ok_ in zip(attacks, acc[1:], applicable)}}
 
 
 # ------------------------------------------------------------------------------------------- intervals (95%)
@@ -872,7 +1049,7 @@ def evaluate(args, preemption):
 
     class_counts = {name: len(c) for name, _, c, _, _ in sets}
     for k, (name, dataset, class_names, template, _) in enumerate(sets):
-        fields = common.sample_fields(args.attacks, args.metrics, len(class_names))
+        fields = sample_fields(args.attacks, args.metrics, len(class_names))
         done, error = torch.zeros(len(dataset), dtype=torch.uint8), None
         if dist.is_main:
             try:
@@ -896,7 +1073,7 @@ def evaluate(args, preemption):
                 ref_text = common.text_features(reference, prompts[name], dist.device)  # the reference's own prompts
                 ref_logits = lambda x: (common.CLIP_LOGIT_SCALE  # noqa: E731
                                         * common.cosine_sim(ref_encoder(x), ref_text))
-            for index, out in common.zero_shot_samples(
+            for index, out in zero_shot_samples(
                     encoder, text, dataset, dist, tuple(args.attacks), eps, alpha, steps, args.batch_size, ctx,
                     args.seed, args.workers, desc=name, timing=timing, attack_all=args.attack_all,
                     metrics=tuple(args.metrics), reference=ref_logits, indices=todo):

@@ -136,8 +136,8 @@ def demo_zero_shot(per_class):
 def run_demo_reduced(main, argv, out, monkeypatch):
     """A script's demo in this process, shortened for the tests: its --max-steps from argv and every 8th of the demo's
     test images in the before/after evaluation (the full demo's numbers are in the README). Returns results.json."""
-    zero_shot_eval = common.zero_shot_eval
-    monkeypatch.setattr(common, "zero_shot_eval", lambda encoder, text, ds, *a, **k: zero_shot_eval(
+    accuracy = common.zero_shot_accuracy
+    monkeypatch.setattr(common, "zero_shot_accuracy", lambda encoder, text, ds, *a, **k: accuracy(
         encoder, text, torch.utils.data.Subset(ds, range(0, len(ds), 8)), *a, **k))
     main(["--demo", *argv, "--out", str(out)])
     with open(os.path.join(str(out), "results.json")) as f:

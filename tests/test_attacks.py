@@ -7,10 +7,12 @@ from fractions import Fraction
 import pytest
 import torch
 
+import attacks
 import common
+import evaluate
 from conftest import tiny_clip
 
-ATTACK_NAMES = list(common.ATTACKS)
+ATTACK_NAMES = list(attacks.ATTACKS)
 CPU = torch.device("cpu")
 
 
@@ -58,7 +60,7 @@ def test_attack_stays_in_eps_ball_and_unit_box(tiny, name):
     model, logits_fn, x, y, index = tiny
     x0 = x.clone()
     eps = 8 / 255
-    x_adv = common.ATTACKS[name](logits_fn, x, y, index, eps, 2 / 255, 3, seed=0)
+    x_adv = attacks.ATTACKS[name](logits_fn, x, y, index, eps, 2 / 255, 3, seed=0)
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
     assert (x_adv - x).abs().max() <= eps + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
@@ -70,7 +72,7 @@ def test_attack_stays_in_eps_ball_and_unit_box(tiny, name):
 @pytest.mark.parametrize("name", ATTACK_NAMES)
 def test_eps_zero_leaves_accuracy_at_clean(tiny, name):
     _, logits_fn, x, y, index = tiny
-    x_adv = common.ATTACKS[name](logits_fn, x, y, index, 0.0, 1 / 255, 3, seed=0)
+    x_adv = attacks.ATTACKS[name](logits_fn, x, y, index, 0.0, 1 / 255, 3, seed=0)
     assert torch.equal(x_adv, x)
     with torch.no_grad():
         assert torch.equal(logits_fn(x_adv).argmax(-1), logits_fn(x).argmax(-1))
@@ -90,14 +92,14 @@ def test_large_eps_breaks_a_trained_model(demo, name):
     """At ε = 32/255 every attack drives accuracy to about 0: the gradients are informative (no masking)."""
     logits_fn, x, y, index, clean = demo
     steps, bound = LARGE_EPS.get(name, (20, 0.07))
-    x_adv = common.ATTACKS[name](logits_fn, x, y, index, 32 / 255, 4 / 255, steps, seed=0)
+    x_adv = attacks.ATTACKS[name](logits_fn, x, y, index, 32 / 255, 4 / 255, steps, seed=0)
     with torch.no_grad():
         pred = logits_fn(x_adv).argmax(-1)
     assert (pred == y).float().mean() <= bound
     if name == "pgd-t-least":  # a targeted attack goes where it is sent, not just anywhere
         assert (pred == clean.argmin(-1)).float().mean() >= 0.3  # chance is 1/16
     if name in ("pgd-t-rand", "mi-t", "di-t"):  # the random wrong class, the same for every targeted attack
-        target = (y + 1 + common.per_sample_randint(index, clean.shape[1] - 1, 0, CPU)) % clean.shape[1]
+        target = (y + 1 + attacks.per_sample_randint(index, clean.shape[1] - 1, 0, CPU)) % clean.shape[1]
         assert (pred == target).float().mean() >= 0.5
 
 
@@ -115,12 +117,12 @@ def test_attack_does_not_depend_on_batching(tiny, name):
     while a batch-dependent draw (the defect this test guards against) changes nearly all of them. Measured here:
     `differ` below is 0 to 2 values for every attack."""
     _, logits_fn, x, y, index = tiny
-    whole = common.ATTACKS[name](logits_fn, x, y, index, 8 / 255, 2 / 255, 4, seed=3)
-    parts = torch.cat([common.ATTACKS[name](logits_fn, x[s], y[s], index[s], 8 / 255, 2 / 255, 4, seed=3)
+    whole = attacks.ATTACKS[name](logits_fn, x, y, index, 8 / 255, 2 / 255, 4, seed=3)
+    parts = torch.cat([attacks.ATTACKS[name](logits_fn, x[s], y[s], index[s], 8 / 255, 2 / 255, 4, seed=3)
                        for s in (slice(0, 1), slice(1, 4), slice(4, 6))])
     differ = (whole - parts).abs() > 1e-6
     assert differ.float().mean() <= 1e-3, f"{int(differ.sum())} of {differ.numel()} values depend on the batch"
-    other_seed = common.ATTACKS[name](logits_fn, x, y, index, 8 / 255, 2 / 255, 4, seed=4)
+    other_seed = attacks.ATTACKS[name](logits_fn, x, y, index, 8 / 255, 2 / 255, 4, seed=4)
     if name in ("mi", "ni", "pi", "pi++"):  # no random start, no random draws (as in the papers and torchattacks):
         assert torch.equal(whole, other_seed)  # the same batch through the same ops, so the same rounding, bit for bit
     else:
@@ -137,14 +139,14 @@ def test_margin_and_dlr_losses_match_loops():
         zy = z[y[i]]
         best_other = max(v for j, v in enumerate(z) if j != y[i])
         s = sorted(z, reverse=True)
-        assert math.isclose(common.margin_loss(logits, y)[i].item(), best_other - zy, rel_tol=1e-5, abs_tol=1e-5)
+        assert math.isclose(attacks.margin_loss(logits, y)[i].item(), best_other - zy, rel_tol=1e-5, abs_tol=1e-5)
         expected = -(zy - best_other) / (s[0] - s[2] + 1e-12)
-        assert math.isclose(common.dlr_loss(logits, y)[i].item(), expected, rel_tol=1e-5, abs_tol=1e-6)
+        assert math.isclose(attacks.dlr_loss(logits, y)[i].item(), expected, rel_tol=1e-5, abs_tol=1e-6)
     # DLR is invariant to the logit scale and to a shift; positive exactly where the sample is misclassified
-    assert torch.allclose(common.dlr_loss(3.7 * logits + 2.0, y), common.dlr_loss(logits, y), atol=1e-5)
-    assert torch.equal(common.dlr_loss(logits, y) > 0, logits.argmax(-1) != y)
+    assert torch.allclose(attacks.dlr_loss(3.7 * logits + 2.0, y), attacks.dlr_loss(logits, y), atol=1e-5)
+    assert torch.equal(attacks.dlr_loss(logits, y) > 0, logits.argmax(-1) != y)
     with pytest.raises(ValueError):
-        common.dlr_loss(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
+        attacks.dlr_loss(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
 
 
 # ------------------------------------------------------------------------------------------------------ APGD
@@ -157,14 +159,14 @@ def paper_checkpoints(n_iter):
 
 
 def test_apgd_checkpoints_follow_the_paper():
-    assert common.apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]  # Croce & Hein 2020, §3.2
+    assert attacks.apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]  # Croce & Hein 2020, §3.2
     for n in range(1, 301):
-        assert common.apgd_checkpoints(n) == paper_checkpoints(n), n
+        assert attacks.apgd_checkpoints(n) == paper_checkpoints(n), n
 
 
 def test_apgd_conditions():
     t, f = torch.tensor([True]), torch.tensor([False])
-    cond = lambda n_up, window, f_max, f_ckpt, reduced: common.apgd_conditions(  # noqa: E731
+    cond = lambda n_up, window, f_max, f_ckpt, reduced: attacks.apgd_conditions(  # noqa: E731
         torch.tensor([float(n_up)]), window, torch.tensor([f_max]), torch.tensor([f_ckpt]), reduced).item()
     # Condition 1: fewer than ρ = 0.75 of the steps raised the loss (strictly fewer: 12 of 16 is not)
     assert cond(11, 16, 2.0, 1.0, f) and not cond(12, 16, 2.0, 1.0, f) and not cond(16, 16, 2.0, 1.0, f)
@@ -189,7 +191,7 @@ def test_apgd_returns_the_best_point():
     x, y = torch.rand(12, 3, 8, 8, generator=g), torch.randint(10, (12,), generator=g)
     ce = lambda z, t: torch.nn.functional.cross_entropy(z, t, reduction="none")  # noqa: E731
     delta = common.per_sample_start(torch.arange(12), x.shape[1:], 2 / 255, 0, CPU)
-    x_out = common.apgd(logits_fn, ce, x, y, 2 / 255, 15, delta)
+    x_out = attacks.apgd(logits_fn, ce, x, y, 2 / 255, 15, delta)
     losses = torch.stack([ce(logits, y) for _, logits in seen])  # (iterates, B)
     fooled = torch.stack([logits.argmax(-1) != y for _, logits in seen])  # (iterates, B)
     assert len(seen) == 16  # x^(0) and 15 iterations
@@ -250,8 +252,8 @@ def test_apgd_matches_a_per_sample_reference(n_iter):
     x, y = torch.rand(8, 3, 8, 8, generator=g), torch.randint(10, (8,), generator=g)
     eps = 3 / 255
     delta = common.per_sample_start(torch.arange(8), x.shape[1:], eps, 0, CPU)
-    for loss in (common.cross_entropy_per_sample, common.dlr_loss):
-        batched = common.apgd(logits_fn, loss, x, y, eps, n_iter, delta)
+    for loss in (attacks.cross_entropy_per_sample, attacks.dlr_loss):
+        batched = attacks.apgd(logits_fn, loss, x, y, eps, n_iter, delta)
         for i in range(8):
             one = reference_apgd(lambda z, t: loss(logits_fn(z[None]), t[None])[0],
                                  lambda z: logits_fn(z[None]).argmax(), x[i], y[i], delta[i], eps, n_iter)
@@ -262,13 +264,13 @@ def test_apgd_ce_makes_progress_on_confident_samples(demo):
     """At CLIP's scale 100 the trained model's CE is exactly 0 in float32 for most samples; the loss APGD-CE
     tracks must still see the margin shrink, or every checkpoint would send it back to its start."""
     logits_fn, x, y, index, clean = demo
-    ce = common.cross_entropy_per_sample
+    ce = attacks.cross_entropy_per_sample
     reference = torch.nn.functional.cross_entropy(clean, y, reduction="none")
     assert (reference == 0).float().mean() > 0.5  # the situation this guards against
     assert (ce(clean, y) > 0).all()
     assert torch.allclose(ce(clean, y)[reference > 1e-3], reference[reference > 1e-3], rtol=1e-4)
     delta = common.per_sample_start(index, x.shape[1:], 2 / 255, 0, CPU)
-    x_out = common.apgd(logits_fn, ce, x, y, 2 / 255, 10, delta)
+    x_out = attacks.apgd(logits_fn, ce, x, y, 2 / 255, 10, delta)
     with torch.no_grad():
         start, end = ce(logits_fn((x + delta).clamp(0, 1)), y), ce(logits_fn(x_out), y)
     assert (end >= start).all() and (end > 2 * start).float().mean() > 0.9
@@ -288,18 +290,18 @@ def test_combined_attack_is_the_per_sample_worst_case(demo, combined, first, sec
     def correct(x_adv):
         with torch.no_grad():
             return logits_fn(x_adv).argmax(-1) == y  # (B,)
-    x_first = common.ATTACKS[first](logits_fn, x, y, index, *args)
+    x_first = attacks.ATTACKS[first](logits_fn, x, y, index, *args)
     alive = correct(x_first)
     expected = x_first.clone()
-    expected[alive] = common.ATTACKS[second](logits_fn, x[alive], y[alive], index[alive], *args)
-    x_adv = common.ATTACKS[combined](logits_fn, x, y, index, *args)
+    expected[alive] = attacks.ATTACKS[second](logits_fn, x[alive], y[alive], index[alive], *args)
+    x_adv = attacks.ATTACKS[combined](logits_fn, x, y, index, *args)
     assert torch.equal(x_adv, expected)
     assert alive.any() and not alive.all() and (expected != x_first)[alive].any()  # both parts had work to do
     # below the second attack's number of classes (DLR: 3, APGD-T: 4) the combination is the first attack alone
     two = lambda z: logits_fn(z)[:, :2]  # noqa: E731
     keep = y < 2
-    assert torch.equal(common.ATTACKS[combined](two, x[keep], y[keep], index[keep], *args),
-                       common.ATTACKS[first](two, x[keep], y[keep], index[keep], *args))
+    assert torch.equal(attacks.ATTACKS[combined](two, x[keep], y[keep], index[keep], *args),
+                       attacks.ATTACKS[first](two, x[keep], y[keep], index[keep], *args))
 
 
 def test_two_classes_dlr_not_applicable_and_aa_is_apgd_ce():
@@ -307,13 +309,13 @@ def test_two_classes_dlr_not_applicable_and_aa_is_apgd_ce():
     encoder, text, logits_fn = classifier(model, ["cat", "dog"])
     ds = common.SyntheticImages(9, 2, 32, seed=0)
     dist = common.Dist(0, 1, 0, CPU)
-    r = common.zero_shot_eval(encoder, text, ds, dist, ("apgd-ce", "apgd-dlr", "aa"), 8 / 255, 1 / 255, 3,
+    r = evaluate.zero_shot_eval(encoder, text, ds, dist, ("apgd-ce", "apgd-dlr", "aa"), 8 / 255, 1 / 255, 3,
                               batch_size=4)
     assert r["apgd-dlr"] is None and r["aa"] == r["apgd-ce"] and r["n"] == 9
     x = torch.stack([ds[i][0] for i in range(9)])
     y = torch.tensor([ds[i][1] for i in range(9)])
-    a = common.ATTACKS["aa"](logits_fn, x, y, torch.arange(9), 8 / 255, 1 / 255, 3, 0)
-    b = common.ATTACKS["apgd-ce"](logits_fn, x, y, torch.arange(9), 8 / 255, 1 / 255, 3, 0)
+    a = attacks.ATTACKS["aa"](logits_fn, x, y, torch.arange(9), 8 / 255, 1 / 255, 3, 0)
+    b = attacks.ATTACKS["apgd-ce"](logits_fn, x, y, torch.arange(9), 8 / 255, 1 / 255, 3, 0)
     assert torch.equal(a, b)
 
 
@@ -323,7 +325,7 @@ def test_zero_shot_eval_robust_never_above_clean(tiny):
     model, _, _, _, _ = tiny
     encoder, text, _ = classifier(model, [f"thing {i}" for i in range(5)])
     ds = common.SyntheticImages(11, 5, 32, seed=1)
-    r = common.zero_shot_eval(encoder, text, ds, common.Dist(0, 1, 0, CPU), tuple(ATTACK_NAMES), 8 / 255, 2 / 255,
+    r = evaluate.zero_shot_eval(encoder, text, ds, common.Dist(0, 1, 0, CPU), tuple(ATTACK_NAMES), 8 / 255, 2 / 255,
                               2, batch_size=4)
     assert r["n"] == 11
     assert all(r[name] <= r["clean"] for name in ATTACK_NAMES)
@@ -331,9 +333,9 @@ def test_zero_shot_eval_robust_never_above_clean(tiny):
 
 def test_random_targets_are_wrong_classes_and_fixed_per_index():
     index = torch.arange(1000)
-    offsets = common.per_sample_randint(index, 9, seed=0, device=CPU)
+    offsets = attacks.per_sample_randint(index, 9, seed=0, device=CPU)
     assert offsets.min() >= 0 and offsets.max() <= 8 and len(offsets.unique()) == 9  # y + 1 + [0, C−2]: never y
     counts = torch.bincount(offsets, minlength=9).float()
     assert counts.min() > 70  # about uniform (1000 / 9 ≈ 111 each)
-    assert torch.equal(common.per_sample_randint(index[500:510].flip(0), 9, 0, CPU), offsets[500:510].flip(0))
-    assert not torch.equal(common.per_sample_randint(index, 9, 1, CPU), offsets)
+    assert torch.equal(attacks.per_sample_randint(index[500:510].flip(0), 9, 0, CPU), offsets[500:510].flip(0))
+    assert not torch.equal(attacks.per_sample_randint(index, 9, 1, CPU), offsets)

@@ -14,7 +14,7 @@ from PIL import Image
 
 import common
 import evaluate
-from conftest import run_main_in_process, run_script, tiny_clip
+from conftest import demo_zero_shot, run_main_in_process, run_script, tiny_clip
 
 # SPEC §6, written out again here so that a changed data_lists/templates.tsv fails a test
 SPEC_TEMPLATES = {
@@ -113,6 +113,18 @@ def test_clean_accuracy_matches_an_independent_computation(tiny_ckpt, folders, t
     expected, _, gap = independent_clean_accuracy(three, "a {} thing")
     assert gap > 1e-4 and report["datasets"]["shapes"]["clean"] == round(expected, 2)
     assert report["settings"]["templates"]["shapes"] == "a {} thing"
+
+
+def test_training_scripts_accuracy_equals_evaluate_py():
+    """common.zero_shot_accuracy (the demo's tables, AdvFLYP's validation: clean and PGD only) and evaluate.py's
+    zero_shot_eval give the same numbers, exactly: the same batches, the same attack on the same clean-correct
+    images with the same per-image random starts, the same ops."""
+    _, text, ds, _ = demo_zero_shot(4)
+    encoder = common.ImageEncoder(common.load_clip("demo").visual).eval()
+    dist = common.Dist(0, 1, 0, torch.device("cpu"))
+    mine = common.zero_shot_accuracy(encoder, text, ds, dist, 4 / 255, 1 / 255, 3, batch_size=16, seed=1)
+    full = evaluate.zero_shot_eval(encoder, text, ds, dist, ("pgd",), 4 / 255, 1 / 255, 3, batch_size=16, seed=1)
+    assert mine == full and 0 < mine["pgd"] < mine["clean"]
 
 
 def test_one_process_equals_two(tiny_ckpt, folders, tmp_path):

@@ -64,15 +64,15 @@ def test_metric_functions_match_numpy():
     s = sim.numpy()
     z = 100 * s - (100 * s).max(1, keepdims=True)
     conf = 100 * (np.exp(z) / np.exp(z).sum(1, keepdims=True)).max(1)
-    np.testing.assert_allclose(common.max_softmax(100 * sim).numpy(), conf, rtol=1e-5)
-    smax, smean = common.similarity_max_mean(sim)
+    np.testing.assert_allclose(evaluate.max_softmax(100 * sim).numpy(), conf, rtol=1e-5)
+    smax, smean = evaluate.similarity_max_mean(sim)
     np.testing.assert_allclose(smax.numpy(), 100 * s.max(1), rtol=1e-6)
     np.testing.assert_allclose(smean.numpy(), 100 * s.mean(1), rtol=1e-6)
     top, top_ref = np.argsort(-s, 1)[:, :5], np.argsort(-ref.numpy(), 1)[:, :5]
     iou = [100 * len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in zip(top, top_ref)]
-    np.testing.assert_allclose(common.topk_iou(sim, ref).numpy(), iou, rtol=1e-6)
-    assert common.topk_iou(sim, sim).eq(100).all()
-    assert common.topk_iou(sim, -sim).eq(0).all()  # 10 classes: disjoint top-5s
+    np.testing.assert_allclose(evaluate.topk_iou(sim, ref).numpy(), iou, rtol=1e-6)
+    assert evaluate.topk_iou(sim, sim).eq(100).all()
+    assert evaluate.topk_iou(sim, -sim).eq(0).all()  # 10 classes: disjoint top-5s
     # φ: arccos in float64, also for tiny angles, where float32 arccos would round to 0
     f = torch.randn(5, 64, generator=g, dtype=torch.float64)
     for scale in (1.0, 1e-2, 1e-5):
@@ -80,9 +80,9 @@ def test_metric_functions_match_numpy():
         a, b = f.numpy(), f_adv.numpy()
         cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         expected = np.degrees(np.arccos(np.clip(cos, -1, 1)))
-        np.testing.assert_allclose(common.cosine_deviation(f.float(), f_adv.float()).numpy(), expected,
+        np.testing.assert_allclose(evaluate.cosine_deviation(f.float(), f_adv.float()).numpy(), expected,
                                    rtol=2e-3 if scale < 1e-4 else 1e-5)
-    assert common.cosine_deviation(f, -f).sub(180).abs().max() < 1e-4
+    assert evaluate.cosine_deviation(f, -f).sub(180).abs().max() < 1e-4
 
 
 def direct_metrics(data):
@@ -167,9 +167,9 @@ def test_metrics_usage(data, tmp_path, capsys):
     torch.save({"model": tiny_clip(0).state_dict()}, run / "last.pt")
     (run / "args.json").write_text(json.dumps({"model": data["reference"], "method": "agft"}))
     args = evaluate.parse_args(["--model", str(run / "last.pt"), "--metrics", "all", *base])
-    assert args.reference_model == data["reference"] and args.metrics == list(common.STRUCTURE_METRICS)
-    assert common.sample_fields(["apgd-dlr", "pgd"], ["top5-iou", "phi"], 2) == ["label", "clean", "pgd"]
-    assert common.sample_fields(["pgd"], ["top5-iou", "conf"], 5) == ["label", "clean", "pgd", "conf.clean",
+    assert args.reference_model == data["reference"] and args.metrics == list(evaluate.STRUCTURE_METRICS)
+    assert evaluate.sample_fields(["apgd-dlr", "pgd"], ["top5-iou", "phi"], 2) == ["label", "clean", "pgd"]
+    assert evaluate.sample_fields(["pgd"], ["top5-iou", "conf"], 5) == ["label", "clean", "pgd", "conf.clean",
                                                                       "conf.adv"]
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import attacks
 import common
 import evaluate
 from conftest import demo_zero_shot
@@ -72,7 +73,7 @@ def test_help_lists_datasets_attacks_groups_and_protocols(capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--help"])
     text = capsys.readouterr().out
-    for name in [*common.EVAL_DATASETS, *common.ATTACKS, *evaluate.ATTACK_GROUPS, *evaluate.PROTOCOLS,
+    for name in [*common.EVAL_DATASETS, *attacks.ATTACKS, *evaluate.ATTACK_GROUPS, *evaluate.PROTOCOLS,
                  *evaluate.DATASET_GROUPS]:
         assert name in text, name
 
@@ -100,20 +101,20 @@ def test_shared_parts_run_once_and_give_the_same_accuracies(demo, monkeypatch):
     one of the attack evaluated alone."""
     encoder, text, ds, _ = demo
     calls = []
-    apgd = common.apgd
-    monkeypatch.setattr(common, "apgd", lambda *a, **k: calls.append(len(a[2])) or apgd(*a, **k))
+    apgd = attacks.apgd
+    monkeypatch.setattr(attacks, "apgd", lambda *a, **k: calls.append(len(a[2])) or apgd(*a, **k))
     dist = common.Dist(0, 1, 0, CPU)
     names = ("aa", "apgd-ce", "apgd-dlr", "aa-ce-t", "apgd-t")
-    together = common.zero_shot_eval(encoder, text, ds, dist, names, 4 / 255, 1 / 255, 3, batch_size=32)
+    together = evaluate.zero_shot_eval(encoder, text, ds, dist, names, 4 / 255, 1 / 255, 3, batch_size=32)
     n_together = len(calls)
     alone = {}
     for name in names:
-        alone.update(common.zero_shot_eval(encoder, text, ds, dist, (name,), 4 / 255, 1 / 255, 3, batch_size=32))
+        alone.update(evaluate.zero_shot_eval(encoder, text, ds, dist, (name,), 4 / 255, 1 / 255, 3, batch_size=32))
     assert together == alone
     n_alone = len(calls) - n_together
     # together: per batch 1 (CE) + 1 (DLR) + up to 9 (APGD-T targets); alone, aa and aa-ce-t repeat CE, DLR and T
     assert n_together < n_alone
     calls.clear()
-    common.zero_shot_eval(encoder, text, ds, dist, ("apgd-ce", "apgd-dlr", "apgd-t"), 4 / 255, 1 / 255, 3,
+    evaluate.zero_shot_eval(encoder, text, ds, dist, ("apgd-ce", "apgd-dlr", "apgd-t"), 4 / 255, 1 / 255, 3,
                           batch_size=32)
     assert n_together == len(calls)  # aa and aa-ce-t added no APGD run

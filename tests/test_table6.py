@@ -18,7 +18,9 @@ import scipy.stats
 import torch
 import torchattacks
 
+import attacks
 import common
+import evaluate
 from conftest import demo_zero_shot, tiny_clip
 
 CPU = torch.device("cpu")
@@ -61,17 +63,17 @@ def test_gaussian_kernel_against_scipy_and_torchattacks():
     for size, nsig in ((15, 3), (3, 3), (7, 2)):
         pdf = scipy.stats.norm.pdf(np.linspace(-nsig, nsig, size))  # float64, with the 1/√(2π) we drop
         expected = np.outer(pdf, pdf) / np.outer(pdf, pdf).sum()
-        ours = common.gaussian_kernel(size, nsig)
+        ours = attacks.gaussian_kernel(size, nsig)
         assert ours.dtype == torch.float32 and abs(ours.sum().item() - 1) < 1e-6
         np.testing.assert_allclose(ours.double().numpy(), expected, rtol=1e-6, atol=1e-12)
     ti = torchattacks.TIFGSM(torch.nn.Linear(1, 1))  # kernel 15, nsig 3: the defaults the AGFT code runs
-    assert torch.equal(common.depthwise(common.gaussian_kernel(*common.TI_KERNEL)), ti.stacked_kernel)
+    assert torch.equal(attacks.depthwise(attacks.gaussian_kernel(*attacks.TI_KERNEL)), ti.stacked_kernel)
 
 
 def test_pi_projection_kernel_spreads_to_the_8_neighbours():
     """W_p ∗ C at each pixel is the mean of C over its 8 neighbours (zero outside the image): a float64 loop."""
     c = torch.randn(2, 3, 6, 7, generator=torch.Generator().manual_seed(0))
-    ours = torch.nn.functional.conv2d(c, common.depthwise(common.pi_projection_kernel()), padding=1, groups=3)
+    ours = torch.nn.functional.conv2d(c, attacks.depthwise(attacks.pi_projection_kernel()), padding=1, groups=3)
     a = np.pad(c.double().numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)))
     expected = np.zeros(c.shape)
     for i in range(6):
@@ -80,17 +82,17 @@ def test_pi_projection_kernel_spreads_to_the_8_neighbours():
             expected[:, :, i, j] = (window.sum(axis=(2, 3)) - window[:, :, 1, 1]) / 8
     np.testing.assert_allclose(ours.double().numpy(), expected, rtol=1e-5, atol=1e-6)
     pi = torchattacks.PIFGSM(torch.nn.Linear(1, 1))
-    assert torch.equal(common.depthwise(common.pi_projection_kernel()), pi.project_kern(3)[0])
+    assert torch.equal(attacks.depthwise(attacks.pi_projection_kernel()), pi.project_kern(3)[0])
 
 
 def test_pi_plus_smoothing_kernel_is_torchattacks_layout():
     """torchattacks' PI++ 'Gaussian' smoothing: channel c convolved with K[i, c] at every column j (see
-    common.pi_plus_smoothing_kernel); the true 3 × 3 Gaussian it was meant to be is nearly the identity."""
+    attacks.pi_plus_smoothing_kernel); the true 3 × 3 Gaussian it was meant to be is nearly the identity."""
     pp = torchattacks.PIFGSMPP(torch.nn.Linear(1, 1))
     theirs = pp.gaussian_kern(3, 3)
-    ours = common.pi_plus_smoothing_kernel()
+    ours = attacks.pi_plus_smoothing_kernel()
     assert torch.equal(ours, theirs)
-    k = common.gaussian_kernel(3, 3)
+    k = attacks.gaussian_kernel(3, 3)
     for c in range(3):
         for i in range(3):
             assert torch.all(ours[c, 0, i] == k[i, c])  # constant along the width
@@ -110,7 +112,7 @@ def test_input_diversity_equals_torchattacks_given_the_same_draws():
         r = int(torch.randint(28, 32, (1,), dtype=torch.int32))
         top, left = (int(torch.randint(0, 32 - r, (1,), dtype=torch.int32)) for _ in range(2))
         apply = int(torch.rand(1) < 0.5)
-        ours = common.input_diversity(x, torch.tensor([[apply, r, top, left]]).expand(4, 4))
+        ours = attacks.input_diversity(x, torch.tensor([[apply, r, top, left]]).expand(4, 4))
         assert torch.equal(ours, theirs), s
         applied += apply
     assert 10 < applied < 30  # both branches were compared
@@ -120,7 +122,7 @@ def test_input_diversity_params_cover_torchattacks_ranges_uniformly():
     """New side r uniform on {⌊0.9·32⌋, ..., 31} = {28, ..., 31}, top and left uniform on {0, ..., 31 − r}, applied
     with probability 0.5; fixed per (seed, index, iteration), independent of the batch."""
     index = torch.arange(8000)
-    p = common.input_diversity_params(index, 2, 32, 0, CPU)  # (8000, 2, 4)
+    p = attacks.input_diversity_params(index, 2, 32, 0, CPU)  # (8000, 2, 4)
     apply, r, top, left = p.reshape(-1, 4).t()
     n = len(r)
     assert abs(apply.float().mean() - 0.5) < 4 * math.sqrt(0.25 / n)
@@ -131,8 +133,8 @@ def test_input_diversity_params_cover_torchattacks_ranges_uniformly():
             assert set(offset.tolist()) == set(range(32 - side))
             if side < 31:  # 31 leaves one place
                 assert scipy.stats.chisquare(torch.bincount(offset).numpy()).pvalue > 1e-3
-    assert torch.equal(common.input_diversity_params(index[100:110].flip(0), 2, 32, 0, CPU), p[100:110].flip(0))
-    assert not torch.equal(common.input_diversity_params(index[:50], 2, 32, 1, CPU), p[:50])
+    assert torch.equal(attacks.input_diversity_params(index[100:110].flip(0), 2, 32, 0, CPU), p[100:110].flip(0))
+    assert not torch.equal(attacks.input_diversity_params(index[:50], 2, 32, 1, CPU), p[:50])
     assert not torch.equal(p[:, 0], p[:, 1])  # a new draw every iteration
 
 
@@ -140,15 +142,15 @@ def test_dlr_targeted_loss_matches_a_loop():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(30, 8, generator=g) * 4
     y, t = torch.randint(8, (30,), generator=g), torch.randint(8, (30,), generator=g)
-    ours = common.dlr_targeted_loss(logits, y, t)
+    ours = attacks.dlr_targeted_loss(logits, y, t)
     for i in range(30):
         z = logits[i].tolist()
         s = sorted(z, reverse=True)
         expected = -(z[y[i]] - z[t[i]]) / (s[0] - 0.5 * (s[2] + s[3]) + 1e-12)
         assert math.isclose(ours[i].item(), expected, rel_tol=1e-5, abs_tol=1e-6)
-    assert torch.allclose(common.dlr_targeted_loss(2.5 * logits - 1.0, y, t), ours, atol=1e-5)  # scale/shift-free
+    assert torch.allclose(attacks.dlr_targeted_loss(2.5 * logits - 1.0, y, t), ours, atol=1e-5)  # scale/shift-free
     with pytest.raises(ValueError):
-        common.dlr_targeted_loss(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long))
+        attacks.dlr_targeted_loss(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long))
 
 
 def test_apgd_t_aims_at_the_2nd_to_10th_most_likely_classes(demo, monkeypatch):
@@ -157,13 +159,13 @@ def test_apgd_t_aims_at_the_2nd_to_10th_most_likely_classes(demo, monkeypatch):
     logits_fn, _, x, y, index, clean = demo
     x, y, index = x[clean][:6], y[clean][:6], index[clean][:6]
     seen = []
-    loss = common.dlr_targeted_loss
+    loss = attacks.dlr_targeted_loss
 
     def spy(logits, y_, target):
         seen.append(target.clone())
         return loss(logits, y_, target)
-    monkeypatch.setattr(common, "dlr_targeted_loss", spy)
-    x_adv = common.ATTACKS["apgd-t"](logits_fn, x, y, index, 0.0, ALPHA, 2, seed=0)
+    monkeypatch.setattr(attacks, "dlr_targeted_loss", spy)
+    x_adv = attacks.ATTACKS["apgd-t"](logits_fn, x, y, index, 0.0, ALPHA, 2, seed=0)
     assert torch.equal(x_adv, x)
     with torch.no_grad():
         ranked = logits_fn(x).argsort(dim=1, descending=True)
@@ -178,7 +180,7 @@ def test_apgd_t_is_not_applicable_below_4_classes():
     dist = common.Dist(0, 1, 0, CPU)
     for n_classes, expect_none in ((3, True), (4, False)):
         text = common.text_features(model, common.prompts_for([f"thing {i}" for i in range(n_classes)]), CPU)
-        r = common.zero_shot_eval(encoder, text, common.SyntheticImages(6, n_classes, 32, seed=0), dist,
+        r = evaluate.zero_shot_eval(encoder, text, common.SyntheticImages(6, n_classes, 32, seed=0), dist,
                                   ("apgd-dlr", "apgd-t"), 8 / 255, 1 / 255, 2, batch_size=4, attack_all=True)
         assert (r["apgd-t"] is None) == expect_none and r["apgd-dlr"] is not None
 
@@ -189,8 +191,8 @@ def test_square_schedule_matches_the_reference():
     for n_iter in (5000, 300):
         sq = torchattacks.Square(torch.nn.Linear(1, 1), n_queries=n_iter)
         for i in range(n_iter):
-            assert common.square_p(i, n_iter) == sq.p_selection(i), (n_iter, i)
-    assert common.square_p(0, 10000) == 0.8 and common.square_p(11, 10000) == 0.4 and common.square_p(9999, 10000) \
+            assert attacks.square_p(i, n_iter) == sq.p_selection(i), (n_iter, i)
+    assert attacks.square_p(0, 10000) == 0.8 and attacks.square_p(11, 10000) == 0.4 and attacks.square_p(9999, 10000) \
         == 0.8 / 512
     assert round(math.sqrt(0.8 * 224 * 224)) == 200  # the first squares cover most of the image
 
@@ -198,7 +200,7 @@ def test_square_schedule_matches_the_reference():
 def test_square_starts_from_vertical_stripes(demo):
     logits_fn, _, x, y, index, _ = demo
     x = x[:8].clamp(0.1, 0.9)  # away from 0 and 1, so no stripe is clipped
-    x0 = common.attack_square(logits_fn, x, y[:8], index[:8], EPS, ALPHA, 0, seed=0)
+    x0 = attacks.attack_square(logits_fn, x, y[:8], index[:8], EPS, ALPHA, 0, seed=0)
     v = (x0 - x) / EPS  # (B, 3, H, W): ±1, constant down each column of each channel
     assert torch.allclose(v.abs(), torch.ones_like(v), atol=1e-4)
     assert torch.equal(v.sign(), v.sign()[:, :, :1].expand_as(v))
@@ -220,7 +222,7 @@ def test_square_stops_querying_an_image_once_it_is_fooled(demo):
         return logits
 
     steps = 40
-    x_adv = common.attack_square(recording, x, y, index, 16 / 255, ALPHA, steps, seed=0)
+    x_adv = attacks.attack_square(recording, x, y, index, 16 / 255, ALPHA, steps, seed=0)
     fooled = ~robust(logits_fn, x_adv, y, torch.ones_like(y, dtype=torch.bool))
     assert fooled.any() and not fooled.all()
     for i, q in enumerate(queries):
@@ -252,13 +254,13 @@ def test_same_adversarial_images_as_torchattacks(demo, name):
     steps = 5
     atk = torchattacks_for(name, model, EPS, ALPHA, steps)
     if name.endswith("-t"):
-        target = common.random_target(logits_fn, x, y, index, 0)
+        target = attacks.random_target(logits_fn, x, y, index, 0)
         atk.set_mode_targeted_by_function(lambda images, labels: target, quiet=True)
     if name.removesuffix("-t") in ("di", "ti"):
-        params, it = common.input_diversity_params(index, steps, 32, 0, CPU), iter(range(steps))
-        atk.input_diversity = lambda z: common.input_diversity(z, params[:, next(it)])
+        params, it = attacks.input_diversity_params(index, steps, 32, 0, CPU), iter(range(steps))
+        atk.input_diversity = lambda z: attacks.input_diversity(z, params[:, next(it)])
     theirs = atk(x, y)
-    ours = common.ATTACKS[name](logits_fn, x, y, index, EPS, ALPHA, steps, 0)
+    ours = attacks.ATTACKS[name](logits_fn, x, y, index, EPS, ALPHA, steps, 0)
     assert torch.equal(ours, theirs)
     assert (ours != x).any()
 
@@ -271,11 +273,11 @@ def test_square_same_images_as_torchattacks_given_our_draws(demo):
     x, y, index = x[clean][:8], y[clean][:8], index[clean][:8]
     # one image per call, as torchattacks' loop runs it: a forward of a batch of 1 rounds as its forwards do (the
     # logits of a batch of 8 can differ in the last bit, enough to flip an accept/reject decision now and then)
-    ours = torch.cat([common.attack_square(logits_fn, x[i:i + 1], y[i:i + 1], index[i:i + 1], eps, ALPHA, steps,
+    ours = torch.cat([attacks.attack_square(logits_fn, x[i:i + 1], y[i:i + 1], index[i:i + 1], eps, ALPHA, steps,
                                            seed=0) for i in range(len(x))])
     for i in range(len(x)):
-        stripes = common.per_sample_uniform(index[i:i + 1], (3, 1, 32), 0, 3, CPU)[0]  # common.attack_square's
-        u = common.per_sample_uniform(index[i:i + 1], (steps, 5), 0, 4, CPU)[0]  # draws for this image
+        stripes = attacks.per_sample_uniform(index[i:i + 1], (3, 1, 32), 0, 3, CPU)[0]  # attacks.attack_square's
+        u = attacks.per_sample_uniform(index[i:i + 1], (steps, 5), 0, 4, CPU)[0]  # draws for this image
         draws = {"position": [], "it": iter(range(steps))}
         sq = torchattacks.Square(model, eps=eps, n_queries=steps)
 
@@ -333,7 +335,7 @@ def test_random_attacks_agree_with_torchattacks(demo, name):
             atk.set_mode_targeted_random(quiet=True)
         return atk
     theirs = robust(logits_fn, run_torchattacks(make, x, y, batch_size), y, clean)
-    ours = robust(logits_fn, common.ATTACKS[name](logits_fn, x, y, index, eps, alpha, steps, 0), y, clean)
+    ours = robust(logits_fn, attacks.ATTACKS[name](logits_fn, x, y, index, eps, alpha, steps, 0), y, clean)
     a, b, diff, se = agreement(ours, theirs, torch.arange(len(x)) // batch_size)
     print(f"{name}: ours {a:.2f}, torchattacks {b:.2f}, difference {diff:+.2f} ± {se:.2f} (SE)")
     assert 10 < a < 90 and 10 < b < 90  # neither attack trivial nor hopeless here
@@ -348,7 +350,7 @@ def test_apgd_t_agrees_with_torchattacks(demo):
     x, y, index, clean = x[::4], y[::4], index[::4], clean[::4]
     steps = 10
     theirs = robust(logits_fn, torchattacks.APGDT(model, eps=EPS, steps=steps, n_classes=4)(x, y), y, clean)
-    ours = robust(logits_fn, common.attack_apgd_t(logits_fn, x, y, index, EPS, ALPHA, steps, 0, n_targets=3), y, clean)
+    ours = robust(logits_fn, attacks.attack_apgd_t(logits_fn, x, y, index, EPS, ALPHA, steps, 0, n_targets=3), y, clean)
     a, b, diff, se = agreement(ours, theirs, torch.arange(len(x)))
     print(f"apgd-t: ours {a:.2f}, torchattacks {b:.2f}, difference {diff:+.2f} ± {se:.2f} (SE)")
     assert 10 < a < 90 and 10 < b < 90
@@ -362,7 +364,7 @@ def test_square_agrees_with_torchattacks(demo):
     eps, queries, batch_size = 32 / 255, 30, 16
     square = lambda k: torchattacks.Square(model, eps=eps, n_queries=queries, seed=k)  # noqa: E731  (it reseeds)
     theirs = robust(logits_fn, run_torchattacks(square, x, y, batch_size), y, clean)
-    ours = robust(logits_fn, common.attack_square(logits_fn, x, y, index, eps, ALPHA, queries, 0), y, clean)
+    ours = robust(logits_fn, attacks.attack_square(logits_fn, x, y, index, eps, ALPHA, queries, 0), y, clean)
     a, b, diff, se = agreement(ours, theirs, torch.arange(len(x)) // batch_size)
     print(f"square: ours {a:.2f}, torchattacks {b:.2f}, difference {diff:+.2f} ± {se:.2f} (SE)")
     assert 10 < a < 90 and 10 < b < 90

@@ -259,15 +259,15 @@ def test_evaluate_with_vision_weights(tmp_path, source):
     report = json.loads(out.read_text())
     assert report["settings"]["vision_weights"] == str(weights)
 
-    from evaluate import fixed_subset
+    from evaluate import fixed_subset, zero_shot_eval
     dist = common.Dist(0, 1, 0, torch.device("cpu"))
     expected = {}
     for vision_weights in (str(weights), None):
         model = common.load_clip("demo", vision_weights=vision_weights)
         name, ds, classes, template = common.eval_dataset("demo", ".", 32)
         text = common.text_features(model, common.prompts_for(classes, template), dist.device)
-        expected[vision_weights] = common.zero_shot_eval(common.ImageEncoder(model.visual), text,
-                                                         fixed_subset(ds, 64, 0), dist, attacks=())["clean"]
+        expected[vision_weights] = zero_shot_eval(common.ImageEncoder(model.visual), text, fixed_subset(ds, 64, 0),
+                                                  dist, attacks=())["clean"]
     # the same 64 images in one batch through the same ops at the same thread count: the same predictions, exactly
     assert report["datasets"]["demo"]["clean"] == expected[str(weights)] != expected[None]
 

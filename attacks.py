@@ -1,0 +1,524 @@
+"""The attack library that evaluate.py runs: every ℓ∞ attack of the two papers' tables, each a function
+attack(logits_fn, x, y, index, eps, alpha, steps, seed) -> x_adv on images in [0, 1] (the ATTACKS registry).
+
+logits_fn(x) gives (B, C) logits at CLIP's scale; index (B,) holds each image's dataset index, from which every
+random choice of an attack (start, target, input diversity, Square's squares) is drawn, so an image's x_adv does not
+depend on the batch it is in or on the number of processes. PGD itself (and input_grad, through which every attack
+differentiates) lives in common.py, since training uses it too. The choices behind each attack, and how each is
+checked against torchattacks and AutoAttack, are in docs/attacks.md.
+
+Sections, in the order they build on each other (search for the `# ---- name` rule):
+    losses          margin_loss (C&W), dlr_loss (APGD-DLR)
+    C&W, APGD       attack_cw, APGD (Croce & Hein 2020: checkpoints, conditions, the loop), apgd-ce, apgd-dlr
+    targeted PGD    per-sample random integers and uniforms, random_target, pgd-t-rand, pgd-t-least
+    Table 6         the AGFT paper's transfer-style attacks: MI, NI, DI, TI (momentum_ifgsm), PI, PI++ (pi_fgsm) and
+                    targeted MI, NI, DI, TI
+    APGD-T, Square  AutoAttack's other two: targeted APGD on the DLR-targeted loss, Square Attack
+    combined        attacks_in_turn (AutoAttack's combination), aa, aa-ce-t; the ATTACKS registry, default steps,
+                    the classes each attack needs, run_attack (shares the parts of combined attacks)
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from common import attack_pgd, input_grad, per_sample_start, pgd
+
+# -------------------------------------------------------------------------------------------------------- losses
+def margin_loss(logits, y):
+    """C&W margin max_{j≠y} z_j − z_y (κ = 0): (B, C), (B,) -> (B,); positive iff the sample is misclassified."""
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    z_other = logits.scatter(1, y[:, None], float("-inf")).amax(1)  # max over j ≠ y
+    return z_other - z_y
+
+
+def dlr_loss(logits, y):
+    """Difference of Logits Ratio (Croce & Hein 2020, Eq. 6): −(z_y − max_{j≠y} z_j) / (z_π1 − z_π3 + 1e-12),
+    π the logits sorted in decreasing order. (B, C), (B,) -> (B,). Scale-invariant; needs C ≥ 3."""
+    if logits.shape[1] < 3:
+        raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
+    z = logits.sort(dim=1, descending=True).values  # (B, C): z_π1 ≥ z_π2 ≥ ...
+    return margin_loss(logits, y) / (z[:, 0] - z[:, 2] + 1e-12)
+
+
+# -------------------------------------------------------------------------------------------- C&W, APGD
+def attack_cw(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """ℓ∞ C&W as in the AGFT/TeCoA evaluations (`cw`, docs/attacks.md): PGD, same schedule as `pgd`, on the margin loss."""
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    return pgd(lambda x_adv: margin_loss(logits_fn(x_adv), y).sum(), x, eps, alpha, steps, delta)
+
+
+def apgd_checkpoints(n_iter):
+    """APGD's checkpoints w_j = ⌈p_j · N_iter⌉ (Croce & Hein 2020, §3.2): p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06) while p_j ≤ 1. Computed in integer hundredths, so ⌈·⌉ is exact
+    (in floats 0.22 · 100 = 22.000000000000004 would round up to 23)."""
+    p = [0, 22]
+    while p[-1] + max(p[-1] - p[-2] - 3, 6) <= 100:
+        p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
+    return sorted({-(-pj * n_iter // 100) for pj in p})  # ceil; duplicates merge for small N_iter
+
+
+def apgd_conditions(n_up, window, f_max, f_max_ckpt, reduced_ckpt, rho=0.75):
+    """APGD's test at checkpoint w_j (Croce & Hein 2020, §3.2), per sample (B,) -> (B,) bool, True = halve η and
+    restart from x_max. Condition 1: the loss rose in fewer than ρ · (w_j − w_{j−1}) of the steps since w_{j−1}
+    (n_up of window). Condition 2: η was not halved at w_{j−1} and f_max has not improved since then."""
+    return (n_up < rho * window) | (~reduced_ckpt & (f_max == f_max_ckpt))
+
+
+def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=0.75):
+    """APGD (Croce & Hein 2020, Algorithm 1), ℓ∞: maximise loss_of_logits(logits, y) (per sample, (B,)) over the
+    ε-ball around x inside [0, 1]. Every sample has its own step size, best point and checkpoint tests, so the
+    result does not depend on the batch. Starts at clamp(x + delta, 0, 1).
+
+    Returns the best point x_max of Algorithm 1; where some iterate fooled the model, the highest-loss such iterate
+    instead (AutoAttack's reference code counts a sample as broken as soon as any iterate fools the model)."""
+    x = x.detach()
+    project = lambda z: (x + (z - x).clamp(-eps, eps)).clamp(0, 1)  # noqa: E731  P_S
+    per = lambda v: v.view(-1, *[1] * (x.dim() - 1))  # noqa: E731  (B,) -> (B, 1, 1, 1)
+
+    def loss_and_logits(z):
+        logits = logits_fn(z)
+        loss = loss_of_logits(logits, y).float()
+        return loss.sum(), (loss.detach(), logits.detach())  # samples are independent: ∇ of the sum is per-sample ∇
+
+    def evaluate(z):  # -> f(z) (B,), fooled (B,) bool, ∇f(z) (B, 3, H, W)
+        grad, (loss, logits) = input_grad(loss_and_logits, z, has_aux=True)
+        return loss, logits.argmax(-1).ne(y), grad
+
+    checkpoints = set(apgd_checkpoints(steps)[1:])
+    eta = torch.full((len(x),), 2.0 * eps, device=x.device)  # η^(0) = 2ε
+    x_k = project(x + delta)
+    f_k, fooled, grad = evaluate(x_k)
+    x_prev = x_k
+    x_max, f_max, grad_max = x_k, f_k, grad  # best point so far, by loss (restarts go back to it)
+    x_out, f_out, out_fooled = x_k, f_k, fooled  # best point by (fooled, loss): the output
+    n_up = torch.zeros(len(x), device=x.device)  # Σ 1[f(x^(i+1)) > f(x^(i))] since the last checkpoint
+    f_max_ckpt, reduced_ckpt, w_last = f_max, torch.zeros_like(fooled), 0  # state at the last checkpoint
+    for k in range(steps):
+        z = project(x_k + per(eta) * grad.sign())  # z^(k+1)
+        a = 1.0 if k == 0 else momentum  # x^(1) = z^(1); then momentum 0.75 (Alg. 1)
+        x_next = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev))
+        f_next, fooled, grad = evaluate(x_next)
+        n_up += f_next > f_k
+        x_prev, x_k, f_k = x_k, x_next, f_next
+        better = f_k > f_max
+        x_max, f_max = torch.where(per(better), x_k, x_max), torch.where(better, f_k, f_max)
+        grad_max = torch.where(per(better), grad, grad_max)
+        out = (fooled & ~out_fooled) | ((fooled == out_fooled) & (f_k > f_out))
+        x_out, f_out, out_fooled = torch.where(per(out), x_k, x_out), torch.where(out, f_k, f_out), out_fooled | fooled
+        if k + 1 in checkpoints and k + 1 < steps:  # k + 1 = w_j: halve η and restart from x_max if
+            reduce = apgd_conditions(n_up, k + 1 - w_last, f_max, f_max_ckpt, reduced_ckpt, rho)
+            eta = torch.where(reduce, eta / 2, eta)
+            x_k, f_k, grad = torch.where(per(reduce), x_max, x_k), torch.where(reduce, f_max, f_k), \
+                torch.where(per(reduce), grad_max, grad)
+            n_up, f_max_ckpt, reduced_ckpt, w_last = torch.zeros_like(n_up), f_max, reduce, k + 1
+    return x_out.detach()
+
+
+def cross_entropy_per_sample(logits, y):
+    """CE(logits, y) = log(1 + Σ_{j≠y} exp(z_j − z_y)), (B, C), (B,) -> (B,), without the cancellation of
+    logsumexp(z) − z_y: at CLIP's scale 100 a confident sample's CE is below float32's resolution around 1 and
+    F.cross_entropy returns exactly 0, which would hide APGD's progress from its best-point and checkpoint tests."""
+    rest = (logits - logits.gather(1, y[:, None])).scatter(1, y[:, None], float("-inf"))  # z_j − z_y, j ≠ y
+    return F.softplus(torch.logsumexp(rest, dim=1))
+
+
+def attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """APGD on the cross-entropy at CLIP's logit scale (`apgd-ce`, docs/attacks.md); α is unused (step size 2ε, adaptive)."""
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    return apgd(logits_fn, cross_entropy_per_sample, x, y, eps, steps, delta)
+
+
+def attack_apgd_dlr(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """APGD on the DLR loss (`apgd-dlr`, docs/attacks.md); needs ≥ 3 classes (ATTACK_MIN_CLASSES)."""
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    return apgd(logits_fn, dlr_loss, x, y, eps, steps, delta)
+
+
+# --------------------------------------------------------------------------------------- targeted PGD
+def per_sample_randint(index, high, seed, device):
+    """One integer in [0, high) per sample from a generator seeded by its dataset index (a stream apart from
+    per_sample_start's): independent of batching and of the number of processes. index: (B,) -> (B,)."""
+    draw = lambda i: int(torch.randint(high, (), generator=torch.Generator().manual_seed(  # noqa: E731
+        seed * 1_000_003 + i + (1 << 40))))
+    return torch.tensor([draw(i) for i in index.tolist()], dtype=torch.long, device=device)
+
+
+def per_sample_uniform(index, shape, seed, stream, device):
+    """U[0, 1) draws of `shape` for each sample from a generator seeded by (seed, its dataset index, stream):
+    independent of batching and of the number of processes; `stream` keeps different attacks' draws apart (0 is
+    per_sample_start's, 1 per_sample_randint's). index: (B,) -> (B, *shape)."""
+    out = torch.empty((len(index), *shape))
+    for j, i in enumerate(index.tolist()):
+        out[j] = torch.rand(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i + (stream << 40)))
+    return out.to(device)
+
+
+def random_target(logits_fn, x, y, index, seed):
+    """A uniformly random wrong class per sample, fixed by its dataset index (`pgd-t-rand` and the `*-t` attacks of
+    Table 6 aim at the same one)."""
+    with torch.no_grad():
+        n_classes = logits_fn(x[:1]).shape[1]
+    return (y + 1 + per_sample_randint(index, n_classes - 1, seed, y.device)) % n_classes  # never y
+
+
+def pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed):
+    """PGD (same schedule and random start as `pgd`) minimising CE(logits, target), i.e. maximising its negative."""
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    return pgd(lambda x_adv: -F.cross_entropy(logits_fn(x_adv), target, reduction="sum"), x, eps, alpha, steps, delta)
+
+
+def attack_pgd_t_rand(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """Targeted PGD towards a uniformly random wrong class (`pgd-t-rand`, docs/attacks.md)."""
+    return pgd_targeted(logits_fn, x, random_target(logits_fn, x, y, index, seed), index, eps, alpha, steps, seed)
+
+
+def attack_pgd_t_least(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """Targeted PGD towards the least-likely class of the clean prediction (`pgd-t-least`, docs/attacks.md)."""
+    with torch.no_grad():
+        target = logits_fn(x).argmin(-1)
+    return pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed)
+
+
+# ------------------------------------------------------------------------------------------------ Table 6
+# Table 6 of the AGFT paper: MI, NI, DI, TI, PI, PI++ (and targeted MI, DI, TI, NI), the algorithms of
+# torchattacks 3.5.1 at its defaults (which the AGFT code runs), written from the papers; random draws per image.
+def ce_ascent_loss(y, target=None):
+    """The loss of the logits that the Table 6 attacks ascend: Σ_i CE(z_i, y_i) untargeted, or −Σ_i CE(z_i, t_i)
+    towards targets t (descent on CE to t). Summed, so each sample's gradient does not depend on the batch
+    (torchattacks averages over the batch: a constant factor, which sign and ∇/‖∇‖₁ remove)."""
+    if target is None:
+        return lambda logits: F.cross_entropy(logits, y, reduction="sum")
+    return lambda logits: -F.cross_entropy(logits, target, reduction="sum")
+
+
+def gaussian_kernel(size, nsig):
+    """size × size Gaussian on [−nsig, nsig]², summing to 1 (TI-FGSM's W, Dong et al. 2019): float32."""
+    t = torch.linspace(-nsig, nsig, size, dtype=torch.float64)
+    g = torch.exp(-t ** 2 / 2)  # N(0, 1)'s density up to its constant, which the normalisation removes
+    k = g[:, None] * g[None, :]
+    return (k / k.sum()).float()
+
+
+def input_diversity_params(index, steps, size, seed, device, resize_rate=0.9, prob=0.5):
+    """DI²-FGSM's random transform for every sample and iteration (Xie et al. 2019, with torchattacks' resize rate
+    0.9 < 1: shrink, then zero-pad back): new side r ~ U{⌊0.9·size⌋, ..., size − 1}, top and left padding
+    ~ U{0, ..., size − r − 1}, applied with probability `prob`. Drawn per sample (torchattacks draws one transform
+    per batch). -> (B, steps, 4) long: (apply, r, top, left)."""
+    u = per_sample_uniform(index, (steps, 4), seed, 2, device)  # (B, steps, 4)
+    low = int(size * resize_rate)
+    r = low + (u[..., 1] * (size - low)).long()
+    top, left = (u[..., 2] * (size - r)).long(), (u[..., 3] * (size - r)).long()
+    return torch.stack([(u[..., 0] < prob).long(), r, top, left], dim=-1)
+
+
+def input_diversity(x, params):
+    """T(x): each image bilinearly resized to r × r and zero-padded back to its size at (top, left), where
+    params[i] = (apply, r, top, left) says so; the others unchanged. (B, 3, S, S), (B, 4) -> (B, 3, S, S).
+    Differentiable in x (the attack's gradient flows through the resize)."""
+    size = x.shape[-1]
+    out = []
+    for xi, (apply, r, top, left) in zip(x, params.tolist()):
+        if apply:
+            xi = F.interpolate(xi[None], size=(r, r), mode="bilinear", align_corners=False)[0]
+            xi = F.pad(xi, (left, size - r - left, top, size - r - top), value=0.0)
+        out.append(xi)
+    return torch.stack(out)
+
+
+def depthwise(kernel):
+    """A (k, k) kernel as the weight of a per-channel conv2d on RGB images: (3, 1, k, k)."""
+    return kernel.expand(3, 1, *kernel.shape).contiguous()
+
+
+def normalized_momentum(g, grad, decay):
+    """g_{t+1} = μ·g_t + ∇/‖∇‖₁ (MI-FGSM, Dong et al. 2018, Alg. 1), ‖∇‖₁ taken per sample as the mean |∇| (as
+    torchattacks; a constant factor). A zero gradient stays zero (torchattacks would divide 0 by 0)."""
+    norm = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True)
+    return decay * g + grad / norm.clamp_min(torch.finfo(grad.dtype).tiny)
+
+
+def momentum_ifgsm(logits_fn, loss_of_logits, x, eps, alpha, steps, decay=1.0, nesterov=False, diversity=None,
+                   kernel=None):
+    """The iterative FGSM family of Table 6 in one loop (torchattacks' MIFGSM, NIFGSM, DIFGSM, TIFGSM), x_0 = x:
+        x̃_t = x_t + α·μ·g_t                if nesterov (NI-FGSM, Lin et al. 2020), else x̃_t = x_t
+        ∇_t = ∇_x L(f(T_t(x̃_t)))          T_t: DI's random resize-and-pad (diversity[:, t]) or the identity
+        ∇_t ← W ∗ ∇_t                      TI-FGSM (Dong et al. 2019): a Gaussian kernel W, per channel
+        g_{t+1} = μ·g_t + ∇_t / ‖∇_t‖₁    MI-FGSM (Dong et al. 2018, Alg. 1); μ = 0: no momentum (DI, TI)
+        x_{t+1} = Π_{‖δ‖∞ ≤ ε, [0, 1]}(x_t + α·sign(g_{t+1}))
+    No random start (as in the papers and torchattacks). loss_of_logits: the scalar L of the logits (ce_ascent_loss).
+    diversity: (B, steps, 4) input_diversity_params or None; kernel: (k, k) or None."""
+    x = x.detach()
+    x_adv, g = x, torch.zeros_like(x)
+    weight = None if kernel is None else depthwise(kernel).to(x)  # (3, 1, k, k)
+    for t in range(steps):
+        shift = decay * alpha * g if nesterov else 0.0  # the look-ahead moves the point, not the variable
+
+        def loss_fn(z):
+            z = z + shift
+            return loss_of_logits(logits_fn(z if diversity is None else input_diversity(z, diversity[:, t])))
+
+        grad = input_grad(loss_fn, x_adv)
+        if weight is not None:
+            grad = F.conv2d(grad, weight, padding=kernel.shape[-1] // 2, groups=3).float()  # fp32 under autocast
+        g = normalized_momentum(g, grad, decay)
+        x_adv = x_adv + alpha * g.sign()
+        x_adv = (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1)
+    return x_adv.detach()
+
+
+TI_KERNEL = (15, 3)  # TI-FGSM's Gaussian: 15 × 15 on [−3σ, 3σ] (torchattacks' defaults, the paper's best size)
+
+
+def attack_mi(logits_fn, x, y, index, eps, alpha, steps, seed, target=None):
+    """MI-FGSM (Dong et al. 2018): g_{t+1} = g_t + ∇/‖∇‖₁, x_{t+1} = Π(x_t + α·sign(g_{t+1})), decay μ = 1."""
+    return momentum_ifgsm(logits_fn, ce_ascent_loss(y, target), x, eps, alpha, steps, decay=1.0)
+
+
+def attack_ni(logits_fn, x, y, index, eps, alpha, steps, seed, target=None):
+    """NI-FGSM (Lin et al. 2020): MI-FGSM with the gradient taken at the look-ahead point x_t + α·μ·g_t, μ = 1."""
+    return momentum_ifgsm(logits_fn, ce_ascent_loss(y, target), x, eps, alpha, steps, decay=1.0, nesterov=True)
+
+
+def attack_di(logits_fn, x, y, index, eps, alpha, steps, seed, target=None):
+    """DI²-FGSM (Xie et al. 2019): x_{t+1} = Π(x_t + α·sign(∇L(f(T(x_t))))), T the random resize-and-pad with
+    probability 0.5, no momentum, no random start."""
+    diversity = input_diversity_params(index, steps, x.shape[-1], seed, x.device)
+    return momentum_ifgsm(logits_fn, ce_ascent_loss(y, target), x, eps, alpha, steps, decay=0.0, diversity=diversity)
+
+
+def attack_ti(logits_fn, x, y, index, eps, alpha, steps, seed, target=None):
+    """TI-FGSM (Dong et al. 2019) as torchattacks runs it: DI's input diversity, then the gradient convolved with a
+    15 × 15 Gaussian (nsig 3) before its sign, no momentum."""
+    diversity = input_diversity_params(index, steps, x.shape[-1], seed, x.device)
+    return momentum_ifgsm(logits_fn, ce_ascent_loss(y, target), x, eps, alpha, steps, decay=0.0, diversity=diversity,
+                          kernel=gaussian_kernel(*TI_KERNEL))
+
+
+def attack_mi_t(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """MI-FGSM towards a random wrong class (torchattacks' set_mode_targeted_random; pgd-t-rand's target)."""
+    return attack_mi(logits_fn, x, y, index, eps, alpha, steps, seed, random_target(logits_fn, x, y, index, seed))
+
+
+def attack_ni_t(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """NI-FGSM towards a random wrong class."""
+    return attack_ni(logits_fn, x, y, index, eps, alpha, steps, seed, random_target(logits_fn, x, y, index, seed))
+
+
+def attack_di_t(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """DI²-FGSM towards a random wrong class."""
+    return attack_di(logits_fn, x, y, index, eps, alpha, steps, seed, random_target(logits_fn, x, y, index, seed))
+
+
+def attack_ti_t(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """TI-FGSM towards a random wrong class."""
+    return attack_ti(logits_fn, x, y, index, eps, alpha, steps, seed, random_target(logits_fn, x, y, index, seed))
+
+
+def pi_projection_kernel():
+    """PI-FGSM's projection kernel W_p (Gao et al. 2020): 3 × 3, 1/8 around a zero centre, so W_p ∗ C is the mean of
+    C over the 8 neighbours. -> (3, 3)."""
+    k = torch.full((3, 3), 1 / 8)
+    k[1, 1] = 0.0
+    return k
+
+
+def pi_plus_smoothing_kernel():
+    """PI-FGSM++'s gradient smoothing as torchattacks 3.5.1 runs it, (3, 1, 3, 3). It builds a 3 × 3 Gaussian K
+    (nsig 3) in TensorFlow's (kh, kw, in, 1) layout and hands it to PyTorch's (out, 1, kh, kw) conv2d, so channel c
+    is convolved with w[i, j] = K[i, c]: a vertical Gaussian times a horizontal 3-box (the per-channel factor K[1, c]
+    / K[0, c] cancels in the sign). We keep it because the AGFT numbers come from it (README: a true 3 × 3 Gaussian
+    is nearly the identity here, centre weight 0.96)."""
+    k = gaussian_kernel(3, 3)
+    return k.t()[:, None, :, None].expand(3, 1, 3, 3).contiguous()
+
+
+def pi_fgsm(logits_fn, loss_of_logits, x, eps, steps, amplification=10.0, plus=False):
+    """PI-FGSM (Gao et al. 2020, Alg. 1) and, with plus=True, PI-FGSM++ (Gao et al. 2020b) as torchattacks 3.5.1
+    runs them (no momentum and no input diversity: its `momentum` and `prob` arguments are unused):
+        β·α = amplification · ε / steps        (the paper's α = ε/T; --alpha is not used); γ = β·α (PI), 0.8·β·α (PI++)
+        ∇_t ← W_g ∗ ∇_t                         PI++ only: pi_plus_smoothing_kernel
+        a_{t+1} = a_t + β·α·sign(∇_t)           the amplified accumulated step
+        C = max(|a_{t+1}| − ε, 0)·sign(a_{t+1})  the part of a that the ε-ball cuts off
+        p = γ·sign(W_p ∗ C)                     W_p: 3 × 3, 1/8 around a zero centre: C goes to the neighbours
+        a_{t+1} ← a_{t+1} + p                   PI only
+        x_{t+1} = clip_{[x − ε, x + ε] ∩ [0, 1]}(x_t + β·α·sign(∇_t) + p)"""
+    x = x.detach()
+    step = eps / steps * amplification if steps else 0.0  # this order of operations: torchattacks' bits
+    gamma = step * (0.8 if plus else 1.0)
+    low, high = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    project, smooth = depthwise(pi_projection_kernel()).to(x), pi_plus_smoothing_kernel().to(x)
+    x_adv, a = x, torch.zeros_like(x)
+    for _ in range(steps):
+        grad = input_grad(lambda z: loss_of_logits(logits_fn(z)), x_adv)
+        if plus:
+            grad = F.conv2d(grad, smooth, padding=1, groups=3).float()  # fp32 bookkeeping under autocast
+        a = a + step * grad.sign()
+        cut = (a.abs() - eps).clamp(min=0) * a.sign()
+        p = gamma * F.conv2d(cut, project, padding=1, groups=3).float().sign()
+        if not plus:
+            a = a + p
+        x_adv = torch.min(torch.max(x_adv + step * grad.sign() + p, low), high)
+    return x_adv.detach()
+
+
+def attack_pi(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """PI-FGSM (Gao et al. 2020): amplification 10, project factor 1, step 10·ε/steps (see pi_fgsm)."""
+    return pi_fgsm(logits_fn, ce_ascent_loss(y), x, eps, steps)
+
+
+def attack_pi_plus(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """PI-FGSM++ (Gao et al. 2020b): PI-FGSM with project factor 0.8 and a smoothed gradient (see pi_fgsm)."""
+    return pi_fgsm(logits_fn, ce_ascent_loss(y), x, eps, steps, plus=True)
+
+
+# -------------------------------------------------------------------------------------------- APGD-T, Square
+def dlr_targeted_loss(logits, y, target):
+    """Targeted DLR (Croce & Hein 2020, §4, AutoAttack's APGD-T): −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12),
+    π the logits in decreasing order. (B, C), (B,), (B,) -> (B,). Scale-invariant; needs C ≥ 4."""
+    if logits.shape[1] < 4:
+        raise ValueError(f"the targeted DLR loss needs at least 4 classes, got {logits.shape[1]}")
+    z = logits.sort(dim=1, descending=True).values  # (B, C)
+    z_y, z_t = logits.gather(1, y[:, None])[:, 0], logits.gather(1, target[:, None])[:, 0]
+    return -(z_y - z_t) / (z[:, 0] - 0.5 * (z[:, 2] + z[:, 3]) + 1e-12)
+
+
+def attack_apgd_t(logits_fn, x, y, index, eps, alpha, steps, seed, n_targets=9):
+    """APGD-T as in AutoAttack (Croce & Hein 2020, §4): APGD on the targeted DLR loss towards the k-th most likely
+    class of the clean prediction, k = 2, ..., n_targets + 1 (at most C − 1), each run on the images no earlier run
+    fooled; robust only if an image survives all. The same random start for every target; α is unused."""
+    with torch.no_grad():
+        ranked = logits_fn(x).argsort(dim=1, descending=True)  # (B, C): the clean prediction's classes in order
+    delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
+    x_adv, alive = x.detach().clone(), torch.arange(len(x), device=x.device)
+    for k in range(1, min(n_targets, ranked.shape[1] - 1) + 1):
+        target = ranked[alive, k]
+        x_adv[alive] = apgd(logits_fn, lambda z, t, target=target: dlr_targeted_loss(z, t, target), x[alive],
+                            y[alive], eps, steps, delta[alive])
+        with torch.no_grad():
+            alive = alive[logits_fn(x_adv[alive]).argmax(-1) == y[alive]]
+        if len(alive) == 0:
+            break
+    return x_adv
+
+
+def square_p(i, n_iter, p_init=0.8):
+    """Square Attack's fraction p of the image that iteration i changes (Andriushchenko et al. 2020, §4 and their
+    code): p_init halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of a 10 000 budget,
+    the schedule rescaled to n_iter."""
+    i = int(i / n_iter * 10000)
+    for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
+                       (8000, 256)):
+        if i <= bound:
+            return p_init / div
+    return p_init / 512
+
+
+@torch.no_grad()
+def attack_square(logits_fn, x, y, index, eps, alpha, steps, seed, p_init=0.8):
+    """Square Attack, ℓ∞ (Andriushchenko et al. 2020, Alg. 1 and 2): random search on the margin
+    m(x) = z_y − max_{j≠y} z_j, gradient-free (`steps` iterations after the first query; α is unused):
+        x_0 = clip(x + ε·v), v = ±1 per channel and column (vertical stripes)
+        iteration i: a square of side s_i = max(round(√(p_i·H·W)), 1) at a random position, each channel set to
+        ±2ε there (then projected); the candidate replaces x_i iff its margin is lower.
+    An image is no longer queried once it is misclassified (m ≤ 0). Positions, signs and stripes are drawn per image
+    from its index (torchattacks and AutoAttack draw one square per batch)."""
+    x = x.detach()
+    C, H, W = x.shape[1:]
+    stripes = torch.where(per_sample_uniform(index, (C, 1, W), seed, 3, x.device) < 0.5, -1.0, 1.0)  # (B, C, 1, W)
+    u = per_sample_uniform(index, (steps, 2 + C), seed, 4, x.device)  # (B, steps, 2 + C): position, channel signs
+    x_best = (x + eps * stripes).clamp(0, 1)
+    margin = -margin_loss(logits_fn(x_best).float(), y)  # (B,); fp32 under autocast
+    rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    for i in range(steps):
+        alive = (margin > 0).nonzero()[:, 0]  # (B',) images still classified correctly
+        if len(alive) == 0:
+            break
+        s = max(int(round(math.sqrt(square_p(i, steps, p_init) * H * W))), 1)
+        draw = u[alive, i]  # (B', 2 + C)
+        top, left = (draw[:, 0] * (H - s)).long(), (draw[:, 1] * (W - s)).long()
+        signs = torch.where(draw[:, 2:2 + C] < 0.5, -1.0, 1.0)  # (B', C)
+        in_rows = (rows >= top[:, None]) & (rows < top[:, None] + s)  # (B', H)
+        in_cols = (cols >= left[:, None]) & (cols < left[:, None] + s)  # (B', W)
+        square = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (B', 1, H, W)
+        x_i = x[alive]
+        candidate = x_best[alive] + square * (2 * eps * signs[:, :, None, None])
+        candidate = torch.min(torch.max(candidate, x_i - eps), x_i + eps).clamp(0, 1)
+        m = -margin_loss(logits_fn(candidate).float(), y[alive])
+        better = m < margin[alive]
+        x_best[alive] = torch.where(better[:, None, None, None], candidate, x_best[alive])
+        margin[alive] = torch.where(better, m, margin[alive])
+    return x_best
+
+
+# ---------------------------------------------------------------------------------------- combined, registry
+# Attacks made of others (attacks_in_turn): an image is robust only if it survives every part. The parts run once
+# per image when an evaluation asks for several attacks that share them (run_attack's memo).
+COMBINED_ATTACKS = {"aa": ("apgd-ce", "apgd-dlr"), "aa-ce-t": ("apgd-ce", "apgd-t")}
+SHARED_ATTACKS = {part for parts in COMBINED_ATTACKS.values() for part in parts}
+
+
+def attack_aa(logits_fn, x, y, index, eps, alpha, steps, seed, memo=None):
+    """AutoAttack as the AGFT paper runs it (its App. 7: APGD-CE and APGD-DLR): APGD-DLR attacks the samples that
+    survived APGD-CE, so the returned point fools the model iff one of the two runs did (per-sample worst case).
+    On 2-class sets DLR is undefined and `aa` is APGD-CE alone."""
+    return attacks_in_turn(COMBINED_ATTACKS["aa"], logits_fn, x, y, index, eps, alpha, steps, seed, memo)
+
+
+def attacks_in_turn(names, logits_fn, x, y, index, eps, alpha, steps, seed, memo=None):
+    """AutoAttack's way of combining attacks: each of `names` (ATTACKS) runs on the images that every earlier one
+    left correctly classified; per image, the point of the attack that fooled it (else of the last one). An attack
+    that needs more classes than there are (ATTACK_MIN_CLASSES) is skipped. memo: see run_attack."""
+    x_adv, alive = x.detach().clone(), torch.arange(len(x), device=x.device)  # alive: (B',) not fooled so far
+    n_classes = None  # known after the first attack (which must apply to any number of classes)
+    for i, name in enumerate(names):
+        if len(alive) == 0 or (n_classes is not None and n_classes < ATTACK_MIN_CLASSES.get(name, 2)):
+            continue
+        x_adv[alive] = run_attack(name, logits_fn, x[alive], y[alive], index[alive.cpu()], eps, alpha, steps, seed,
+                                  memo)
+        if i < len(names) - 1:
+            with torch.no_grad():
+                logits = logits_fn(x_adv[alive])  # (B', C)
+            n_classes, alive = logits.shape[1], alive[logits.argmax(-1) == y[alive]]
+    return x_adv
+
+
+def attack_aa_ce_t(logits_fn, x, y, index, eps, alpha, steps, seed, memo=None):
+    """RobustVLM's AutoAttack (Schlarmann et al. 2024; autoattack's version="custom" with ["apgd-ce", "apgd-t"]):
+    APGD-T attacks the samples that survived APGD-CE; robust only if a sample survives both. Below 4 classes APGD-T
+    is not applicable and this is APGD-CE alone."""
+    return attacks_in_turn(COMBINED_ATTACKS["aa-ce-t"], logits_fn, x, y, index, eps, alpha, steps, seed, memo)
+
+
+# name -> fn(logits_fn, x, y, index, eps, alpha, steps, seed) -> x_adv
+ATTACKS = {"pgd": attack_pgd, "cw": attack_cw, "apgd-ce": attack_apgd_ce, "apgd-dlr": attack_apgd_dlr,
+           "aa": attack_aa, "pgd-t-rand": attack_pgd_t_rand, "pgd-t-least": attack_pgd_t_least,
+           "mi": attack_mi, "ni": attack_ni, "di": attack_di, "ti": attack_ti, "pi": attack_pi, "pi++": attack_pi_plus,
+           "mi-t": attack_mi_t, "di-t": attack_di_t, "ti-t": attack_ti_t, "ni-t": attack_ni_t,
+           "apgd-t": attack_apgd_t, "aa-ce-t": attack_aa_ce_t, "square": attack_square}
+DEFAULT_ATTACK_STEPS = {"pgd": 20, "cw": 20, "apgd-ce": 100, "apgd-dlr": 100, "aa": 100, "pgd-t-rand": 20,
+                        "pgd-t-least": 20,
+                        **dict.fromkeys(["mi", "ni", "di", "ti", "pi", "pi++", "mi-t", "di-t", "ti-t", "ni-t"], 20),
+                        "apgd-t": 100, "aa-ce-t": 100, "square": 5000}
+# below this many classes the attack is not applicable: reported as None, not a number
+ATTACK_MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
+
+
+def run_attack(name, logits_fn, x, y, index, eps, alpha, steps, seed, memo=None):
+    """ATTACKS[name] on images x (B, 3, H, W) with labels y and dataset indices `index`: x_adv (B, 3, H, W).
+
+    memo: a dict the caller keeps for one batch (evaluate.zero_shot_samples does), so that an attack that others are
+    made of (SHARED_ATTACKS: APGD-CE in aa and aa-ce-t, APGD-DLR, APGD-T) runs once per image when an evaluation asks
+    for several attacks that share it: an image's x_adv is kept per (attack, ε, α, steps, seed), and a call whose
+    images all have one is answered from it. None: every call attacks."""
+    if name in COMBINED_ATTACKS:
+        return ATTACKS[name](logits_fn, x, y, index, eps, alpha, steps, seed, memo)
+    if memo is None or name not in SHARED_ATTACKS:
+        return ATTACKS[name](logits_fn, x, y, index, eps, alpha, steps, seed)
+    known = memo.setdefault((name, eps, alpha, steps, seed), {})  # dataset index -> x_adv (3, H, W)
+    keys = index.tolist()
+    if keys and all(k in known for k in keys):
+        return torch.stack([known[k] for k in keys])
+    x_adv = ATTACKS[name](logits_fn, x, y, index, eps, alpha, steps, seed)
+    known.update(zip(keys, x_adv))
+    return x_adv
