@@ -1,6 +1,7 @@
 """AdvFLYP: Adversarial Finetuning Like You Pretrain, CLIP's image encoder on web image-caption pairs.
 
-Paper: ../shared/papers/003_* (AdvFLYP), Eq. 1, 6-13 and Algorithm 1; decisions in ../shared/SPEC.md §5.
+Paper: Xing et al., "Finetune Like You Pretrain: Boosting Zero-shot Adversarial Robustness in Vision-language
+Models" (arXiv 2604.11576), Eq. 1, 6-13 and Algorithm 1. Defaults and choices: docs/methods.md, docs/advflyp.md.
 The image encoder f_θ is fine-tuned with CLIP's own contrastive loss on adversarial images of a batch of N web
 image-caption pairs, the batch's perturbations optimised jointly against that batch loss; the text encoder is frozen:
 
@@ -85,7 +86,7 @@ def parse_args(argv=None):
     parser.add_argument("--val-root", default="./data", help="where --val-data by name lies (evaluate.py's layout)")
     parser.add_argument("--val-size", type=int, default=1000, help="validation images (a fixed random subset)")
     parser.add_argument("--val-steps", type=int, default=10, help="PGD steps of the validation attack (α = 1/255)")
-    args = common.parse_train_args(parser, argv, demo_defaults=dict(lr=1e-3), check_data=False)
+    args = common.parse_train_args(parser, argv, check_data=False)
     if args.reg not in REGULARISERS:
         raise common.UsageError(f"--reg {args.reg}: must be one of {', '.join(REGULARISERS)}")
     if args.data not in ("synthetic", "demo") and not os.path.exists(args.data):

@@ -1,6 +1,7 @@
 """AGFT: Alignment-Guided Fine-Tuning of CLIP's image encoder for zero-shot adversarial robustness.
 
-Paper: ../shared/papers/000_* (AGFT), Eq. 6-10; decisions in ../shared/SPEC.md §3.
+Paper: Cui et al., "AGFT: Alignment-Guided Fine-Tuning for Zero-Shot Adversarial Robustness of Vision-Language
+Models", CVPR 2026 (arXiv 2603.29410), Eq. 6-10. Defaults and choices: docs/methods.md#agft.
 The image encoder f_θ is trained on adversarial images to match a soft target from the frozen original model,
 calibrated with temperature τ/γ:
 
@@ -26,10 +27,11 @@ import common
 
 # ------------------------------------------------------------------------------------------ the method (Eq. 8-10)
 def check_agft_params(tau, gamma):
+    """γ ∈ (0, 1] and τ > 0, else ValueError naming the parameter (agft_loss and the command line both check)."""
     if not 0 < gamma <= 1:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        raise ValueError(f"gamma {gamma}: must be in (0, 1]")
     if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
+        raise ValueError(f"tau {tau}: must be > 0")
 
 
 def agft_loss(adv_sim, orig_sim, tau=1 / 180, gamma=0.4):
@@ -49,11 +51,11 @@ def parse_args(argv=None):
     parser = common.train_parser(__doc__, "agft", lr=4e-4)
     parser.add_argument("--gamma", type=float, default=0.4, help="temperature scaling ratio γ in (0, 1] (Eq. 8)")
     parser.add_argument("--tau", type=float, default=1 / 180, help="temperature τ of Eq. 6-9 (default 1/180)")
-    args = common.parse_train_args(parser, argv, demo_defaults=dict(lr=1e-3))
-    if not 0 < args.gamma <= 1:
-        raise common.UsageError(f"--gamma {args.gamma}: must be in (0, 1]")
-    if not args.tau > 0:
-        raise common.UsageError(f"--tau {args.tau}: must be > 0")
+    args = common.parse_train_args(parser, argv)
+    try:
+        check_agft_params(args.tau, args.gamma)
+    except ValueError as e:
+        raise common.UsageError(f"--{e}")
     return args
 
 

@@ -43,7 +43,7 @@ def dlr_loss(logits, y):
 
 # -------------------------------------------------------------------------------------------- C&W, APGD
 def attack_cw(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """ℓ∞ C&W as in the AGFT/TeCoA evaluations (`cw`, docs/attacks.md): PGD, same schedule as `pgd`, on the margin loss."""
+    """ℓ∞ C&W as in the AGFT/TeCoA evaluations (`cw`): PGD, same schedule as `pgd`, on the margin loss."""
     delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
     return pgd(lambda x_adv: margin_loss(logits_fn(x_adv), y).sum(), x, eps, alpha, steps, delta)
 
@@ -124,7 +124,7 @@ def cross_entropy_per_sample(logits, y):
 
 
 def attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """APGD on the cross-entropy at CLIP's logit scale (`apgd-ce`, docs/attacks.md); α is unused (step size 2ε, adaptive)."""
+    """APGD on the cross-entropy at CLIP's logit scale (`apgd-ce`); α is unused (step size 2ε, adaptive)."""
     delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
     return apgd(logits_fn, cross_entropy_per_sample, x, y, eps, steps, delta)
 
@@ -327,7 +327,7 @@ def pi_plus_smoothing_kernel():
     """PI-FGSM++'s gradient smoothing as torchattacks 3.5.1 runs it, (3, 1, 3, 3). It builds a 3 × 3 Gaussian K
     (nsig 3) in TensorFlow's (kh, kw, in, 1) layout and hands it to PyTorch's (out, 1, kh, kw) conv2d, so channel c
     is convolved with w[i, j] = K[i, c]: a vertical Gaussian times a horizontal 3-box (the per-channel factor K[1, c]
-    / K[0, c] cancels in the sign). We keep it because the AGFT numbers come from it (README: a true 3 × 3 Gaussian
+    / K[0, c] cancels in the sign). We keep it: the AGFT numbers come from it (docs/attacks.md: a true 3 × 3 Gaussian
     is nearly the identity here, centre weight 0.96)."""
     k = gaussian_kernel(3, 3)
     return k.t()[:, None, :, None].expand(3, 1, 3, 3).contiguous()

@@ -52,7 +52,7 @@ from PIL import Image  # noqa: E402
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_LOGIT_SCALE = 100.0  # exp(logit_scale) of the released models; all evaluation uses it (SPEC §1)
+CLIP_LOGIT_SCALE = 100.0  # exp(logit_scale) of the released models; all evaluation uses it (docs/methods.md)
 
 
 # ------------------------------------------------------------------------------------------------------------- errors
@@ -129,7 +129,7 @@ def load_clip(spec, seed=0, vision_weights=None, dist=None):
     model = clip_from_spec(spec, seed, dist)
     if vision_weights is not None:
         layout = load_vision_weights(model.visual, vision_weights)
-        if os.environ.get("RANK", "0") == "0":
+        if dist is None or dist.is_main:
             print(f"--vision-weights {vision_weights}: {layout}, loaded into the image encoder of {spec}", flush=True)
     return model
 
@@ -165,13 +165,8 @@ def released_weights_file(name, root=None, verify=True):
     target = os.path.join(root, os.path.basename(url))
     if os.path.isfile(target) and not verify:
         return target
-    if os.path.isfile(target):
-        digest = hashlib.sha256()
-        with open(target, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() == url.split("/")[-2]:
-            return target
+    if os.path.isfile(target) and file_sha256(target) == url.split("/")[-2]:  # OpenAI's URL holds the checksum
+        return target
     try:
         os.makedirs(root, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".download-", dir=root)
@@ -183,6 +178,15 @@ def released_weights_file(name, root=None, verify=True):
         raise UsageError(f"--model {name}: could not download the released weights to {root} "
                          f"({type(e).__name__}: {e})")
     return target
+
+
+def file_sha256(path):
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_file(path, flag, missing="no such file"):
@@ -224,8 +228,8 @@ def read_checkpoint_weights(path):
     return dict(state_dict)
 
 
-# Where each project keeps the image encoder in the checkpoint it publishes (--vision-weights, SPEC §6; the line of
-# each project that saves it is in the README). A layout: (name, the keys that lead from the loaded object to a
+# Where each project keeps the image encoder in the checkpoint it publishes (--vision-weights; the line of each
+# project that saves it is in docs/released-weights.md). A layout: (name, the keys that lead from the loaded object to a
 # state dict, the prefix of the image encoder's keys in that state dict, whether the state dict is a whole CLIP,
 # i.e. may also hold the text encoder and the logit scale, which --vision-weights leaves to --model). Tried in order:
 # the first layout whose keys lead to a dict of tensors with image-encoder keys under its prefix decides.
@@ -287,8 +291,8 @@ def load_vision_weights(visual, path):
     open_clip_config_check(path)
     found = vision_state_dict(read_checkpoint(path, "--vision-weights"))
     if found is None:
-        raise UsageError(f"--vision-weights {path}: no image-encoder weights in a known layout (README: "
-                         "'Released weights of other projects')")
+        raise UsageError(f"--vision-weights {path}: no image-encoder weights in a known layout (the layouts: "
+                         "docs/released-weights.md)")
     layout, weights, outside = found
     own = visual.state_dict()
     first = lambda keys: ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")  # noqa: E731
@@ -346,7 +350,7 @@ def vit_forward(visual, x, tokens=False):
 
 
 class ImageEncoder(nn.Module):
-    """CLIP's image encoder f_θ on images in [0, 1] (SPEC §1): resizes (bicubic) to the model's resolution when
+    """CLIP's image encoder f_θ on images in [0, 1] (docs/methods.md): resizes (bicubic) to the model's resolution when
     needed and applies CLIP's mean/std inside, so attacks and ε-balls live in pixel space.
     forward(x) gives the (B, D) image embedding; forward(x, tokens=True), ViT only, the (B, 1 + P, D) embeddings of
     every token (vit_forward), class token first. Call it through the module (or its DDP wrapper), never a method
@@ -377,7 +381,7 @@ class ImageEncoder(nn.Module):
 
     def train(self, mode=True):
         """nn.Module.train, except that BatchNorm layers (CLIP's ResNet encoders) stay in eval mode: fine-tuning uses
-        the pretrained running statistics and never updates them (SPEC §6b), so the attack (eval mode) and the
+        the pretrained running statistics and never updates them (docs/cluster.md), so the attack (eval mode) and the
         update see the same network, and the result does not depend on how the global batch is split across
         processes. ViTs have no BatchNorm."""
         super().train(mode)
@@ -387,7 +391,7 @@ class ImageEncoder(nn.Module):
         return self
 
 
-# fp16 attacks (SPEC §6b). Under fp16 autocast the gradient that reaches the network's fp16 output from a
+# fp16 attacks (docs/cluster.md). Under fp16 autocast the gradient that reaches the network's fp16 output from a
 # confidently classified sample (≈ e^-margin at CLIP's logit scale 100) is below fp16's smallest number: it becomes
 # exactly 0, sign(0) = 0, and PGD or APGD leave the image at its random start, so robust accuracy is inflated. While
 # input_grad differentiates under fp16 autocast, ImageEncoder passes its output through _ScaleGradPerSample: the
@@ -643,18 +647,25 @@ class SyntheticImages(torch.utils.data.Dataset):
         return image, int(torch.randint(self.num_classes, (), generator=g))
 
 
-def read_class_names(path, n_classes):
-    if not os.path.isfile(path):
-        raise UsageError(f"--class-names {path}: no such file")
-    with open(path) as f:
-        names = [line.strip() for line in f if line.strip()]
+def read_class_names(path, n_classes, what="the dataset"):
+    """A --class-names file: one name per line, in sorted folder order, exactly `n_classes` of them."""
+    names = [" ".join(p) for p in read_class_name_lines(path)]
     if len(names) != n_classes:
-        raise UsageError(f"--class-names {path}: has {len(names)} names, the dataset has {n_classes} classes")
+        raise UsageError(f"--class-names {path}: has {len(names)} names, {what} has {n_classes} classes")
     return names
 
 
+def read_class_name_lines(path):
+    """The non-empty lines of a --class-names file, each split into words (a 'wnid name' line: the id, then the
+    name's words)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--class-names {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        return [line.strip().split(None, 1) for line in f if line.strip()]
+
+
 def refine_class_name(name):
-    """Folder name -> prompt-ready class name: '_' and '-' become spaces, lower case (SPEC §6)."""
+    """Folder name -> prompt-ready class name: '_' and '-' become spaces, lower case (docs/evaluation.md)."""
     return re.sub(r"[_\-]+", " ", name).strip().lower()
 
 
@@ -786,7 +797,7 @@ def make_loader(dataset, batch_sampler, workers, device):
                                        worker_init_fn=ignore_preemption_signals)
 
 
-# caption data (AdvFLYP, SPEC §5: web image-caption pairs). Every caption dataset yields (image in [0, 1], caption,
+# caption data (AdvFLYP: web image-caption pairs). Every caption dataset yields (image in [0, 1], caption,
 # unreadable), through SkipUnreadable like the labelled training sets: a pair whose image (or caption file) cannot
 # be read is replaced by the next readable pair in the list.
 class CaptionPairs(torch.utils.data.Dataset):
@@ -905,7 +916,7 @@ def caption_dataset(spec, resolution, img_key="filepath", caption_key="title", s
                      "an img2dataset output folder, 'synthetic' or 'demo')")
 
 
-# images alone (FARE, SPEC §4c: no labels, no text). Such a method reads any training data of the other scripts and
+# images alone (FARE: no labels, no text). Such a method reads any training data of the other scripts and
 # uses only the images, so the layout of a folder (class folders, img2dataset shards, captions) never matters.
 class ImageFiles(CaptionPairs):
     """Image files without a target: items are (image, ""); an unreadable image raises (SkipUnreadable replaces it)."""
@@ -954,7 +965,7 @@ def image_dataset(spec, resolution, img_key="filepath", separator=None, syntheti
     return SkipUnreadable(ImageFiles(images, resolution, spec)), f"every image under {root}"
 
 
-# evaluation datasets: the zero-shot benchmark (SPEC §6). Every name maps to a loader returning (dataset of
+# evaluation datasets: the zero-shot benchmark (docs/evaluation.md). Every name maps to a loader returning (dataset of
 # (image in [0, 1], label), class names or None, WordNet ids or None); templates and the class names torchvision
 # lacks are data in data_lists/. Test split where torchvision has one; the whole set for Caltech101, Caltech256,
 # SUN397, EuroSAT.
@@ -1018,15 +1029,10 @@ def wnid_names(name, wnids, root, class_names_file=None):
     """Class names of WordNet ids: from --class-names ('wnid name' lines, or one name per line in sorted wnid
     order) or else from ImageNet's devkit in <root>/imagenet through torchvision (first synonym)."""
     if class_names_file is not None:
-        if not os.path.isfile(class_names_file):
-            raise UsageError(f"--class-names {class_names_file}: no such file")
-        with open(class_names_file, encoding="utf-8") as f:
-            pairs = [line.strip().split(None, 1) for line in f if line.strip()]
+        pairs = read_class_name_lines(class_names_file)
         if not all(len(p) == 2 and is_wnid(p[0]) for p in pairs):  # one name per line
-            if len(pairs) != len(wnids):
-                raise UsageError(f"--class-names {class_names_file}: has {len(pairs)} names, {name} has {len(wnids)} "
-                                 "classes ('wnid name' lines serve several datasets at once)")
-            return [" ".join(p) for p in pairs]
+            return read_class_names(class_names_file, len(wnids),
+                                    f"{name} ('wnid name' lines would serve several datasets at once)")
         table = dict(pairs)
     else:
         base = os.path.join(root, "imagenet")
@@ -1117,13 +1123,13 @@ def _flowers102(root, transform, download):
 def _pcam(root, transform, download):
     from torchvision import datasets
     ds = datasets.PCAM(root, split="test", transform=transform, download=download)
-    return ds, read_data_list("pcam.txt"), None  # SPEC §6: the two classes as sentences
+    return ds, read_data_list("pcam.txt"), None  # docs/evaluation.md: the two classes as sentences
 
 
 def _stanford_cars(root, transform, download):
     from torchvision import datasets
     ds = datasets.StanfordCars(root, split="test", transform=transform)  # no download: torchvision's URL is gone
-    return ds, [re.sub(r"\s+\d{4}$", "", c) for c in ds.classes], None  # year stripped (SPEC §6)
+    return ds, [re.sub(r"\s+\d{4}$", "", c) for c in ds.classes], None  # year stripped (docs/evaluation.md)
 
 
 def _imagenet(root, transform, download):
@@ -1330,7 +1336,7 @@ def random_start(global_shape, eps, seed, step, rank, world, device):
 
 
 def pgd(loss_fn, x, eps, alpha, steps, delta=None):
-    """ℓ∞ PGD (SPEC §2): maximise loss_fn(x_adv) (a scalar) over the ε-ball around x, inside [0, 1].
+    """ℓ∞ PGD (docs/methods.md): maximise loss_fn(x_adv) (a scalar) over the ε-ball around x, inside [0, 1].
 
     x_0 = clamp(x + δ, 0, 1) with δ ~ U(-ε, ε) unless `delta` is given;
     x_{s+1} = clamp(x + clamp(x_s + α·sign(∇ loss(x_s)) − x, −ε, ε), 0, 1); the last iterate is returned.
@@ -1357,13 +1363,13 @@ def per_sample_start(index, shape, eps, seed, device):
 
 
 def ce_attack_loss(logits_fn, y):
-    """Sum over the batch of CE(logits, y): PGD's evaluation loss (SPEC §2). Summing keeps each sample's gradient
+    """Sum over the batch of CE(logits, y): PGD's evaluation loss. Summing keeps each sample's gradient
     independent of the batch size."""
     return lambda x_adv: F.cross_entropy(logits_fn(x_adv), y, reduction="sum")
 
 
 def attack_pgd(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """Untargeted PGD on CE at CLIP's logit scale (SPEC §6 `pgd`)."""
+    """Untargeted PGD on CE at CLIP's logit scale (docs/evaluation.md `pgd`)."""
     delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
     return pgd(ce_attack_loss(logits_fn, y), x, eps, alpha, steps, delta)
 
@@ -1410,23 +1416,44 @@ def schedule_steps(args, steps_per_epoch):
     return full if args.max_steps is None else min(args.max_steps, full)
 
 
-def train_parser(doc, method, **defaults):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as the scripts show it: the docstring's line breaks kept, and every flag's default after its help
+    (unless the help already says it, or the flag is off or unset by default)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or \
+                action.default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default:g})" if isinstance(action.default, float) else \
+            f"{text} (default: {action.default})"
+
+
+def train_parser(doc, method, class_names=True, lr_default=None, **defaults):
     """The flags every training script shares; `defaults` are the method's paper settings. `optimizer` (default
-    "SGD") names the method's optimizer in the help; only SGD has --momentum."""
+    "SGD") names the method's optimizer in the help; only SGD has --momentum. class_names=False: the method reads no
+    labels, so there is no --class-names. lr_default: the help's words for a default that --lr=None stands for
+    (a method that derives it from another flag)."""
     optimizer = defaults.pop("optimizer", "SGD")
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="ViT-B/32", help="released CLIP name, checkpoint file, random:ARCH or demo")
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    p.add_argument("--model", default="ViT-B/32", help="released CLIP name (downloaded once to ~/.cache/clip), "
+                                                        "checkpoint file, random:ARCH or demo")
     p.add_argument("--vision-weights", default=None, metavar="FILE",
-                   help="start from these image-encoder weights (e.g. a released robust model, README), loaded into "
+                   help="start from these image-encoder weights (e.g. a released robust model, docs/released-weights.md"
+                        "), loaded into "
                         "--model's image encoder; the frozen original model is then this one")
     p.add_argument("--data", default="./data/imagenet", help=defaults.pop(
         "data_help", "ImageNet root (train/ + devkit), ImageFolder directory, 'synthetic' or 'demo'"))
-    p.add_argument("--class-names", default=None, help="file with one class name per line (sorted folder order)")
+    if class_names:
+        p.add_argument("--class-names", default=None, help="file with one class name per line (sorted folder order)")
+    else:
+        p.set_defaults(class_names=None)
     p.add_argument("--out", default=None, help="run directory (default runs/<method>-<timestamp>); reused = resume")
     p.add_argument("--epochs", type=int, default=10, help="training epochs")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size, split across processes")
-    p.add_argument("--lr", type=float, default=defaults.pop("lr"), help=f"peak learning rate ({optimizer})")
+    p.add_argument("--lr", type=float, default=defaults.pop("lr"), help=f"peak learning rate ({optimizer})" + (
+        f" (default: {lr_default})" if lr_default else ""))
     if optimizer == "SGD":
         p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=0.0, help=f"{optimizer} weight decay")
@@ -1446,25 +1473,30 @@ def train_parser(doc, method, **defaults):
                    help="stop when more than this fraction of the training images is unreadable in an epoch "
                         "(fewer are replaced by the next readable image, counted and reported)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the image encoders (off by default: it did not pay on a CPU, see README)")
+                   help="torch.compile the image encoders (off by default: it did not pay on a CPU; "
+                        "docs/performance.md)")
     p.add_argument("--demo", action="store_true",
                    help="the built-in demo: tiny CLIP, procedural data, before/after zero-shot table (no download)")
     p.set_defaults(method=method, **defaults)
     return p
 
 
-# Demo settings shared by the methods (a method adds its own lr): tiny model, 32x32 images, minutes on a CPU.
-DEMO_DEFAULTS = dict(model="demo", data="demo", epochs=6, batch_size=64, warmup=20, eps=4.0, workers=0,
+# Demo settings, the same for every method (one learning rate, so the demos compare): tiny model, 32x32 images,
+# minutes on a CPU.
+DEMO_DEFAULTS = dict(model="demo", data="demo", epochs=6, batch_size=64, warmup=20, eps=4.0, lr=1e-3, workers=0,
                      save_every=1000, log_every=10, weight_decay=0.0)
 
 
-def parse_train_args(parser, argv=None, demo_defaults=None, check_data=True):
-    """Parse, apply --demo defaults (flags given explicitly still win), derive values, validate (--data too, unless
-    check_data=False: a script whose --data is not an image-folder dataset validates it itself)."""
+def parse_train_args(parser, argv=None, check_data=True, derive=None):
+    """Parse, apply --demo defaults (flags given explicitly still win), derive values (derive(args): the method's
+    own, e.g. its name or a default that depends on another flag; it may raise UsageError), validate (--data too,
+    unless check_data=False: a script whose --data is not an image-folder dataset validates it itself)."""
     args = parser.parse_args(argv)
-    if args.demo:
-        parser.set_defaults(**{**DEMO_DEFAULTS, **(demo_defaults or {})})
+    if args.demo:  # parsed again with the demo's defaults, so that a flag given on the command line still wins
+        parser.set_defaults(**DEMO_DEFAULTS)
         args = parser.parse_args(argv)
+    if derive is not None:
+        derive(args)
     if args.alpha is None:
         args.alpha = args.eps
     for name in ("eps", "alpha"):
@@ -1475,7 +1507,7 @@ def parse_train_args(parser, argv=None, demo_defaults=None, check_data=True):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps {args.max_steps}: must be >= 1")
-    if args.lr <= 0:
+    if args.lr is None or args.lr <= 0:
         raise UsageError(f"--lr {args.lr}: must be > 0")
     if not 0 <= args.max_unreadable < 1:
         raise UsageError(f"--max-unreadable {args.max_unreadable}: must be a fraction in [0, 1)")
@@ -1829,9 +1861,13 @@ def demo_cache_path():
 DEMO_PRETRAIN_THREADS = 2
 
 
-def demo_clip(steps=800, log=print):
+DEMO_PRETRAIN_STEPS = 800
+
+
+def demo_clip(steps=None, log=print):
     """The demo's tiny CLIP (ARCHITECTURES['tiny']), pretrained contrastively on captioned demo images of all 64
     concepts. Deterministic; cached in $CLIP_AFT_CACHE (default ~/.cache/clip-aft) after the first call."""
+    steps = steps or DEMO_PRETRAIN_STEPS
     path = demo_cache_path()
     if os.path.isfile(path):
         return clip_from_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
@@ -1897,7 +1933,7 @@ def demo_report(run, args, before, after):
                   f"{r['proxy']['clean']:12.2f} {r['proxy']['pgd']:10.2f}")
     threads = torch.get_num_threads()
     run.print(f"(CPU float results depend on the thread count and the CPU: {threads} torch thread(s) here; the "
-              "README's quick start lists the spread measured across thread counts and machines, and what is stable)")
+              "spread measured across thread counts and machines, and what is stable: docs/demo.md)")
     run.write_results({
         "before": before["held_out"], "after": after["held_out"],
         "proxy": {"before": before["proxy"], "after": after["proxy"]},

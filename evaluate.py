@@ -1,4 +1,4 @@
-"""Zero-shot clean and robust accuracy of any CLIP model on the benchmark datasets (SPEC §6).
+"""Zero-shot clean and robust accuracy of any CLIP model on the benchmark datasets (docs/evaluation.md).
 
 Zero-shot classifier: one prompt template per dataset (data_lists/templates.tsv), class names refined (`_`/`-` ->
 space, lower case), text features computed once per dataset, logits 100 · s(f(x), T). A sample counts as robust to
@@ -25,7 +25,7 @@ Attacks (ℓ∞, --eps in units of 1/255; ATTACKS):
   Groups: table6 (the 15 columns of the AGFT paper's Table 6, in its order), autoattack. An attack that others are
   made of (apgd-ce in aa and aa-ce-t) runs once per image when several of them are asked for.
 
-Protocols (--protocol; explicit --attacks, --steps, --alpha, --samples override them; SPEC §6):
+Protocols (--protocol; explicit --attacks, --steps, --alpha, --samples override them; docs/evaluation.md):
     agft         pgd, cw (20 steps, α = 1/255) and aa with 10 iterations (the AGFT code's torchattacks AutoAttack)
     advflyp      pgd, cw (10 steps, α = 1/255) and aa with 100 iterations (the AdvFLYP code's autoattack package)
     robustvlm    aa-ce-t (APGD-CE + APGD-T, 100 iterations) on 1000 images per dataset (RobustVLM's evaluation)
@@ -39,8 +39,8 @@ Table 6 (its 15 attack columns in one run; its AA has 10 iterations, which the p
 The AdvFLYP paper's rows (its 14 datasets; its ImageNet shifts: --datasets imagenet-shifts) and RobustVLM's:
     python evaluate.py --model runs/advflyp/model.pt --datasets advflyp --protocol advflyp --out runs/advflyp/eval.json
     python evaluate.py --model runs/fare-eps2/model.pt --datasets all --protocol robustvlm --eps 2 --out rvlm.json
-The original CLIP row: --model ViT-B/32. Another project's released image encoder (its layout is recognised; README,
-"Released weights of other projects"), e.g. RobustVLM's FARE at ε = 1/255:
+The original CLIP row: --model ViT-B/32. Another project's released image encoder (its layout is recognised; the
+layouts: docs/released-weights.md), e.g. RobustVLM's FARE at ε = 1/255:
     python evaluate.py --model ViT-B/32 --vision-weights vitb32_fare_eps_1.pt --datasets all --attacks pgd,cw,aa
 The demo (no download, a few minutes on a CPU):
     python evaluate.py --model demo --datasets demo --attacks pgd,cw,apgd-ce,apgd-dlr,aa,pgd-t-rand,pgd-t-least --eps 4
@@ -49,7 +49,7 @@ Benchmark (no dataset, no weights; images/s per attack go to the log and to "img
     python evaluate.py --model random:ViT-B/32 --datasets synthetic --samples 512 --attacks pgd,aa --attack-all \\
         --out runs/bench-eval.json
 
-Structure metrics (--metrics conf,smax,smean,top5-iou,phi or all; SPEC §6, AGFT Table 9 and §4.4, AdvFLYP Eq. 14),
+Structure metrics (--metrics conf,smax,smean,top5-iou,phi or all; docs/metrics.md; AGFT Table 9, §4.4, AdvFLYP Eq. 14),
 averaged over every image, on clean images and on the adversarial images of the first attack:
     python evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks pgd,cw,aa --metrics all --intervals
 Every accuracy has a 95% Wilson interval (the mean over datasets: a MOVER interval). The per-image results go to
@@ -88,7 +88,7 @@ ATTACK_LABELS = {"pgd": "PGD-{n}", "cw": "C&W-{n}", "apgd-ce": "APGD-CE-{n}", "a
                  "apgd-t": "APGD-T-{n} (9 target classes)", "aa-ce-t": "AA (APGD-CE + APGD-T, {n} it.)",
                  "square": "Square ({n} queries)"}
 METRIC_LABELS = {"conf": "conf", "smax": "smax", "smean": "smean", "top5-iou": "top-5 IoU (%)", "phi": "φ (°)"}
-# --datasets groups: each paper's evaluation sets (SPEC §6; the AdvFLYP paper's §4.1)
+# --datasets groups: each paper's evaluation sets (docs/evaluation.md; the AdvFLYP paper's §4.1)
 DATASET_GROUPS = {"all": list(common.AGFT_DATASETS), "agft": list(common.AGFT_DATASETS),
                   "advflyp": ["CIFAR10", "CIFAR100", "STL10", "Caltech101", "Caltech256", "OxfordIIITPet", "Flowers102",
                               "Food101", "StanfordCars", "SUN397", "Country211", "FGVCAircraft", "EuroSAT", "DTD"],
@@ -100,7 +100,7 @@ STEP_SIZE_ATTACKS = {"pgd", "cw", "pgd-t-rand", "pgd-t-least", "mi", "ni", "di",
 ATTACK_GROUPS = {"table6": ["pgd", "mi", "di", "ti", "ni", "pi", "pi++", "cw", "aa", "pgd-t-rand", "pgd-t-least",
                             "mi-t", "di-t", "ti-t", "ni-t"],
                  "autoattack": ["apgd-ce", "apgd-dlr", "apgd-t", "square", "aa", "aa-ce-t"]}
-# Each paper's evaluation as its code runs it (SPEC §6): the attacks (when --attacks is not given), every attack's
+# Each paper's evaluation as its code runs it (docs/evaluation.md): attacks (if --attacks is not given), every attack's
 # iterations (when --steps does not name it), the PGD/C&W step size and the images per dataset (unless --alpha or
 # --samples are given). Attacks a protocol does not name keep DEFAULT_ATTACK_STEPS.
 PROTOCOLS = {
@@ -122,16 +122,17 @@ PROTOCOLS = {
 # --------------------------------------------------------------------------------------------------------- config
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, epilog=help_lists(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--model", default="ViT-B/32", help="released CLIP name, checkpoint file, random:ARCH or demo")
     p.add_argument("--vision-weights", default=None, metavar="FILE",
-                   help="image-encoder weights (e.g. a robust model another project released, README) loaded into "
+                   help="image-encoder weights (a robust model another project released: docs/released-weights.md) "
+                        "loaded into "
                         "--model's image encoder; text encoder from --model")
     p.add_argument("--datasets", default="all",
                    help="comma-separated dataset names or groups (listed below): all (the AGFT paper's 15), advflyp "
                         "(the AdvFLYP paper's 14), imagenet-shifts, demo, folder:PATH, or synthetic (random images "
                         "and 1000 classes, for benchmarks)")
-    p.add_argument("--data-root", default="./data", help="directory holding the datasets (layout in the README)")
+    p.add_argument("--data-root", default="./data", help="directory holding the datasets (layout: docs/datasets.md)")
     p.add_argument("--download", action="store_true", help="download the datasets torchvision can fetch")
     p.add_argument("--class-names", default=None,
                    help="names for WordNet-id classes (ImageNet and variants): 'wnid name' lines, or one name per "
@@ -157,7 +158,7 @@ def parse_args(argv=None):
                    help="mixed precision for the model and the attacks (default: fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed for random starts, random targets, --samples, random:ARCH")
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per rank")
-    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (see README)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (docs/performance.md)")
     p.add_argument("--attack-all", action="store_true",
                    help="attack every image, also those misclassified clean (same accuracies; for benchmarks with "
                         "random weights, where few images are classified correctly)")
@@ -252,7 +253,7 @@ def help_lists():
     wrap = lambda text: textwrap.fill(text, 118, initial_indent="  ", subsequent_indent="    ",
                                          break_on_hyphens=False)  # noqa: E731
     return "\n".join([
-        "datasets (--datasets; layout under --data-root in the README):",
+        "datasets (--datasets; layout under --data-root: docs/datasets.md):",
         wrap(", ".join(common.EVAL_DATASETS) + "; demo; synthetic; folder:PATH"),
         "dataset groups:", *(wrap(f"{g} = {', '.join(d)}") for g, d in DATASET_GROUPS.items()),
         "attacks (--attacks; default iterations in brackets):",
@@ -392,25 +393,25 @@ def clock(device):
     return time.perf_counter()
 
 
-# Structure metrics (SPEC §6, --metrics), per image, in the units the papers report them in. Each is computed from
+# Structure metrics (--metrics; docs/metrics.md), per image, in the units the papers report them. Each is computed from
 # logits or features that the evaluation computes anyway (the clean pass and the classification of x_adv); only
 # top5-iou needs one more forward pass, of the reference model on the clean image.
 STRUCTURE_METRICS = ("conf", "smax", "smean", "top5-iou", "phi")
 
 
 def max_softmax(logits):
-    """conf (seed 000 Table 9): the largest softmax probability ×100, logits at CLIP's scale: (B, C) -> (B,)."""
+    """conf (AGFT paper, Table 9): the largest softmax probability ×100, logits at CLIP's scale: (B, C) -> (B,)."""
     return 100 * logits.float().softmax(-1).amax(-1)
 
 
 def similarity_max_mean(sim):
-    """smax, smean (seed 000 Table 9): the max and the mean cosine similarity to the C class prompts, ×100:
+    """smax, smean (AGFT paper, Table 9): the max and the mean cosine similarity to the C class prompts, ×100:
     (B, C) -> (B,), (B,)."""
     return 100 * sim.float().amax(-1), 100 * sim.float().mean(-1)
 
 
 def topk_iou(scores, ref_scores, k=5):
-    """|top-k ∩ top-k_ref| / |top-k ∪ top-k_ref| ×100 per image (seed 000 §4.4: k = 5): (B, C), (B, C) -> (B,).
+    """|top-k ∩ top-k_ref| / |top-k ∪ top-k_ref| ×100 per image (AGFT paper, §4.4: k = 5): (B, C), (B, C) -> (B,).
     With both sets of size k this is m / (2k − m), m the number of shared classes: 0, 11.1, 25, 42.9, 66.7, 100."""
     top = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(k, -1).indices, True)  # (B, C)
     ref = torch.zeros_like(ref_scores, dtype=torch.bool).scatter_(1, ref_scores.topk(k, -1).indices, True)
@@ -418,7 +419,7 @@ def topk_iou(scores, ref_scores, k=5):
 
 
 def cosine_deviation(features, adv_features):
-    """φ = arccos(cos(f(x), f(x + δ))) in degrees per image (seed 003 Eq. 14): (B, D), (B, D) raw features -> (B,).
+    """φ = arccos(cos(f(x), f(x + δ))) in degrees per image (AdvFLYP Eq. 14): (B, D), (B, D) raw features -> (B,).
     Computed as 2·atan2(|u − v|, |u + v|) of the unit vectors u, v in float64: the same angle, without arccos's
     loss of precision near cos = 1 (in float32, angles below ~0.03° would round to 0)."""
     u, v = F.normalize(features.double(), dim=-1), F.normalize(adv_features.double(), dim=-1)
@@ -459,7 +460,8 @@ def structure_metrics(metrics, sim, ref_scores, which):
 
 
 def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
-                      batch_size=256, ctx=contextlib.nullcontext(), seed=0, workers=0, desc=None, timing=None, attack_all=False,
+                      batch_size=256, ctx=contextlib.nullcontext(), seed=0, workers=0, desc=None, timing=None,
+                      attack_all=False,
                       metrics=(), reference=None, indices=None):
     """Per-image zero-shot results of `encoder` on `dataset` (or on its images `indices`), class text features
     `text_feats`: yields (index (b,), {field: (b,) CPU tensor}) for each batch of this rank's share, fields as
@@ -500,7 +502,7 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
             ok = (common.CLIP_LOGIT_SCALE * sim).argmax(-1) == y  # (B,) clean-correct
         seconds[0], images[0] = seconds[0] + tick() - t, images[0] + len(y)
         out = {"label": y, "clean": ok}
-        ref_scores = None  # (B, C): the reference model's clean logits (seed 000 §4.4: its clean top-5 is the anchor)
+        ref_scores = None  # (B, C): the reference model's clean logits (AGFT §4.4: its clean top-5 is the anchor)
         if metrics:
             if "top5-iou" in metrics and n_classes > 5:
                 with ctx, torch.no_grad():
@@ -534,13 +536,15 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
     for _ in range(done, n_batches):
         yield torch.zeros(0, dtype=torch.long), {}
     if timing is not None:  # images of all processes over the mean wall time of one process
-        work = common.all_reduce_sum(torch.tensor([seconds, images], dtype=torch.float64, device=dist.device), dist).tolist()
+        work = torch.tensor([seconds, images], dtype=torch.float64, device=dist.device)
+        work = common.all_reduce_sum(work, dist).tolist()
         timing.update({name: round(im * dist.world / sec, 2) if sec > 0 else None
                        for name, sec, im in zip(["clean", *attacks], *work)})
 
 
 def zero_shot_eval(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
-                   batch_size=256, ctx=contextlib.nullcontext(), seed=0, workers=0, desc=None, timing=None, attack_all=False):
+                   batch_size=256, ctx=contextlib.nullcontext(), seed=0, workers=0, desc=None, timing=None,
+                   attack_all=False):
     """Zero-shot clean and robust accuracy (%) of `encoder` on `dataset` (zero_shot_samples, counted): returns
     {"n": int, "clean": %, attack: % or None, ...}, None for an attack that needs more classes than there are
     (ATTACK_MIN_CLASSES). Counts are summed across processes; every sample is counted once."""
@@ -643,14 +647,6 @@ def weights_sha256(model):
     return h.hexdigest()
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def is_bit_field(field):
     """Correctness fields (clean, each attack) are bits; "label" is an integer, "<metric>.<kind>" a float32."""
     return field != "label" and "." not in field
@@ -734,12 +730,7 @@ class SampleStore:
             for f, v in d["values"].items():
                 arrays[f"{k}.{f}"] = np.packbits(v) if is_bit_field(f) else v
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = self.path + ".tmp"
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        common.atomic_write(self.path, lambda f: np.savez(f, **arrays))  # a file object: savez adds no .npz
         self.saved_at = time.time()
 
 
@@ -909,12 +900,10 @@ def write_report(args, report, table):
     folder = os.path.dirname(os.path.abspath(args.out))
     relative = os.path.relpath(os.path.abspath(args.per_sample), folder)
     report["per_sample"]["file"] = os.path.abspath(args.per_sample) if relative.startswith("..") else relative
-    report["per_sample"]["sha256"] = file_sha256(args.per_sample)
+    report["per_sample"]["sha256"] = common.file_sha256(args.per_sample)
     common.write_json(report, args.out)
     md = os.path.splitext(args.out)[0] + ".md"
-    with open(md + ".tmp", "w") as f:
-        f.write(table)
-    os.replace(md + ".tmp", md)
+    common.atomic_write(md, lambda f: f.write(table), mode="w")
 
 
 # --------------------------------------------------------------------------------------------------- compare
@@ -931,7 +920,7 @@ def read_evaluation(path):
     samples = os.path.join(os.path.dirname(os.path.abspath(path)), record["file"])
     if not os.path.isfile(samples):
         raise common.UsageError(f"--compare {path}: its per-sample file {samples} is missing")
-    if file_sha256(samples) != record["sha256"]:
+    if common.file_sha256(samples) != record["sha256"]:
         raise common.UsageError(f"--compare {path}: {samples} is not the per-sample file written with it (sha256 "
                                 "differs)")
     there, sets = SampleStore.read(samples)

@@ -2,7 +2,7 @@
 
 Paper: Schlarmann, Singh, Croce, Hein, "Robust CLIP: Unsupervised Adversarial Fine-Tuning of Vision Embeddings for
 Robust Large Vision-Language Models", ICML 2024 (arXiv 2402.12336), Eq. 3-4; official code chs20/RobustVLM; a
-baseline of ../shared/papers/003_* (AdvFLYP); decisions in ../shared/SPEC.md §4c.
+baseline of the AdvFLYP paper (arXiv 2604.11576). Defaults and choices: docs/methods.md, docs/fare.md.
 The image encoder f_θ is trained so that its embedding of an adversarial image stays where the original encoder put
 the clean image. The loss is on the raw (unnormalised) embeddings; no class prompt or caption is used:
 
@@ -47,18 +47,16 @@ def fare_loss(adv_features, orig_features):
 # --------------------------------------------------------------------------------------------------------- config
 def parse_args(argv=None):
     parser = common.train_parser(
-        __doc__, "fare", lr=1e-5, optimizer="AdamW", weight_decay=1e-4, warmup=1400, batch_size=128, epochs=2,
-        max_steps=20_000, attack_steps=10, alpha=1.0, data_help=(
+        __doc__, "fare", class_names=False, lr=1e-5, optimizer="AdamW", weight_decay=1e-4, warmup=1400, batch_size=128,
+        epochs=2, max_steps=20_000, attack_steps=10, alpha=1.0, data_help=(
             "ImageNet root (its train/), any folder of images (ImageFolder, img2dataset output: every image under it), "
             "a CSV/TSV with an image-path column, 'synthetic' or 'demo'; labels and captions are not read"))
     parser.add_argument("--csv-img-key", default="filepath", help="image-path column of a CSV/TSV --data")
     parser.add_argument("--csv-separator", default=None, help="CSV/TSV separator (default: ',' for .csv, else tab)")
-    args = common.parse_train_args(parser, argv, demo_defaults=dict(lr=1e-3), check_data=False)
+    args = common.parse_train_args(parser, argv, check_data=False)
     if args.data not in ("synthetic", "demo") and not os.path.exists(args.data):
         raise common.UsageError(f"--data {args.data}: no such file or directory (a folder of images, a CSV/TSV of "
                                 "image paths, 'synthetic' or 'demo')")
-    if args.class_names is not None:
-        raise common.UsageError(f"--class-names {args.class_names}: FARE uses no labels, so no class names")
     return args
 
 

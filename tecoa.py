@@ -1,10 +1,10 @@
 """TeCoA: adversarial fine-tuning of CLIP's image encoder with hard-label cross-entropy; PMG-AFT with --pmg; TGA-ZSR
 with --tga.
 
-Papers: TeCoA (Mao et al., ICLR 2023) as written in ../shared/papers/000_* (AGFT) Eq. 4-5; PMG-AFT (Wang et al.,
+Papers: TeCoA (Mao et al., ICLR 2023) as written in the AGFT paper (arXiv 2603.29410), Eq. 4-5; PMG-AFT (Wang et al.,
 CVPR 2024) as described in AGFT §6 / Table 11; TGA-ZSR (Yu et al., NeurIPS 2024, "Text-Guided Attention is All You
-Need for Zero-Shot Robustness in Vision-Language Models"; official code zhyblue424/TGA-ZSR). Decisions in
-../shared/SPEC.md §4, §4b.
+Need for Zero-Shot Robustness in Vision-Language Models"; official code zhyblue424/TGA-ZSR). Defaults and
+choices: docs/methods.md, docs/tecoa.md.
 The image encoder f_θ is trained to classify adversarial images into their ImageNet class prompts T:
 
     L_CE   = −mean_i log softmax(100 · s(f_θ(x_adv), T))[i, y_i]             (Eq. 4)
@@ -112,18 +112,20 @@ def tga_loss(adv_sim, labels, att_adv, att_clean, att_orig, alpha=0.08, beta=0.0
 
 # --------------------------------------------------------------------------------------------------------- config
 def parse_args(argv=None):
-    parser = common.train_parser(__doc__, "tecoa", lr=1e-5)
+    parser = common.train_parser(__doc__, "tecoa", lr=None, lr_default="1e-5; 4e-5 with --tga")
     parser.add_argument("--pmg", action="store_true",
                         help="PMG-AFT: add KL(p_orig(x_adv)‖p(x_adv)) + KL(p(x)‖p(x_adv)) to TeCoA's loss")
     parser.add_argument("--tga", action="store_true",
                         help="TGA-ZSR (ViT only): add 0.08·‖A(x_adv)−A_orig(x)‖ + 0.05·‖A(x)−A_orig(x)‖ on text-guided "
                              "attention maps to TeCoA's loss; default lr 4e-5")
-    known = parser.parse_known_args(argv)[0]
-    if known.pmg and known.tga:
-        raise common.UsageError("--pmg and --tga: choose one method (PMG-AFT or TGA-ZSR)")
-    method = "pmg-aft" if known.pmg else "tga-zsr" if known.tga else "tecoa"  # names runs, table
-    parser.set_defaults(method=method, lr=4e-5 if known.tga else 1e-5)  # TGA-ZSR: AGFT Table 11
-    return common.parse_train_args(parser, argv, demo_defaults=dict(lr=1e-3))
+
+    def derive(args):
+        if args.pmg and args.tga:
+            raise common.UsageError("--pmg and --tga: choose one method (PMG-AFT or TGA-ZSR)")
+        args.method = "pmg-aft" if args.pmg else "tga-zsr" if args.tga else "tecoa"  # names runs, the demo's table
+        if args.lr is None:
+            args.lr = 4e-5 if args.tga else 1e-5  # TGA-ZSR: AGFT Table 11
+    return common.parse_train_args(parser, argv, derive=derive)
 
 
 def main(argv=None):

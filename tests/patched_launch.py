@@ -42,7 +42,7 @@ if "TEST_SLOW_DATASETS_S" in os.environ:
         return eval_dataset(*args, **kwargs)
     common.eval_dataset = slow_eval_dataset
 if "TEST_DEMO_STEPS" in os.environ:
-    common.demo_clip.__defaults__ = (int(os.environ["TEST_DEMO_STEPS"]),) + common.demo_clip.__defaults__[1:]
+    common.DEMO_PRETRAIN_STEPS = int(os.environ["TEST_DEMO_STEPS"])
 
 sys.argv = sys.argv[1:]
 runpy.run_path(os.path.join(ROOT, sys.argv[0]), run_name="__main__")

@@ -1,4 +1,4 @@
-"""The evaluation attacks of common.py (SPEC §6): ε-ball and [0, 1] invariants, ε = 0, no gradient masking on a
+"""The evaluation attacks (attacks.py; docs/attacks.md): ε-ball and [0, 1] invariants, ε = 0, no gradient masking on a
 trained model, APGD's checkpoints and best point, the DLR and margin losses against loops, AutoAttack's per-sample
 worst case, the 2-class case, and independence from batching (what makes multi-process results exact)."""
 import math

@@ -1,4 +1,4 @@
-"""Running on a cluster (SPEC §6b, issue 12): first launches that share caches, slow preparation on rank 0,
+"""Running on a cluster (docs/cluster.md, issue 12): first launches that share caches, slow preparation on rank 0,
 preemption (SIGTERM / SIGUSR1) and resume with another number of processes or nodes, resume refused under other
 settings, unreadable training images, non-finite losses, fp16 attack gradients, BatchNorm backbones, datasets that
 pickle, and torchrun's multi-node mode (two launches on this machine, gloo)."""

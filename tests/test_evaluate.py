@@ -1,5 +1,5 @@
-"""evaluate.py and the evaluation-dataset registry of common.py (SPEC §6): clean accuracy against an independent
-computation, 1 vs 2 processes, results.json and the Markdown table, every registry name wired to a loader,
+"""evaluate.py and the evaluation-dataset registry of common.py (docs/datasets.md): clean accuracy against an
+independent computation, 1 vs 2 processes, results.json and the Markdown table, every registry name wired to a loader,
 template and class list (checked on small fakes of each format), and one-line errors for bad input."""
 import json
 import os
@@ -16,7 +16,7 @@ import common
 import evaluate
 from conftest import demo_zero_shot, run_main_in_process, run_script, tiny_clip
 
-# SPEC §6, written out again here so that a changed data_lists/templates.tsv fails a test
+# docs/evaluation.md, written out again here so that a changed data_lists/templates.tsv fails a test
 SPEC_TEMPLATES = {
     "Caltech101": "A photo of a {}.", "Caltech256": "A photo of a {}.", "CIFAR10": "This is a photo of a {}.",
     "CIFAR100": "This is a photo of a {}.", "STL10": "This is a photo of a {}.", "SUN397": "This is a photo of a {}.",
@@ -27,7 +27,7 @@ SPEC_TEMPLATES = {
     "FGVCAircraft": "A photo of a {}, a type of aircraft.", "Flowers102": "A photo of a {}, a type of flower.",
     "Food101": "A photo of {}, a type of food.", "OxfordIIITPet": "A photo of a {}, a type of pet.",
     "PCAM": "This is a photo of {}.", "StanfordCars": "A photo of a {}.",
-    "ObjectNet": "This is a photo of a {}.",  # not in SPEC §6: AdvFLYP's App. 6 ("the same prompt as ImageNet")
+    "ObjectNet": "This is a photo of a {}.",  # not in the AGFT set: AdvFLYP's App. 6 ("the same prompt as ImageNet")
 }
 
 
@@ -157,8 +157,8 @@ def test_attack_all_gives_the_same_accuracies(tiny_ckpt, folders, tmp_path, caps
     for extra in ([], ["--attack-all"]):
         out = tmp_path / f"r{len(extra)}.json"
         code, _, _ = run_in_process(["--model", tiny_ckpt, "--datasets", f"folder:{three}", "--attacks", "pgd,aa",
-                                     "--steps", "3", "--eps", "8", "--batch-size", "1", "--workers", "0", "--out", str(out),
-                                     *extra], capsys)
+                                     "--steps", "3", "--eps", "8", "--batch-size", "1", "--workers", "0",
+                                     "--out", str(out), *extra], capsys)
         assert code == 0
         results.append(json.loads(out.read_text()))
     assert results[0]["datasets"] == results[1]["datasets"]

@@ -74,7 +74,7 @@ def official_momentum_pgd(loss_fn, x, eps, alpha, steps, delta, momentum=0.9):
 
 
 def test_the_official_momentum_update_is_sign_pgd_except_at_zero_gradients():
-    """README: sign(0.9·v + g) = g wherever g ≠ 0, so the official attack equals SPEC §2's PGD on the FARE loss; an
+    """README: sign(0.9·v + g) = g wherever g ≠ 0, so the official attack equals our PGD on the FARE loss; an
     entry whose gradient is exactly 0 repeats the previous step there instead of standing still."""
     encoder = common.ImageEncoder(tiny_clip().visual).eval()
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -273,7 +273,6 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_ckpt, csv_data, tmp_path)
         "--data /nonexistent/imagenet: no such file or directory": ["--data", "/nonexistent/imagenet"],
         "no image files under": ["--data", str(tmp_path / "empty")],
         "no column 'filepath'": ["--data", str(tmp_path / "cols.csv")],
-        "FARE uses no labels": ["--data", csv_data, "--class-names", str(tmp_path / "names.txt")],
         "--eps -1.0: must be >= 0": ["--data", csv_data, "--eps", "-1"],
         "fewer than one global batch": ["--data", csv_data, "--batch-size", "16"],
     }

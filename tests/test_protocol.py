@@ -1,7 +1,6 @@
-"""evaluate.py's protocols and attack groups (SPEC §6): what --protocol agft|advflyp|robustvlm sets and what explicit
-flags override, --attacks table6 in the paper's column order, per-attack --steps, --help's lists, the protocol in
-the results; aa-ce-t (RobustVLM's AutoAttack) against its two parts run separately, and the attacks that others are
-made of run once per image when several are asked for."""
+"""evaluate.py's protocols and attack groups (docs/evaluation.md): what --protocol agft|advflyp|robustvlm sets and
+what explicit flags override, --attacks table6 in the paper's column order, per-attack --steps, --help's lists, the
+protocol in the results, and the attacks that others are made of run once per image when several are asked for."""
 import json
 
 import pytest

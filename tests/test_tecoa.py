@@ -70,7 +70,7 @@ def test_pmg_loss_matches_independent_value_and_gradient():
         ref = torch.autograd.grad(reference_pmg(adv, orig, clean, LABELS, scale), [adv, clean])
         for a, b in zip(mine, ref):
             assert close(a, b)
-    # direction: KL(p_orig ‖ p_adv) + KL(p_clean ‖ p_adv) (SPEC §4), not the reverse
+    # direction: KL(p_orig ‖ p_adv) + KL(p_clean ‖ p_adv) (docs/methods.md), not the reverse
     softmax = lambda s: torch.softmax(100.0 * s, dim=-1)  # noqa: E731
     reverse = reference_ce(adv, LABELS) + reference_kl(softmax(adv), softmax(orig)) \
         + reference_kl(softmax(adv), softmax(clean))
