@@ -111,17 +111,6 @@ def csv_data(tmp_path_factory):
     return str(root / "pairs.csv")
 
 
-def kill_then_resume(args, ckpt, max_step):
-    """Start `python ARGS`, SIGKILL it once `ckpt` exists (before it finished and before step max_step), rerun the
-    same command: returns the rerun's CompletedProcess, which must have resumed."""
-    run_and_kill(args, lambda: os.path.exists(ckpt))
-    assert not os.path.exists(os.path.join(os.path.dirname(ckpt), "model.pt")), "the run finished before the kill"
-    assert 1 <= torch.load(ckpt, weights_only=True)["step"] < max_step
-    r = run_script(args)
-    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
-    return r
-
-
 def demo_zero_shot(per_class):
     """The demo CLIP (pretrained, cached) as zero_shot_eval sees it, on its held-out test images (per_class of each of
     the 16 concepts): (encoder, text features (16, D), dataset, logits_fn)."""
@@ -134,11 +123,11 @@ def demo_zero_shot(per_class):
 
 
 def run_demo_reduced(main, argv, out, monkeypatch):
-    """A script's demo in this process, shortened for the tests: its --max-steps from argv and every 8th of the demo's
-    test images in the before/after evaluation (the full demo's numbers are in the README). Returns results.json."""
+    """A script's demo in this process, shortened for the tests: its --max-steps from argv and every 16th of the demo's
+    test images in the before/after evaluation (the full demo's numbers: docs/demo.md). Returns results.json."""
     accuracy = common.zero_shot_accuracy
     monkeypatch.setattr(common, "zero_shot_accuracy", lambda encoder, text, ds, *a, **k: accuracy(
-        encoder, text, torch.utils.data.Subset(ds, range(0, len(ds), 8)), *a, **k))
+        encoder, text, torch.utils.data.Subset(ds, range(0, len(ds), 16)), *a, **k))
     main(["--demo", *argv, "--out", str(out)])
     with open(os.path.join(str(out), "results.json")) as f:
         return json.load(f)

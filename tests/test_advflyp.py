@@ -1,21 +1,19 @@
-"""advflyp.py: the losses against independent computations, the joint attack, the caption datasets, and the script
-end to end (CSV and img2dataset data with a broken image, 1 vs 2 processes, resume after kill -9, early stopping,
-the demo, model.pt, one-line errors)."""
+"""advflyp.py: the losses against independent computations, the joint attack, and what is AdvFLYP's own in a real
+run: CSV and img2dataset data with a broken image, early stopping, the flags' one-line errors. The caption readers
+are in test_common.py; end to end with the other scripts: test_scripts.py."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, SCRIPT_THREADS, load_weights, run_and_kill, run_script, tiny_clip, write_images
+import advflyp
+import common
+from conftest import load_weights, run_main_in_process, tiny_clip, write_images
 
-import advflyp  # noqa: E402
-import clip  # noqa: E402
-import common  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -40,8 +38,6 @@ def grads(fn, *tensors):
     """Gradient of fn(*tensors) w.r.t. each tensor (float64 leaves)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
     return torch.autograd.grad(fn(*leaves), leaves)
-
-
 
 
 # --------------------------------------------------------------------------------------------------------- losses
@@ -171,126 +167,28 @@ def test_the_attack_is_joint_over_the_batch():
 
 
 # ------------------------------------------------------------------------------------------------ caption data
-def test_csv_tsv_separator_columns_relative_paths_and_broken_images(tmp_path):
-    write_images(tmp_path, [f"imgs/{i}.png" for i in range(5)])
-    (tmp_path / "imgs" / "2.png").write_bytes(b"not an image")  # unreadable
-    rows = [(f"imgs/{i}.png", f"caption, number {i}") for i in range(5)] + [("imgs/missing.png", "gone")]
-    (tmp_path / "pairs.csv").write_text("id,filepath,title\n" + "".join(f'{i},{p},"{c}"\n' for i, (p, c) in
-                                                                        enumerate(rows)))
-    (tmp_path / "pairs.tsv").write_text("path\ttext\n" + "".join(f"{p}\t{c}\n" for p, c in rows))
-    csv_set = common.caption_dataset(str(tmp_path / "pairs.csv"), 32)  # comma from the extension
-    tsv_set = common.caption_dataset(str(tmp_path / "pairs.tsv"), 32, img_key="path", caption_key="text")  # tab
-    for ds in (csv_set, tsv_set):
-        assert len(ds) == 6
-        # resolved against the file's folder
-        assert ds.dataset.images[0] == os.path.join(str(tmp_path), "imgs", "0.png")
-        image, caption, broken = ds[0]
-        assert image.shape == (3, 32, 32) and 0 <= image.min() and image.max() <= 1
-        assert (caption, broken) == ("caption, number 0", 0)
-        assert ds[2][1:] == ("caption, number 3", 1)  # broken: the next readable pair stands in
-        assert ds[5][1:] == ("caption, number 0", 1)  # missing file at the end: wraps around
-        assert sum(ds[i][2] for i in range(len(ds))) == 2
-    with pytest.raises(common.UsageError, match="no column 'filepath'"):
-        common.caption_dataset(str(tmp_path / "pairs.tsv"), 32)
-    with pytest.raises(common.UsageError, match="'title'"):
-        common.caption_dataset(str(tmp_path / "pairs.csv"), 32, separator="\t")
-    (tmp_path / "bad.csv").write_text("filepath,title\nimgs/2.png,a\nimgs/missing.png,b\n")
-    with pytest.raises(common.UsageError, match="none of its 2 images can be read"):
-        common.caption_dataset(str(tmp_path / "bad.csv"), 32)
 
 
-def test_img2dataset_folder(tmp_path):
-    write_images(tmp_path, ["00000/000000000.jpg", "00000/000000001.jpg", "00001/000010000.jpg",
-                            "00001/000010001.jpg"])
-    for key, caption in (("00000/000000000", "first"), ("00000/000000001", "second"), ("00001/000010000", "third")):
-        (tmp_path / f"{key}.txt").write_text(caption + "\n")
-    (tmp_path / "00000" / "000000001.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
-    (tmp_path / "00000_stats.json").write_text("{}")  # img2dataset's other outputs are ignored
-    ds = common.caption_dataset(str(tmp_path), 32)
-    assert len(ds) == 3  # 00001/000010001.jpg has no caption file
-    assert [ds[i][1:] for i in range(3)] == [("first", 0), ("third", 1), ("third", 0)]
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(common.UsageError, match="no image with a caption file"):
-        common.caption_dataset(str(tmp_path / "empty"), 32)
-
-
-def test_synthetic_and_demo_captions():
-    image, caption, broken = common.caption_dataset("synthetic", 32, synthetic_size=4)[1]
-    assert image.shape == (3, 32, 32) and caption.startswith("a photo of a class ") and broken == 0
-    demo = common.caption_dataset("demo", 32)
-    assert len(demo) == 64 * len(common.DEMO_PROXY)
-    image, caption, broken = demo[5]
-    colour, shape = common.DEMO_PROXY[5]
-    assert colour in caption and shape in caption and broken == 0
-
-
-# ------------------------------------------------------------------------------------------------ end to end
+# ------------------------------------------------------------------------------------------- in a real run
 def train_args(tiny_ckpt, data, out, *extra):
-    return ["advflyp.py", "--model", tiny_ckpt, "--data", data, "--out", out, "--batch-size", "4", "--epochs", "4",
-            "--lr", "0.05", "--warmup", "1", "--eps", "4", "--workers", "0", "--log-every", "1",
-            "--max-unreadable", "0.5", *extra]
+    return ["--model", tiny_ckpt, "--data", data, "--out", out, "--batch-size", "4", "--epochs", "4", "--lr", "0.05",
+            "--warmup", "1", "--eps", "4", "--workers", "0", "--log-every", "1", "--max-unreadable", "0.5", *extra]
 
 
-@pytest.fixture(scope="module")
-def one_process_run(tiny_ckpt, csv_data, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("run") / "one")
-    r = run_script(train_args(tiny_ckpt, csv_data, out))
-    assert r.returncode == 0, r.stderr
-    return out, r
-
-
-def test_csv_run_logs_unreadable_images(one_process_run):
-    out, r = one_process_run
+def test_csv_run_logs_unreadable_images(tiny_ckpt, csv_data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    code, stdout, stderr = run_main_in_process(advflyp.main, train_args(tiny_ckpt, csv_data, out), capsys)
+    assert code == 0, stderr
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     epoch_ends = [rec for rec in records if rec["step"] % 2 == 0]  # 8 pairs / batch 4: 2 steps per epoch
     assert [rec["unreadable_images"] for rec in epoch_ends] == [1, 1, 1, 1]  # 2 steps x 4 pairs = every pair
-    assert r.stdout.count("1 unreadable image(s), each replaced") == 4
+    assert stdout.count("1 unreadable image(s), each replaced") == 4
     assert records[-1]["step"] == 8 and all(np.isfinite(rec["loss"]) for rec in records if "loss" in rec)
     args = json.load(open(os.path.join(out, "args.json")))
     assert args["method"] == "advflyp" and args["reg"] == "full"
 
 
-def test_two_processes_train_on_the_global_batch(one_process_run, tiny_ckpt, csv_data, tmp_path):
-    """2 processes with global batch 4 follow 1 process with batch 4: the contrastive batch, its attack and the
-    regularisers are the gathered global batch, and the gradient is that of the global loss."""
-    out, _ = one_process_run
-    r = run_script(train_args(tiny_ckpt, csv_data, str(tmp_path / "two")), nproc=2)
-    assert r.returncode == 0, r.stderr
-    one, two, start = load_weights(os.path.join(out, "last.pt")), load_weights(str(tmp_path / "two" / "last.pt")), \
-        load_weights(tiny_ckpt)
-    moved = max((one[k] - start[k]).abs().max().item() for k in one if k.startswith("visual."))
-    diff = max((one[k] - two[k]).abs().max().item() for k in one)
-    assert moved > 1e-3 and diff < 2e-5, (moved, diff)  # halving the gradient would differ by ~moved / 2
-    assert all(torch.equal(one[k], start[k]) for k in one if not k.startswith("visual."))  # text side frozen
-    losses = lambda p: [rec["loss"] for rec in map(json.loads, open(p)) if "loss" in rec]  # noqa: E731
-    assert np.allclose(losses(os.path.join(out, "log.jsonl")), losses(str(tmp_path / "two" / "log.jsonl")),
-                       rtol=1e-4)
-    # the unreadable image is met by one of the two processes; each epoch's count is summed over both
-    counts = lambda p: [rec["unreadable_images"] for rec in map(json.loads, open(p))  # noqa: E731
-                        if rec["step"] % 2 == 0]
-    assert counts(str(tmp_path / "two" / "log.jsonl")) == counts(os.path.join(out, "log.jsonl")) == [1, 1, 1, 1]
-
-
-def test_resume_after_kill_matches_an_uninterrupted_run(one_process_run, tiny_ckpt, csv_data, tmp_path):
-    out, _ = one_process_run
-    resumed = str(tmp_path / "resumed")
-    args = train_args(tiny_ckpt, csv_data, resumed, "--save-every", "1")
-    ckpt = os.path.join(resumed, "last.pt")
-    run_and_kill(args, lambda: os.path.exists(ckpt))
-    assert not os.path.exists(os.path.join(resumed, "model.pt")), "the run finished before it could be killed"
-    step = torch.load(ckpt, weights_only=True)["step"]
-    assert 1 <= step < 8
-    r = run_script(args)
-    assert r.returncode == 0, r.stderr
-    assert "resuming" in r.stdout
-    a, b = load_weights(os.path.join(out, "last.pt")), load_weights(ckpt)
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-    counts = [rec["unreadable_images"] for rec in map(json.loads, open(os.path.join(resumed, "log.jsonl")))
-              if rec["step"] % 2 == 0]
-    assert counts[-1] == 1  # the epoch's count survives the restart
-
-
-def test_img2dataset_run_with_early_stopping(tiny_ckpt, tmp_path):
+def test_img2dataset_run_with_early_stopping(tiny_ckpt, tmp_path, capsys):
     """img2dataset data with a broken image; early stopping on a validation set whose accuracy cannot change (one
     image, in both of its two class folders; ε = 0): the second evaluation is no improvement, so the run stops after
     2 of 4 epochs and model.pt holds the first epoch's weights."""
@@ -306,9 +204,9 @@ def test_img2dataset_run_with_early_stopping(tiny_ckpt, tmp_path):
     out = str(tmp_path / "run")
     args = train_args(tiny_ckpt, str(data), out, "--patience", "1", "--val-data", str(tmp_path / "val"),
                       "--val-steps", "2", "--reg", "feat", "--eps", "0")
-    r = run_script(args)
-    assert r.returncode == 0, r.stderr
-    assert "early stop" in r.stdout and "unreadable image(s), each replaced" in r.stdout
+    code, stdout, stderr = run_main_in_process(advflyp.main, args, capsys)
+    assert code == 0, stderr
+    assert "early stop" in stdout and "unreadable image(s), each replaced" in stdout
     records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     evals = [rec for rec in records if "val" in rec]
     assert [(e["step"], e["val"]["pgd"], e["stopped"]) for e in evals] == [(2, 50.0, False), (4, 50.0, True)]
@@ -316,40 +214,22 @@ def test_img2dataset_run_with_early_stopping(tiny_ckpt, tmp_path):
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"] == 4
     assert all(torch.allclose(model[k], best[k]) for k in best)
     assert not all(torch.allclose(model[k], last[k]) for k in last)
-    r = run_script(args)  # rerun: already stopped, nothing more to train
-    assert r.returncode == 0 and "resuming" in r.stdout and "early stop" not in r.stdout, r.stderr
+    code, stdout, stderr = run_main_in_process(advflyp.main, args, capsys)  # rerun: stopped, nothing more to train
+    assert code == 0 and "resuming" in stdout and "early stop" not in stdout, stderr
     assert all(torch.allclose(load_weights(os.path.join(out, "model.pt"))[k], best[k]) for k in best)
 
 
-def test_model_pt_loads_with_clip_and_common(one_process_run):
-    out, _ = one_process_run
-    path = os.path.join(out, "model.pt")
-    trained = load_weights(os.path.join(out, "last.pt"))
-    mine = common.load_clip(path)
-    assert all(torch.equal(mine.state_dict()[k], trained[k]) for k in trained)
-    model, _ = clip.load(path, device="cpu", jit=False)  # OpenAI's loader, fp16-rounded weights
-    image = torch.rand(2, 3, 32, 32)
-    with torch.no_grad():
-        a, b = model.float().encode_image(image), mine.encode_image(image)
-    assert torch.allclose(a, b, rtol=1e-2, atol=1e-2)
-
-
-# ------------------------------------------------------------------------------------------------ bad input
-def test_bad_input_is_one_line_without_traceback(tiny_ckpt, csv_data, tmp_path):
-    (tmp_path / "afile").write_text("x")
+def test_bad_input_is_one_line_and_writes_nothing(tiny_ckpt, csv_data, tmp_path, capsys):
+    """AdvFLYP's own data and flags (the checks every script shares: test_scripts.py)."""
     (tmp_path / "cols.csv").write_text("image,caption\na.png,b\n")
     cases = {
         "no such file or directory": ["--data", str(tmp_path / "nowhere.csv")],
         "no column 'filepath' or 'title'": ["--data", str(tmp_path / "cols.csv")],
         "--reg sometimes: must be one of": ["--data", csv_data, "--reg", "sometimes"],
-        "exists and is not a directory": ["--data", csv_data, "--out", str(tmp_path / "afile")],
     }
-    env = {**os.environ, **SCRIPT_THREADS}
-    procs = {msg: subprocess.Popen([sys.executable, "advflyp.py", "--model", tiny_ckpt, "--workers", "0", *argv],
-                                   cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for msg, argv in cases.items()}  # concurrently: each is mostly interpreter start-up
-    for msg, p in procs.items():
-        stdout, stderr = p.communicate(timeout=120)
-        assert p.returncode == 2, (msg, stderr)
-        assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: ") and msg in stderr, stderr
-        assert "Traceback" not in stderr + stdout
+    for message, argv in cases.items():
+        out = tmp_path / "out"
+        code, _, stderr = run_main_in_process(advflyp.main, ["--model", tiny_ckpt, "--workers", "0", "--out", str(out),
+                                                             *argv], capsys)
+        assert code == 2 and stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr
+        assert message in stderr and not out.exists(), (message, stderr)

@@ -1,20 +1,13 @@
-"""AGFT: the loss (Eq. 8, 9, 11) against independent computations, PGD invariants, the shared training harness
-(world-size independence, loading, checkpoints) and agft.py end to end (1 and 2 processes, kill + resume, demo,
-bad input)."""
-import json
-import os
-import signal
-
-import clip
+"""AGFT (agft.py): the loss (Eq. 8, 9, 11) against independent computations, its limits in γ/τ, the defaults and
+the flags of its own. End to end with the other scripts: test_scripts.py."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_weights, run_and_kill, run_script, tiny_clip
-
-import agft  # noqa: E402
-import common  # noqa: E402
+import agft
+import common
+from conftest import run_main_in_process
 
 
 def _np_softmax(z):
@@ -91,205 +84,27 @@ def test_agft_loss_rejects_bad_parameters(tau, gamma):
         agft.agft_loss(adv, orig, tau, gamma)
 
 
-# ------------------------------------------------------------------------------------------------------------ PGD
-@pytest.fixture(scope="module")
-def tiny_encoder():
-    model = tiny_clip()
-    enc = common.ImageEncoder(model.visual).eval()
-    text = common.text_features(model, common.prompts_for([f"class {i}" for i in range(7)]), "cpu")
-    return enc, text
+# ----------------------------------------------------------------------------------------------- the command line
+def test_defaults_are_the_papers():
+    args = agft.parse_args(["--data", "synthetic"])
+    assert (args.gamma, args.tau, args.lr, args.momentum, args.weight_decay, args.warmup, args.batch_size,
+            args.epochs, args.eps, args.alpha, args.attack_steps, args.model) == \
+        (0.4, 1 / 180, 4e-4, 0.9, 0.0, 1000, 256, 10, 1.0, 1.0, 2, "ViT-B/32")
+    demo = agft.parse_args(["--demo"])
+    assert {k: getattr(demo, k) for k in common.DEMO_DEFAULTS} == common.DEMO_DEFAULTS
+    assert agft.parse_args(["--demo", "--lr", "0.5"]).lr == 0.5  # a flag given explicitly wins over the demo's
 
 
-@pytest.mark.parametrize("amp", ["off", "bf16"])
-def test_pgd_stays_in_eps_ball_and_image_range(tiny_encoder, amp):
-    enc, text = tiny_encoder
-    _, ctx, _ = common.amp_setup(amp, torch.device("cpu"))
-    x = torch.rand(6, 3, 32, 32)
-    x[0] = 0.0  # saturated images test the [0, 1] clamp
-    x[1] = 1.0
-    y = torch.arange(6) % 7
-    eps = 8 / 255
-
-    def loss_fn(x_adv):
-        with ctx:
-            return F.cross_entropy(100 * common.cosine_sim(enc(x_adv), text), y)
-
-    x_adv = common.pgd(loss_fn, x, eps, 2 / 255, 5)
-    assert x_adv.dtype == torch.float32
-    assert (x_adv - x).abs().max() <= eps + 1e-6
-    assert x_adv.min() >= 0 and x_adv.max() <= 1
-    assert not torch.equal(x_adv, x)
-    assert all(p.grad is None for p in enc.parameters()), "the attack must not accumulate parameter gradients"
-
-
-def test_pgd_increases_loss_and_eps_zero_is_identity(tiny_encoder):
-    enc, text = tiny_encoder
-    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    loss_fn = lambda xa: F.cross_entropy(100 * common.cosine_sim(enc(xa), text), y)  # noqa: E731
-    assert torch.equal(common.pgd(loss_fn, x, 0.0, 1 / 255, 5), x)
-    x_adv = common.pgd(loss_fn, x, 4 / 255, 1 / 255, 10)
-    with torch.no_grad():
-        assert loss_fn(x_adv) > loss_fn(x)
-
-
-def test_random_start_and_batches_do_not_depend_on_world_size():
-    shape = (8, 3, 4, 4)
-    one = common.random_start(shape, 0.1, seed=3, step=5, rank=0, world=1, device="cpu")
-    two = torch.cat([common.random_start(shape, 0.1, 3, 5, r, 2, "cpu") for r in range(2)])
-    assert torch.equal(one, two) and one.abs().max() <= 0.1
-    s1 = common.GlobalBatchSampler(37, 8, 0, 1, seed=1)
-    s2 = [common.GlobalBatchSampler(37, 8, r, 2, seed=1) for r in range(2)]
-    for epoch in (0, 1):
-        s1.set_epoch(epoch)
-        [s.set_epoch(epoch) for s in s2]
-        batches1 = list(s1)
-        batches2 = [a + b for a, b in zip(*[list(s) for s in s2])]
-        assert batches1 == batches2 and len(batches1) == 37 // 8
-    s1.set_epoch(1, start=2)  # resume skips the batches already done
-    s1b = common.GlobalBatchSampler(37, 8, 0, 1, seed=1)
-    s1b.set_epoch(1)
-    assert list(s1) == list(s1b)[2:]
-
-
-def test_cosine_lr_schedule():
-    lrs = [common.cosine_lr(s, 1.0, 10, 110) for s in range(110)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
-    assert lrs[60] == pytest.approx(0.5) and lrs[-1] < 1e-3
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-
-
-# ------------------------------------------------------------------------------------------------------- loading
-def test_load_clip_formats(tmp_path, tiny_ckpt):
-    ref = tiny_clip().state_dict()
-    model = common.load_clip(tiny_ckpt)
-    assert isinstance(model, clip.model.CLIP) and all(torch.equal(v, model.state_dict()[k]) for k, v in ref.items())
-    ts = str(tmp_path / "model.pt")
-    common.save_torchscript(model, ts)
-    model2 = common.load_clip(ts)  # TorchScript archive, read back exactly in fp32
-    assert all(torch.equal(v, model2.state_dict()[k]) for k, v in ref.items())
-    rnd = common.load_clip("random:tiny", seed=0)
-    assert rnd.visual.input_resolution == 32 and next(rnd.parameters()).dtype == torch.float32
-    with pytest.raises(common.UsageError, match="no such file"):
-        common.load_clip(str(tmp_path / "missing.pt"))
-    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(common.UsageError, match="unreadable checkpoint"):
-        common.load_clip(str(tmp_path / "corrupt.pt"))
-    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(common.UsageError, match="not a CLIP checkpoint"):
-        common.load_clip(str(tmp_path / "other.pt"))
-    with pytest.raises(common.UsageError, match="unknown architecture"):
-        common.load_clip("random:ViT-X/99")
-
-
-# ---------------------------------------------------------------------------------------------------- end to end
-TINY = ["--data", "synthetic", "--synthetic-size", "48", "--batch-size", "8", "--epochs", "1", "--warmup", "2",
-        "--lr", "0.05", "--eps", "4", "--workers", "0", "--amp", "off", "--log-every", "1"]
-
-
-@pytest.fixture(scope="module")
-def single_run(tmp_path_factory, tiny_ckpt):
-    out = str(tmp_path_factory.mktemp("agft") / "run1")
-    r = run_script(["agft.py", "--model", tiny_ckpt, *TINY, "--out", out])
-    assert r.returncode == 0, r.stderr
-    return out
-
-
-def test_single_process_run_writes_everything(single_run, tiny_ckpt):
-    names = set(os.listdir(single_run))
-    assert {"args.json", "log.jsonl", "last.pt", "model.pt"} <= names and not any(n.endswith(".tmp") for n in names)
-    records = [json.loads(line) for line in open(os.path.join(single_run, "log.jsonl"))]
-    assert [r["step"] for r in records] == list(range(1, 7))  # 48 images / batch 8 = 6 steps
-    assert {"step", "epoch", "loss", "lr", "img_per_s", "s_per_step", "peak_mem_mib"} <= set(records[0])
-    assert all(np.isfinite(r["loss"]) for r in records)
-    assert json.load(open(os.path.join(single_run, "args.json")))["gamma"] == 0.4
-    ckpt = torch.load(os.path.join(single_run, "last.pt"), weights_only=True)
-    assert ckpt["step"] == 6 and {"model", "optimizer", "scaler", "scheduler", "rng", "args"} <= set(ckpt)
-    # the image encoder moved, the text encoder did not
-    before, after = load_weights(tiny_ckpt), ckpt["model"]
-    assert not torch.equal(before["visual.proj"], after["visual.proj"])
-    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("visual."))
-
-
-def test_model_pt_loads_with_clip_load(single_run):
-    """model.pt is a TorchScript archive that clip.load reads without this project (clip rounds the weight
-    matrices to fp16, as it does for OpenAI's releases; common.load_clip keeps them exactly)."""
-    trained = load_weights(os.path.join(single_run, "last.pt"))
-    model, preprocess = clip.load(os.path.join(single_run, "model.pt"), device="cpu", jit=False)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, trained[k]) or torch.equal(v, trained[k].half().float()), k
-    exact = common.load_clip(os.path.join(single_run, "model.pt"))
-    assert all(torch.equal(v, trained[k]) for k, v in exact.state_dict().items())
-
-
-def test_two_processes_equal_one(single_run, tiny_ckpt, tmp_path):
-    out = str(tmp_path / "run2")
-    r = run_script(["agft.py", "--model", tiny_ckpt, *TINY, "--out", out], nproc=2)
-    assert r.returncode == 0, r.stderr
-    one, two = load_weights(os.path.join(single_run, "last.pt")), load_weights(os.path.join(out, "last.pt"))
-    for k in one:
-        assert torch.allclose(one[k], two[k], rtol=1e-4, atol=1e-6), k
-    log1 = [json.loads(line)["loss"] for line in open(os.path.join(single_run, "log.jsonl"))]
-    log2 = [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
-    np.testing.assert_allclose(log1, log2, rtol=1e-4)
-
-
-def test_kill_and_resume_matches_uninterrupted(tiny_ckpt, tmp_path):
-    args = ["agft.py", "--model", tiny_ckpt, *TINY, "--synthetic-size", "96", "--save-every", "2"]
-    ref = str(tmp_path / "ref")
-    assert run_script(args + ["--out", ref]).returncode == 0
-    out = str(tmp_path / "killed")
-    log = os.path.join(out, "log.jsonl")
-    code = run_and_kill(args + ["--out", out], lambda: os.path.exists(log) and sum(1 for _ in open(log)) >= 5)
-    assert code == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not os.path.exists(os.path.join(out, "model.pt"))
-    step_at_kill = torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"]
-    assert 0 < step_at_kill < 12
-    r = run_script(args + ["--out", out])
-    assert r.returncode == 0, r.stderr
-    assert f"from step {step_at_kill}/12" in r.stdout
-    a, b = load_weights(os.path.join(ref, "model.pt")), load_weights(os.path.join(out, "model.pt"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_demo_runs_and_reports(tmp_path):
-    out = str(tmp_path / "demo")
-    r = run_script(["agft.py", "--demo", "--max-steps", "3", "--out", out])
-    assert r.returncode == 0, r.stderr
-    res = json.load(open(os.path.join(out, "results.json")))
-    for when in ("before", "after"):
-        assert set(res[when]) == {"n", "clean", "pgd"} and res[when]["n"] > 0
-        assert 0 <= res[when]["pgd"] <= res[when]["clean"] <= 100
-    assert res["before"]["clean"] > 80, "the pretrained demo CLIP should classify held-out concepts zero-shot"
-    assert set(res["held_out_concepts"]).isdisjoint(res["proxy_concepts"])
-    assert "held-out clean" in r.stdout
-
-
-# ------------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("extra,message", [
     (["--gamma", "0"], "--gamma 0.0: must be in (0, 1]"),
     (["--gamma", "1.5"], "--gamma 1.5: must be in (0, 1]"),
     (["--tau", "0"], "--tau 0.0: must be > 0"),
-    (["--eps", "-1"], "--eps -1.0: must be >= 0"),
     (["--data", "/nonexistent/imagenet"], "--data /nonexistent/imagenet: no such directory"),
-    (["--model", "/nonexistent/model.pt"], "--model /nonexistent/model.pt: no such file"),
-    (["--model", "CORRUPT"], "unreadable checkpoint"),
 ])
-def test_bad_input_one_line_error(tmp_path, tiny_ckpt, extra, message):
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(b"\x00garbage")
-    extra = [str(corrupt) if e == "CORRUPT" else e for e in extra]
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_ckpt, capsys, extra, message):
+    """AGFT's own flags (the checks every script shares: test_scripts.py)."""
     out = tmp_path / "out"
-    r = run_script(["agft.py", "--model", tiny_ckpt, *TINY, "--out", str(out), *extra])
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
-    assert not out.exists(), "nothing may be written for bad input"
-
-
-def test_out_that_is_a_file(tmp_path, tiny_ckpt):
-    out = tmp_path / "taken"
-    out.write_text("precious")
-    r = run_script(["agft.py", "--model", tiny_ckpt, *TINY, "--out", str(out)])
-    assert r.returncode == 2 and "exists and is not a directory" in r.stderr and "Traceback" not in r.stderr
-    assert out.read_text() == "precious"
+    code, _, stderr = run_main_in_process(agft.main, ["--model", tiny_ckpt, "--data", "synthetic", "--workers", "0",
+                                                      "--out", str(out), *extra], capsys)
+    assert code == 2 and stderr.startswith(f"error: {message}") and len(stderr.strip().splitlines()) == 1, stderr
+    assert not out.exists()

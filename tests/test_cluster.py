@@ -23,7 +23,7 @@ from PIL import Image
 import agft
 import common
 import tecoa
-from conftest import ROOT, SCRIPT_THREADS, load_weights, run_script, tiny_clip
+from conftest import ROOT, SCRIPT_THREADS, load_weights, run_and_kill, run_script, tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -84,6 +84,7 @@ def assert_close_weights(a, b, exact=False):
 
 
 # ------------------------------------------------------------------------------------- preemption and resume
+@pytest.mark.slow
 def test_sigterm_saves_at_the_current_step_and_resume_is_exact(reference, tiny_ckpt, tmp_path):
     """SIGTERM, sent to the whole process group as a cluster does (DataLoader workers included): last.pt is saved
     at the step the run was at (not the last --save-every multiple), exit status 75; the rerun ends with the
@@ -102,8 +103,9 @@ def test_sigterm_saves_at_the_current_step_and_resume_is_exact(reference, tiny_c
     assert_close_weights(reference, load_weights(os.path.join(out, "last.pt")), exact=True)
 
 
+@pytest.mark.slow
 def test_two_processes_preempted_by_sigusr1_resume_with_one(reference, tiny_ckpt, tmp_path):
-    """torchrun passes SIGUSR1 on to its workers when told to (--signals-to-handle, as in the README's SLURM
+    """torchrun passes SIGUSR1 on to its workers when told to (--signals-to-handle, as in docs/cluster.md's SLURM
     script); both ranks stop after the same step, rank 0 saves; one process resumes and ends where an
     uninterrupted run ends; steps replayed are not logged twice."""
     out = str(tmp_path / "run")
@@ -121,6 +123,7 @@ def test_two_processes_preempted_by_sigusr1_resume_with_one(reference, tiny_ckpt
     assert_close_weights(reference, load_weights(os.path.join(out, "last.pt")))
 
 
+@pytest.mark.slow
 def test_one_process_resumes_on_two_nodes(reference, tiny_ckpt, tmp_path):
     """torchrun's multi-node mode (two launches here, one process each, c10d rendezvous, gloo): a one-process run
     preempted mid-run resumes on 2 nodes and ends where the uninterrupted one-process run ends. Both processes are
@@ -185,6 +188,7 @@ class SlowRelease(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_first_launch_downloads_the_released_weights_once(tmp_path):
     """Two ranks on an empty ~/.cache/clip: today's clip.load on every rank opens the same file for writing and one
     of them dies on the checksum. Rank 0 downloads (to a temporary name, renamed once the checksum is right), the
@@ -209,6 +213,7 @@ def test_first_launch_downloads_the_released_weights_once(tmp_path):
     assert os.listdir(cache) == ["ViT-B-32.pt"] and (cache / "ViT-B-32.pt").read_bytes() == SlowRelease.payload
 
 
+@pytest.mark.slow
 def test_first_launch_pretrains_the_demo_clip_once(tmp_path):
     """The demo CLIP's cache: one rank pretrains and writes it atomically, the other waits and reads it."""
     cmd = TORCHRUN + ["--standalone", "--nproc_per_node=2", "tests/patched_launch.py", "evaluate.py", "--model",
@@ -221,6 +226,7 @@ def test_first_launch_pretrains_the_demo_clip_once(tmp_path):
     assert os.listdir(tmp_path / "cache") == [os.path.basename(common.demo_cache_path())]
 
 
+@pytest.mark.slow
 def test_slow_preparation_on_rank_0_does_not_time_out(tmp_path):
     """Rank 0 prepares evaluate.py's datasets (a download or an unpacking can take hours) while the others wait on
     the host-side group (Dist.cpu_group, SETUP_TIMEOUT), not in a collective of the default group, whose timeout
@@ -246,6 +252,7 @@ def write_folder(root, n_per_class, corrupt=()):
                 Image.fromarray(np.random.default_rng(i).integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["agft.py", "tecoa.py"])
 def test_unreadable_training_images_are_replaced_and_counted(script, tmp_path):
     """ImageFolder data with a corrupt JPEG (2 of 24 images): replaced by the next readable image, counted in the
@@ -333,6 +340,7 @@ def tiny_rn_ckpt(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_resnet_batchnorm_is_frozen_and_two_processes_equal_one(tiny_rn_ckpt, tmp_path):
     """CLIP's ResNet encoders have BatchNorm: fine-tuning keeps its statistics frozen (eval-mode BN), so the attack
     and the update see the same network, the running statistics never drift, and 2 processes train the weights of
@@ -358,6 +366,7 @@ def test_image_encoder_train_mode_keeps_batchnorm_in_eval():
 
 
 # -------------------------------------------------------------------------------------------- small things
+@pytest.mark.slow
 def test_datasets_pickle_for_spawned_dataloader_workers(tmp_path):
     """DataLoader workers started with `spawn` (macOS; `forkserver`, Linux's default from Python 3.14) get the
     dataset pickled: no lambdas in the datasets or their transforms."""
@@ -404,3 +413,21 @@ def test_demo_clip_is_the_same_whatever_the_callers_thread_count(tmp_path, monke
         torch.set_num_threads(before)
     assert seen == [common.DEMO_PRETRAIN_THREADS] * 2
     assert torch.equal(*pinned)
+
+
+@pytest.mark.slow
+def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_weights(reference, tiny_ckpt, tmp_path):
+    """SIGKILL (no chance to save) after a few steps: the rerun continues from the last --save-every checkpoint and
+    ends with the uninterrupted run's weights, bit for bit (one process, the same ops in the same order)."""
+    out = str(tmp_path / "killed")
+    args = ["agft.py", "--model", tiny_ckpt, *TINY, "--save-every", "2", "--out", out]
+    log = os.path.join(out, "log.jsonl")
+    code = run_and_kill(args, lambda: os.path.exists(log) and sum(1 for _ in open(log)) >= 5)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not os.path.exists(os.path.join(out, "model.pt"))
+    step_at_kill = torch.load(os.path.join(out, "last.pt"), weights_only=True)["step"]
+    assert 0 < step_at_kill < 24
+    r = run_script(args)
+    assert r.returncode == 0, r.stderr
+    assert f"from step {step_at_kill}/24" in r.stdout
+    assert_close_weights(reference, load_weights(os.path.join(out, "last.pt")), exact=True)

@@ -1,4 +1,4 @@
-"""Cost accounting (README "Performance"): the encoder passes each training step and each attack makes, counted on
+"""Cost accounting (docs/performance.md): the encoder passes each training step and each attack makes, counted on
 real runs, and the benchmark mode of every script (run with tiny settings; its timings are not asserted)."""
 import json
 import os
@@ -17,7 +17,7 @@ from conftest import run_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Passes of the image encoder per training step, the README's cost table, with K = --attack-steps:
+# Passes of the image encoder per training step, the cost table of docs/performance.md, with K = --attack-steps:
 # (PGD forwards with an input-only backward, no-grad forwards of the frozen original, training-mode forwards).
 # One backward through the training-mode forwards follows.
 PASSES_PER_STEP = {
@@ -114,9 +114,9 @@ def test_attack_forwards_per_batch_and_text_once_per_dataset(counter, tmp_path):
         assert all(v > 0 for v in report["img_per_s"][name].values())
 
 
-# Encoder passes per batch inside each attack of Table 6 and AutoAttack's other two, with S = --steps (the README's
-# attack table): (forwards with an input backward, no-grad forwards). APGD-T and Square give their maximum, reached
-# when no image is fooled (ε = 0); they stop attacking an image once it is fooled.
+# Encoder passes per batch inside each attack of Table 6 and AutoAttack's other two, with S = --steps (the attack table
+# of docs/performance.md): (forwards with an input backward, no-grad forwards). APGD-T and Square give their maximum,
+# reached when no image is fooled (ε = 0); they stop attacking an image once it is fooled.
 ATTACK_PASSES = {
     **dict.fromkeys(["mi", "ni", "di", "ti", "pi", "pi++"], lambda s: (s, 0)),
     **dict.fromkeys(["mi-t", "ni-t", "di-t", "ti-t"], lambda s: (s, 1)),  # + 1 image: the number of classes
@@ -165,10 +165,11 @@ def test_structure_metrics_reuse_the_evaluation_passes(counter, tmp_path):
         assert c["train"] == c["other"] == 0 and c["text"] == text, c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,extra", [("agft.py", []), ("tecoa.py", ["--pmg"]), ("advflyp.py", []),
                                           ("fare.py", [])])
 def test_benchmark_mode_runs(script, extra, tmp_path):
-    """The README's benchmark command, with a tiny model and batch instead of ViT-B/32 and 256."""
+    """The benchmark command of docs/performance.md, with a tiny model and batch instead of ViT-B/32 and 256."""
     out = tmp_path / "bench"
     proc = run_script([script, "--model", "random:tiny", "--data", "synthetic", "--max-steps", "2", "--batch-size",
                        "8", "--synthetic-size", "16", "--log-every", "1", "--workers", "0", "--out", str(out), *extra])
@@ -177,6 +178,7 @@ def test_benchmark_mode_runs(script, extra, tmp_path):
     assert len(records) == 2 and all(r["s_per_step"] > 0 for r in records)
 
 
+@pytest.mark.slow
 def test_evaluate_benchmark_mode_runs(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script(["evaluate.py", "--model", "random:tiny", "--datasets", "synthetic", "--samples", "8",
@@ -187,6 +189,7 @@ def test_evaluate_benchmark_mode_runs(tmp_path):
     assert report["settings"]["device"].startswith("cpu") and os.path.isfile(tmp_path / "bench.md")
 
 
+@pytest.mark.slow
 def test_compile_gives_the_same_weights(tmp_path):
     """--compile (torch.compile of the image encoders, compiled here by inductor on the CPU) trains the same model."""
     weights = []

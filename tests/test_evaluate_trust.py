@@ -1,4 +1,4 @@
-"""evaluate.py as a reviewer uses it (README "Is a difference real?", "Resume"): the structure metrics against a
+"""evaluate.py as a reviewer uses it (docs/metrics.md, docs/evaluation.md): the structure metrics against a
 direct NumPy computation, the 95% intervals (Wilson, MOVER, Newcombe's paired interval) against independent formulas
 and exact coverage, the per-sample file and --compare, and resumable evaluation (kill -9, SIGTERM, another number of
 processes, a rerun with other settings)."""
@@ -269,7 +269,7 @@ def test_per_sample_file_and_intervals_in_the_json(two_models, data, tmp_path, c
     report = json.load(open(two_models["a"]))
     assert report["complete"] and report["per_sample"]["file"] == "a.samples.npz"
     path = os.path.join(os.path.dirname(two_models["a"]), "a.samples.npz")
-    assert evaluate.file_sha256(path) == report["per_sample"]["sha256"]
+    assert common.file_sha256(path) == report["per_sample"]["sha256"]
     meta, arrays = load_samples(path)
     assert meta["settings"] == report["settings"] and meta["datasets"][0]["fields"] == ["label", "clean", "pgd", "cw"]
     ds = common.eval_dataset(f"folder:{data['folder']}", str(data["root"]), 32)[1]
@@ -393,6 +393,7 @@ def done_count(path):
     return sum(int(bits(arrays, k, "done", d["n"]).sum()) for k, d in enumerate(meta["datasets"]))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_75_then_the_rerun_completes(data, uninterrupted, tmp_path, capsys):
     out = tmp_path / "r.json"
     samples = tmp_path / "r.samples.npz"
@@ -425,6 +426,7 @@ def stopped_after_five_batches(data, tmp_path, monkeypatch, capsys):
     return out
 
 
+@pytest.mark.slow
 def test_resume_with_two_processes_of_a_one_process_run(data, uninterrupted, stopped_after_five_batches):
     p = run_script(["evaluate.py", *demo_argv(data, stopped_after_five_batches)], nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -433,6 +435,7 @@ def test_resume_with_two_processes_of_a_one_process_run(data, uninterrupted, sto
     assert_same_evaluation(stopped_after_five_batches, uninterrupted)
 
 
+@pytest.mark.slow
 def test_kill9_of_two_processes_mid_dataset_then_one_process_gives_the_same_numbers(data, uninterrupted, tmp_path,
                                                                                     capsys):
     """kill -9 of a 2-process run (torchrun and both workers) in the middle of the first dataset; the same command

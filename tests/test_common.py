@@ -1,19 +1,23 @@
-"""--vision-weights (the image-encoder weights other projects publish, in each project's own layout), the ObjectNet
-evaluation set, and model_state_dict.pt (a run's weights as a plain state dict that open_clip reads)."""
+"""common.py, what the training scripts share: --vision-weights (the image-encoder weights other projects publish,
+in each project's own layout), the ObjectNet evaluation set, model_state_dict.pt (a run's weights as a plain state
+dict that open_clip reads), PGD, random starts and the schedule, loading models, the image encoder (ViT tokens,
+ResNet) and the training data readers (image folders, CSV/TSV and img2dataset captions). The run directory (Run) and
+the cluster paths are in test_cluster.py."""
 import json
 import os
 import zipfile
 from argparse import Namespace
 
+import clip
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from conftest import run_script, tiny_clip
-
-import agft  # noqa: E402
-import common  # noqa: E402
+import agft
+import common
+from conftest import run_script, tiny_clip, write_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,8 +60,8 @@ def sgd_state(params):
     return opt.state_dict()
 
 
-# Each project's checkpoint, written the way its training script saves it (the source lines are in the README's
-# table "Released weights of other projects"). Each takes the source model and returns the object to torch.save.
+# Each project's checkpoint, written the way its training script saves it (the source lines are in the table of
+# docs/released-weights.md). Each takes the source model and returns the object to torch.save.
 def tecoa_file(model):  # TeCoA finetuning.py, PMG-AFT PMG_AFT.py, TGA-ZSR TGA-ZSR.py: save_checkpoint({...})
     visual = {k: v.clone() for k, v in model.visual.state_dict().items()}
     return {"epoch": 10, "state_dict": {}, "add_prompter": {},  # the prompters: empty, not the model
@@ -245,6 +249,7 @@ def test_vision_state_dict_is_pure_and_orders_layouts(source):
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_evaluate_with_vision_weights(tmp_path, source):
     """evaluate.py --model demo --vision-weights FILE: the demo's text encoder with another image encoder. Its
     clean accuracy is the one computed in-process with that encoder, and not the demo's own."""
@@ -400,3 +405,259 @@ def test_objectnet_registry_errors(tmp_path, objectnet):
     (base / "mappings" / "objectnet_to_imagenet_1k.json").write_text(json.dumps({"Banana": "banana"}))
     with pytest.raises(common.UsageError, match="no images in .*banana"):
         common.eval_dataset("ObjectNet", str(tmp_path), 32)
+
+
+# ------------------------------------------------------------------------------------ PGD, random starts, the schedule
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    model = tiny_clip()
+    enc = common.ImageEncoder(model.visual).eval()
+    text = common.text_features(model, common.prompts_for([f"class {i}" for i in range(7)]), "cpu")
+    return enc, text
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_pgd_stays_in_eps_ball_and_image_range(tiny_encoder, amp):
+    enc, text = tiny_encoder
+    _, ctx, _ = common.amp_setup(amp, torch.device("cpu"))
+    x = torch.rand(6, 3, 32, 32)
+    x[0] = 0.0  # saturated images test the [0, 1] clamp
+    x[1] = 1.0
+    y = torch.arange(6) % 7
+    eps = 8 / 255
+
+    def loss_fn(x_adv):
+        with ctx:
+            return F.cross_entropy(100 * common.cosine_sim(enc(x_adv), text), y)
+
+    x_adv = common.pgd(loss_fn, x, eps, 2 / 255, 5)
+    assert x_adv.dtype == torch.float32
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not torch.equal(x_adv, x)
+    assert all(p.grad is None for p in enc.parameters()), "the attack must not accumulate parameter gradients"
+
+
+def test_pgd_increases_loss_and_eps_zero_is_identity(tiny_encoder):
+    enc, text = tiny_encoder
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    loss_fn = lambda xa: F.cross_entropy(100 * common.cosine_sim(enc(xa), text), y)  # noqa: E731
+    assert torch.equal(common.pgd(loss_fn, x, 0.0, 1 / 255, 5), x)
+    x_adv = common.pgd(loss_fn, x, 4 / 255, 1 / 255, 10)
+    with torch.no_grad():
+        assert loss_fn(x_adv) > loss_fn(x)
+
+
+def test_random_start_and_batches_do_not_depend_on_world_size():
+    shape = (8, 3, 4, 4)
+    one = common.random_start(shape, 0.1, seed=3, step=5, rank=0, world=1, device="cpu")
+    two = torch.cat([common.random_start(shape, 0.1, 3, 5, r, 2, "cpu") for r in range(2)])
+    assert torch.equal(one, two) and one.abs().max() <= 0.1
+    s1 = common.GlobalBatchSampler(37, 8, 0, 1, seed=1)
+    s2 = [common.GlobalBatchSampler(37, 8, r, 2, seed=1) for r in range(2)]
+    for epoch in (0, 1):
+        s1.set_epoch(epoch)
+        [s.set_epoch(epoch) for s in s2]
+        batches1 = list(s1)
+        batches2 = [a + b for a, b in zip(*[list(s) for s in s2])]
+        assert batches1 == batches2 and len(batches1) == 37 // 8
+    s1.set_epoch(1, start=2)  # resume skips the batches already done
+    s1b = common.GlobalBatchSampler(37, 8, 0, 1, seed=1)
+    s1b.set_epoch(1)
+    assert list(s1) == list(s1b)[2:]
+
+
+def test_cosine_lr_schedule():
+    lrs = [common.cosine_lr(s, 1.0, 10, 110) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.5) and lrs[-1] < 1e-3
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+# ------------------------------------------------------------------------------------------------------ loading models
+def test_load_clip_formats(tmp_path, tiny_ckpt):
+    ref = tiny_clip().state_dict()
+    model = common.load_clip(tiny_ckpt)
+    assert isinstance(model, clip.model.CLIP) and all(torch.equal(v, model.state_dict()[k]) for k, v in ref.items())
+    ts = str(tmp_path / "model.pt")
+    common.save_torchscript(model, ts)
+    model2 = common.load_clip(ts)  # TorchScript archive, read back exactly in fp32
+    assert all(torch.equal(v, model2.state_dict()[k]) for k, v in ref.items())
+    rnd = common.load_clip("random:tiny", seed=0)
+    assert rnd.visual.input_resolution == 32 and next(rnd.parameters()).dtype == torch.float32
+    with pytest.raises(common.UsageError, match="no such file"):
+        common.load_clip(str(tmp_path / "missing.pt"))
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(common.UsageError, match="unreadable checkpoint"):
+        common.load_clip(str(tmp_path / "corrupt.pt"))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(common.UsageError, match="not a CLIP checkpoint"):
+        common.load_clip(str(tmp_path / "other.pt"))
+    with pytest.raises(common.UsageError, match="unknown architecture"):
+        common.load_clip("random:ViT-X/99")
+
+
+# ------------------------------------------------------------------------------ the image encoder (ViT tokens, ResNet)
+def vit_b32_one_layer():
+    """ViT-B/32's image encoder (224 px, 7x7 patches, width 768, 12 heads) with 1 of its 12 layers: the shapes of
+    the released model at a fraction of the cost; encode_image is `visual(image)` for an fp32 model."""
+    torch.manual_seed(0)
+    return clip.model.VisionTransformer(224, 32, 768, 1, 12, 512).float().eval()
+
+
+@pytest.mark.parametrize("arch", ["tiny", "ViT-B/32, 1 layer"])
+def test_vit_forward_class_token_is_encode_image_bit_for_bit(arch):
+    """common.vit_forward (and ImageEncoder, which calls it) gives exactly CLIP's encode_image for the class token,
+    in fp32 and under bf16 autocast, with and without tokens=True; the patch tokens are ln_post(z) @ proj."""
+    if arch == "tiny":
+        model = tiny_clip()
+        visual, encode_image = model.visual, model.encode_image
+    else:
+        visual = vit_b32_one_layer()
+        encode_image = visual
+    encoder = common.ImageEncoder(visual).eval()
+    res = visual.input_resolution
+    x = torch.rand(2, 3, res, res, generator=torch.Generator().manual_seed(1))
+    z = (x - encoder.mean) / encoder.std
+    grid = res // visual.conv1.kernel_size[0]
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            reference = encode_image(z)  # clip's own VisionTransformer.forward
+            tokens = encoder(x, tokens=True)
+            assert tokens.shape == (2, 1 + grid * grid, visual.output_dim)
+            assert torch.equal(encoder(x), reference)
+            assert torch.equal(tokens[:, 0], reference), "the class token of tokens=True differs from encode_image"
+            if autocast:
+                assert reference.dtype == torch.bfloat16
+            else:
+                assert torch.equal(common.vit_forward(visual, z), reference)
+    # the patch tokens: CLIP's transformer output, read with a forward hook, through ln_post and proj by hand
+    seen = {}
+    hook = visual.transformer.register_forward_hook(lambda m, i, o: seen.update(out=o.permute(1, 0, 2)))
+    with torch.no_grad():
+        tokens = encoder(x, tokens=True)
+    hook.remove()
+    by_hand = visual.ln_post(seen["out"]) @ visual.proj  # (B, 1+P, D)
+    torch.testing.assert_close(tokens, by_hand, rtol=1e-5, atol=1e-6)
+
+
+def test_resnet_keeps_its_own_forward_and_has_no_tokens():
+    torch.manual_seed(0)
+    model = common.CLIP(64, 64, (1, 1, 1, 1), 16, None, 16, 49408, 64, 1, 1).float().eval()  # a tiny ModifiedResNet
+    encoder = common.ImageEncoder(model.visual).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(encoder(x), model.encode_image((x - encoder.mean) / encoder.std))
+    with pytest.raises(ValueError, match="ViT"):
+        encoder(x, tokens=True)
+
+
+# --------------------------------------------------------------------------------- images without labels (FARE's data)
+def test_image_dataset_reads_tables_and_folders_without_labels(tmp_path):
+    # a CSV with an image column only; advflyp.py's caption CSV (extra columns are not read); a TSV
+    write_images(tmp_path / "web", [f"imgs/{i}.png" for i in range(4)])
+    (tmp_path / "web" / "imgs" / "1.png").write_bytes(b"broken")
+    (tmp_path / "web" / "paths.csv").write_text("filepath\n" + "".join(f"imgs/{i}.png\n" for i in range(4)))
+    (tmp_path / "web" / "pairs.csv").write_text("filepath,title\n" + "".join(f"imgs/{i}.png,\"a, b {i}\"\n"
+                                                                              for i in range(4)))
+    (tmp_path / "web" / "pairs.tsv").write_text("path\ttext\n" + "".join(f"imgs/{i}.png\tcap {i}\n" for i in range(4)))
+    for name, key in (("paths.csv", "filepath"), ("pairs.csv", "filepath"), ("pairs.tsv", "path")):
+        ds, source = common.image_dataset(str(tmp_path / "web" / name), 32, img_key=key)
+        assert len(ds) == 4 and f"'{key}'" in source
+        image, target, unreadable = ds[0]
+        assert image.shape == (3, 32, 32) and 0 <= image.min() <= image.max() <= 1 and (target, unreadable) == ("", 0)
+        assert ds[1][2] == 1 and torch.equal(ds[1][0], ds[2][0])  # broken: the next readable image stands in
+    # an ImageNet root: train/ only, whatever else is beside it
+    write_images(tmp_path / "imagenet", ["train/n01/a.JPEG", "train/n01/b.JPEG", "train/n02/c.png", "val/n01/d.JPEG"])
+    ds, source = common.image_dataset(str(tmp_path / "imagenet"), 32)
+    assert len(ds) == 3 and source.endswith(os.path.join("imagenet", "train"))
+    # an img2dataset folder (captions and metadata are not images), an ImageFolder, a flat folder: every image under it
+    write_images(tmp_path / "laion", ["00000/000.jpg", "00000/001.jpg", "00001/010.jpg", ".cache/x.jpg"])
+    for key in ("00000/000", "00000/001", "00001/010"):
+        (tmp_path / "laion" / f"{key}.txt").write_text("a caption")
+        (tmp_path / "laion" / f"{key}.json").write_text("{}")
+    ds, _ = common.image_dataset(str(tmp_path / "laion"), 32)
+    assert [os.path.relpath(p, tmp_path / "laion") for p in ds.dataset.images] == ["00000/000.jpg", "00000/001.jpg",
+                                                                                 "00001/010.jpg"]  # sorted, no .cache
+    write_images(tmp_path / "flat", ["b.webp", "a.bmp"])
+    ds, _ = common.image_dataset(str(tmp_path / "flat"), 32)
+    assert [os.path.basename(p) for p in ds.dataset.images] == ["a.bmp", "b.webp"]
+    # the demo's images (labels unused) and synthetic images
+    demo, source = common.image_dataset("demo", 32)
+    assert source == "demo" and len(demo) == 64 * len(common.DEMO_PROXY) and demo[0][0].shape == (3, 32, 32)
+    assert len(common.image_dataset("synthetic", 32, synthetic_size=5)[0]) == 5
+
+
+def test_image_dataset_errors_are_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("no images here")
+    (tmp_path / "cols.csv").write_text("image,caption\na.png,b\n")
+    (tmp_path / "header_only.csv").write_text("filepath\n")
+    (tmp_path / "binary.tsv").write_bytes(b"\xff\xfe\x00\x81 not text")
+    write_images(tmp_path, ["x.png"])
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    (tmp_path / "unreadable.csv").write_text("filepath\nx.png\nmissing.png\n")
+    cases = {
+        "empty": "no image files under", "notes": "no image files under", "cols.csv": "no column 'filepath'",
+        "header_only.csv": "lists no images", "binary.tsv": "not a readable CSV/TSV file",
+        "unreadable.csv": "none of its 2 images can be read", "nowhere": "no such file or directory",
+    }
+    for name, message in cases.items():
+        with pytest.raises(common.UsageError, match=message) as e:
+            common.image_dataset(str(tmp_path / name), 32)
+        assert "\n" not in str(e.value)
+
+
+# -------------------------------------------------------------------------------- image-caption pairs (AdvFLYP's data)
+def test_csv_tsv_separator_columns_relative_paths_and_broken_images(tmp_path):
+    write_images(tmp_path, [f"imgs/{i}.png" for i in range(5)])
+    (tmp_path / "imgs" / "2.png").write_bytes(b"not an image")  # unreadable
+    rows = [(f"imgs/{i}.png", f"caption, number {i}") for i in range(5)] + [("imgs/missing.png", "gone")]
+    (tmp_path / "pairs.csv").write_text("id,filepath,title\n" + "".join(f'{i},{p},"{c}"\n' for i, (p, c) in
+                                                                        enumerate(rows)))
+    (tmp_path / "pairs.tsv").write_text("path\ttext\n" + "".join(f"{p}\t{c}\n" for p, c in rows))
+    csv_set = common.caption_dataset(str(tmp_path / "pairs.csv"), 32)  # comma from the extension
+    tsv_set = common.caption_dataset(str(tmp_path / "pairs.tsv"), 32, img_key="path", caption_key="text")  # tab
+    for ds in (csv_set, tsv_set):
+        assert len(ds) == 6
+        # resolved against the file's folder
+        assert ds.dataset.images[0] == os.path.join(str(tmp_path), "imgs", "0.png")
+        image, caption, broken = ds[0]
+        assert image.shape == (3, 32, 32) and 0 <= image.min() and image.max() <= 1
+        assert (caption, broken) == ("caption, number 0", 0)
+        assert ds[2][1:] == ("caption, number 3", 1)  # broken: the next readable pair stands in
+        assert ds[5][1:] == ("caption, number 0", 1)  # missing file at the end: wraps around
+        assert sum(ds[i][2] for i in range(len(ds))) == 2
+    with pytest.raises(common.UsageError, match="no column 'filepath'"):
+        common.caption_dataset(str(tmp_path / "pairs.tsv"), 32)
+    with pytest.raises(common.UsageError, match="'title'"):
+        common.caption_dataset(str(tmp_path / "pairs.csv"), 32, separator="\t")
+    (tmp_path / "bad.csv").write_text("filepath,title\nimgs/2.png,a\nimgs/missing.png,b\n")
+    with pytest.raises(common.UsageError, match="none of its 2 images can be read"):
+        common.caption_dataset(str(tmp_path / "bad.csv"), 32)
+
+
+def test_img2dataset_folder(tmp_path):
+    write_images(tmp_path, ["00000/000000000.jpg", "00000/000000001.jpg", "00001/000010000.jpg",
+                            "00001/000010001.jpg"])
+    for key, caption in (("00000/000000000", "first"), ("00000/000000001", "second"), ("00001/000010000", "third")):
+        (tmp_path / f"{key}.txt").write_text(caption + "\n")
+    (tmp_path / "00000" / "000000001.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    (tmp_path / "00000_stats.json").write_text("{}")  # img2dataset's other outputs are ignored
+    ds = common.caption_dataset(str(tmp_path), 32)
+    assert len(ds) == 3  # 00001/000010001.jpg has no caption file
+    assert [ds[i][1:] for i in range(3)] == [("first", 0), ("third", 1), ("third", 0)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(common.UsageError, match="no image with a caption file"):
+        common.caption_dataset(str(tmp_path / "empty"), 32)
+
+
+def test_synthetic_and_demo_captions():
+    image, caption, broken = common.caption_dataset("synthetic", 32, synthetic_size=4)[1]
+    assert image.shape == (3, 32, 32) and caption.startswith("a photo of a class ") and broken == 0
+    demo = common.caption_dataset("demo", 32)
+    assert len(demo) == 64 * len(common.DEMO_PROXY)
+    image, caption, broken = demo[5]
+    colour, shape = common.DEMO_PROXY[5]
+    assert colour in caption and shape in caption and broken == 0
