@@ -125,7 +125,8 @@ def main(argv=None):
     clip_model = common.load_clip(args.model, args.seed, args.vision_weights, dist)
     resolution = clip_model.visual.input_resolution
     dataset = common.caption_dataset(args.data, resolution, args.csv_img_key, args.csv_caption_key,
-                                     args.csv_separator, args.synthetic_size, args.seed)
+                                     args.csv_separator, args.synthetic_size, args.seed,
+                                     log=print if dist.is_main else None)
     val_set, val_prompts = validation_set(args, resolution) if args.patience else (None, None)
     sampler = common.GlobalBatchSampler(len(dataset), args.batch_size, dist.rank, dist.world, args.seed)
     run = common.Run(args, dist, len(dataset))  # nothing is written before this point
@@ -150,8 +151,8 @@ def main(argv=None):
     train_encoder = DDP(encoder) if dist.world > 1 else encoder
     loader = common.make_loader(dataset, sampler, args.workers, device)
     gather = lambda f: common.all_gather_with_grad(f.float(), dist)  # noqa: E731  (b, D) -> (B, D), the global batch
-    run.print(f"AdvFLYP (reg {args.reg}): {len(dataset)} image-caption pairs, {total_steps} steps of global batch "
-              f"{args.batch_size} on {dist.world} process(es), {device}, amp {amp}")
+    run.print(f"AdvFLYP (reg {args.reg}): {len(dataset)} image-caption pairs, {common.count(total_steps, 'step')} "
+              f"of global batch {args.batch_size} on {dist.world} process(es), {device}, amp {amp}")
 
     def validate(step):  # --patience: early stopping on the validation set's PGD accuracy, at each epoch's end
         val = common.zero_shot_accuracy(encoder, val_text, val_set, dist, eps, 1 / 255, args.val_steps, ctx=ctx,

@@ -9,11 +9,13 @@ checked against torchattacks and AutoAttack, are in docs/attacks.md.
 
 Sections, in the order they build on each other (search for the `# ---- name` rule):
     losses          margin_loss (C&W), dlr_loss (APGD-DLR)
-    C&W, APGD       attack_cw, APGD (Croce & Hein 2020: checkpoints, conditions, the loop), apgd-ce, apgd-dlr
+    C&W, APGD       attack_cw, APGD (Croce & Hein 2020: checkpoints, conditions, the loop), apgd-ce (and with 5
+                    restarts, apgd-ce-x5), apgd-dlr
     targeted PGD    per-sample random integers and uniforms, random_target, pgd-t-rand, pgd-t-least
     Table 6         the AGFT paper's transfer-style attacks: MI, NI, DI, TI (momentum_ifgsm), PI, PI++ (pi_fgsm) and
                     targeted MI, NI, DI, TI
-    APGD-T, Square  AutoAttack's other two: targeted APGD on the DLR-targeted loss, Square Attack
+    APGD-T, Square  AutoAttack's other two: targeted APGD on the DLR-targeted loss, Square Attack (square: p's
+                    schedule stretched to the budget, as torchattacks; square-aa: not, as AutoAttack)
     combined        attacks_in_turn (AutoAttack's combination), aa, aa-ce-t; the ATTACKS registry, default steps,
                     the classes each attack needs, run_attack (shares the parts of combined attacks)
 """
@@ -22,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common import attack_pgd, input_grad, per_sample_start, pgd
+from common import STREAMS, attack_pgd, input_grad, per_sample_start, pgd, sample_generator
 
 # -------------------------------------------------------------------------------------------------------- losses
 def margin_loss(logits, y):
@@ -49,31 +51,40 @@ def attack_cw(logits_fn, x, y, index, eps, alpha, steps, seed):
 
 
 def apgd_checkpoints(n_iter):
-    """APGD's checkpoints w_j = ⌈p_j · N_iter⌉ (Croce & Hein 2020, §3.2): p_0 = 0, p_1 = 0.22,
-    p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06) while p_j ≤ 1. Computed in integer hundredths, so ⌈·⌉ is exact
-    (in floats 0.22 · 100 = 22.000000000000004 would round up to 23)."""
-    p = [0, 22]
-    while p[-1] + max(p[-1] - p[-2] - 3, 6) <= 100:
-        p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
-    return sorted({-(-pj * n_iter // 100) for pj in p})  # ceil; duplicates merge for small N_iter
+    """APGD's checkpoints, the iterations after which it tests its step size, placed as the reference code places them
+    (AutoAttack's and torchattacks' APGD, which the papers' numbers come from): a first window of
+    k = max(⌊0.22 N⌋, 1) iterations, each next one k ← max(k − max(⌊0.03 N⌋, 1), max(⌊0.06 N⌋, 1)). At N = 100 these
+    are the paper's ⌈p_j N⌉ (Croce & Hein 2020, §3.2: 22, 41, 57, ...); at N = 10 (the AGFT code's AutoAttack) they
+    are 2, 3, ..., 10 where ⌈p_j N⌉ would give 3, 5, 6, 7, 8, 9. Returns [0, w_1, w_2, ...], all ≤ N."""
+    k, decrease, k_min = max(int(0.22 * n_iter), 1), max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    points = [0]
+    while points[-1] + k <= n_iter:
+        points.append(points[-1] + k)
+        k = max(k - decrease, k_min)
+    return points
 
 
 def apgd_conditions(n_up, window, f_max, f_max_ckpt, reduced_ckpt, rho=0.75):
-    """APGD's test at checkpoint w_j (Croce & Hein 2020, §3.2), per sample (B,) -> (B,) bool, True = halve η and
-    restart from x_max. Condition 1: the loss rose in fewer than ρ · (w_j − w_{j−1}) of the steps since w_{j−1}
-    (n_up of window). Condition 2: η was not halved at w_{j−1} and f_max has not improved since then."""
-    return (n_up < rho * window) | (~reduced_ckpt & (f_max == f_max_ckpt))
+    """APGD's test at a checkpoint (Croce & Hein 2020, §3.2, as the reference code computes it), per sample
+    (B,) -> (B,) bool, True = halve η and restart from x_max. Condition 1: the loss rose in at most ρ · window of the
+    window's steps (n_up of them). Condition 2: η was not halved at the previous checkpoint and f_max has not improved
+    since then (reduced_ckpt starts True: Condition 2 is off at the first checkpoint)."""
+    return (n_up <= rho * window) | (~reduced_ckpt & (f_max_ckpt >= f_max))
 
 
-def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=0.75):
-    """APGD (Croce & Hein 2020, Algorithm 1), ℓ∞: maximise loss_of_logits(logits, y) (per sample, (B,)) over the
-    ε-ball around x inside [0, 1]. Every sample has its own step size, best point and checkpoint tests, so the
-    result does not depend on the batch. Starts at clamp(x + delta, 0, 1).
+def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=0.75, best_loss=False):
+    """APGD (Croce & Hein 2020, Algorithm 1), ℓ∞, as AutoAttack's and torchattacks' code run it: maximise
+    loss_of_logits(logits, y) (per sample, (B,)) over the ε-ball around x inside [0, 1], from clamp(x + delta, 0, 1)
+    (|delta| ≤ ε). Every sample has its own step size, best point and checkpoint tests, so the result does not depend
+    on the batch. Like the reference code, Condition 1 counts the rises of the loss from one computed iterate to the
+    next (a restart does not reset it; the first window compares the first iterate's loss with 0).
 
-    Returns the best point x_max of Algorithm 1; where some iterate fooled the model, the highest-loss such iterate
-    instead (AutoAttack's reference code counts a sample as broken as soon as any iterate fools the model)."""
+    Returns, per sample, a fooling iterate if any iterate fooled the model (the highest-loss one; the reference code
+    counts a sample as broken as soon as any iterate fools the model), else the best point x_max; best_loss=True:
+    x_max (the reference's x_best) for every sample."""
     x = x.detach()
-    project = lambda z: (x + (z - x).clamp(-eps, eps)).clamp(0, 1)  # noqa: E731  P_S
+    lower, upper = x - eps, x + eps
+    project = lambda z: torch.min(torch.max(z, lower), upper).clamp(0, 1)  # noqa: E731  P_S, as the reference
     per = lambda v: v.view(-1, *[1] * (x.dim() - 1))  # noqa: E731  (B,) -> (B, 1, 1, 1)
 
     def loss_and_logits(z):
@@ -87,32 +98,33 @@ def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=
 
     checkpoints = set(apgd_checkpoints(steps)[1:])
     eta = torch.full((len(x),), 2.0 * eps, device=x.device)  # η^(0) = 2ε
-    x_k = project(x + delta)
+    x_k = (x + delta).clamp(0, 1)
     f_k, fooled, grad = evaluate(x_k)
     x_prev = x_k
     x_max, f_max, grad_max = x_k, f_k, grad  # best point so far, by loss (restarts go back to it)
     x_out, f_out, out_fooled = x_k, f_k, fooled  # best point by (fooled, loss): the output
-    n_up = torch.zeros(len(x), device=x.device)  # Σ 1[f(x^(i+1)) > f(x^(i))] since the last checkpoint
-    f_max_ckpt, reduced_ckpt, w_last = f_max, torch.zeros_like(fooled), 0  # state at the last checkpoint
+    f_last = torch.zeros_like(f_k)  # the loss of the last computed iterate (the reference's loss_steps start at 0)
+    n_up = torch.zeros(len(x), device=x.device)  # rises of the loss in the current window
+    f_max_ckpt, reduced_ckpt, w_last = f_max, torch.ones_like(fooled), 0  # state at the last checkpoint
     for k in range(steps):
         z = project(x_k + per(eta) * grad.sign())  # z^(k+1)
         a = 1.0 if k == 0 else momentum  # x^(1) = z^(1); then momentum 0.75 (Alg. 1)
         x_next = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev))
         f_next, fooled, grad = evaluate(x_next)
-        n_up += f_next > f_k
-        x_prev, x_k, f_k = x_k, x_next, f_next
-        better = f_k > f_max
-        x_max, f_max = torch.where(per(better), x_k, x_max), torch.where(better, f_k, f_max)
+        n_up += f_next > f_last
+        f_last, x_prev, x_k = f_next, x_k, x_next
+        better = f_next > f_max
+        x_max, f_max = torch.where(per(better), x_k, x_max), torch.where(better, f_next, f_max)
         grad_max = torch.where(per(better), grad, grad_max)
-        out = (fooled & ~out_fooled) | ((fooled == out_fooled) & (f_k > f_out))
-        x_out, f_out, out_fooled = torch.where(per(out), x_k, x_out), torch.where(out, f_k, f_out), out_fooled | fooled
+        out = (fooled & ~out_fooled) | ((fooled == out_fooled) & (f_next > f_out))
+        x_out, f_out = torch.where(per(out), x_k, x_out), torch.where(out, f_next, f_out)
+        out_fooled = out_fooled | fooled
         if k + 1 in checkpoints and k + 1 < steps:  # k + 1 = w_j: halve η and restart from x_max if
             reduce = apgd_conditions(n_up, k + 1 - w_last, f_max, f_max_ckpt, reduced_ckpt, rho)
             eta = torch.where(reduce, eta / 2, eta)
-            x_k, f_k, grad = torch.where(per(reduce), x_max, x_k), torch.where(reduce, f_max, f_k), \
-                torch.where(per(reduce), grad_max, grad)
+            x_k, grad = torch.where(per(reduce), x_max, x_k), torch.where(per(reduce), grad_max, grad)
             n_up, f_max_ckpt, reduced_ckpt, w_last = torch.zeros_like(n_up), f_max, reduce, k + 1
-    return x_out.detach()
+    return (x_max if best_loss else x_out).detach()
 
 
 def cross_entropy_per_sample(logits, y):
@@ -129,6 +141,22 @@ def attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed):
     return apgd(logits_fn, cross_entropy_per_sample, x, y, eps, steps, delta)
 
 
+def attack_apgd_ce_x5(logits_fn, x, y, index, eps, alpha, steps, seed, restarts=5):
+    """APGD-CE with 5 restarts, as RobustVLM's AutoAttack runs it (auto-attack's version="custom" keeps the
+    constructor's n_restarts=5 for APGD-CE): each restart from a fresh random start, on the images no earlier one
+    fooled. The first is `apgd-ce` itself."""
+    x_adv, alive = x.detach().clone(), torch.arange(len(x), device=x.device)  # alive: (B',) not fooled so far
+    for r in range(restarts):
+        delta = per_sample_start(index[alive.cpu()], x.shape[1:], eps, seed, x.device, restart=r)
+        x_adv[alive] = apgd(logits_fn, cross_entropy_per_sample, x[alive], y[alive], eps, steps, delta)
+        if r < restarts - 1:
+            with torch.no_grad():
+                alive = alive[logits_fn(x_adv[alive]).argmax(-1) == y[alive]]
+            if len(alive) == 0:
+                break
+    return x_adv
+
+
 def attack_apgd_dlr(logits_fn, x, y, index, eps, alpha, steps, seed):
     """APGD on the DLR loss (`apgd-dlr`, docs/attacks.md); needs ≥ 3 classes (ATTACK_MIN_CLASSES)."""
     delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
@@ -137,20 +165,19 @@ def attack_apgd_dlr(logits_fn, x, y, index, eps, alpha, steps, seed):
 
 # --------------------------------------------------------------------------------------- targeted PGD
 def per_sample_randint(index, high, seed, device):
-    """One integer in [0, high) per sample from a generator seeded by its dataset index (a stream apart from
-    per_sample_start's): independent of batching and of the number of processes. index: (B,) -> (B,)."""
-    draw = lambda i: int(torch.randint(high, (), generator=torch.Generator().manual_seed(  # noqa: E731
-        seed * 1_000_003 + i + (1 << 40))))
+    """One integer in [0, high) per sample from its own generator (the "target" stream of common.sample_generator):
+    independent of batching and of the number of processes. index: (B,) -> (B,)."""
+    draw = lambda i: int(torch.randint(high, (), generator=sample_generator(seed, i, STREAMS["target"])))  # noqa: E731
     return torch.tensor([draw(i) for i in index.tolist()], dtype=torch.long, device=device)
 
 
 def per_sample_uniform(index, shape, seed, stream, device):
-    """U[0, 1) draws of `shape` for each sample from a generator seeded by (seed, its dataset index, stream):
-    independent of batching and of the number of processes; `stream` keeps different attacks' draws apart (0 is
-    per_sample_start's, 1 per_sample_randint's). index: (B,) -> (B, *shape)."""
+    """U[0, 1) draws of `shape` for each sample from its own generator for `stream` (a name of common.STREAMS, so that
+    different draws never share numbers): independent of batching and of the number of processes.
+    index: (B,) -> (B, *shape)."""
     out = torch.empty((len(index), *shape))
     for j, i in enumerate(index.tolist()):
-        out[j] = torch.rand(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i + (stream << 40)))
+        out[j] = torch.rand(shape, generator=sample_generator(seed, i, STREAMS[stream]))
     return out.to(device)
 
 
@@ -174,9 +201,10 @@ def attack_pgd_t_rand(logits_fn, x, y, index, eps, alpha, steps, seed):
 
 
 def attack_pgd_t_least(logits_fn, x, y, index, eps, alpha, steps, seed):
-    """Targeted PGD towards the least-likely class of the clean prediction (`pgd-t-least`, docs/attacks.md)."""
+    """Targeted PGD towards the least-likely class of the clean prediction other than the label (`pgd-t-least`,
+    docs/attacks.md): a target is never y, also for an image misclassified clean (--attack-all, --metrics)."""
     with torch.no_grad():
-        target = logits_fn(x).argmin(-1)
+        target = logits_fn(x).scatter(1, y[:, None], float("inf")).argmin(-1)  # (B,), never y
     return pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed)
 
 
@@ -205,7 +233,7 @@ def input_diversity_params(index, steps, size, seed, device, resize_rate=0.9, pr
     0.9 < 1: shrink, then zero-pad back): new side r ~ U{⌊0.9·size⌋, ..., size − 1}, top and left padding
     ~ U{0, ..., size − r − 1}, applied with probability `prob`. Drawn per sample (torchattacks draws one transform
     per batch). -> (B, steps, 4) long: (apply, r, top, left)."""
-    u = per_sample_uniform(index, (steps, 4), seed, 2, device)  # (B, steps, 4)
+    u = per_sample_uniform(index, (steps, 4), seed, "diversity", device)  # (B, steps, 4)
     low = int(size * resize_rate)
     r = low + (u[..., 1] * (size - low)).long()
     top, left = (u[..., 2] * (size - r)).long(), (u[..., 3] * (size - r)).long()
@@ -385,13 +413,16 @@ def dlr_targeted_loss(logits, y, target):
 
 def attack_apgd_t(logits_fn, x, y, index, eps, alpha, steps, seed, n_targets=9):
     """APGD-T as in AutoAttack (Croce & Hein 2020, §4): APGD on the targeted DLR loss towards the k-th most likely
-    class of the clean prediction, k = 2, ..., n_targets + 1 (at most C − 1), each run on the images no earlier run
-    fooled; robust only if an image survives all. The same random start for every target; α is unused."""
+    class of the clean prediction other than the label, k = 1, ..., n_targets (at most C − 1), each run on the images
+    no earlier run fooled; robust only if an image survives all. For a correctly classified image these are
+    AutoAttack's 2nd to 10th most likely classes; for a misclassified one (--attack-all, --metrics) the label is never
+    a target. The same random start for every target; α is unused."""
     with torch.no_grad():
-        ranked = logits_fn(x).argsort(dim=1, descending=True)  # (B, C): the clean prediction's classes in order
+        others = logits_fn(x).scatter(1, y[:, None], float("-inf"))  # (B, C): the label ranked last
+        ranked = others.argsort(dim=1, descending=True)  # (B, C): the other classes, most likely first
     delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
     x_adv, alive = x.detach().clone(), torch.arange(len(x), device=x.device)
-    for k in range(1, min(n_targets, ranked.shape[1] - 1) + 1):
+    for k in range(min(n_targets, ranked.shape[1] - 1)):
         target = ranked[alive, k]
         x_adv[alive] = apgd(logits_fn, lambda z, t, target=target: dlr_targeted_loss(z, t, target), x[alive],
                             y[alive], eps, steps, delta[alive])
@@ -402,11 +433,14 @@ def attack_apgd_t(logits_fn, x, y, index, eps, alpha, steps, seed, n_targets=9):
     return x_adv
 
 
-def square_p(i, n_iter, p_init=0.8):
+def square_p(i, n_iter, p_init=0.8, rescale=True):
     """Square Attack's fraction p of the image that iteration i changes (Andriushchenko et al. 2020, §4 and their
-    code): p_init halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of a 10 000 budget,
-    the schedule rescaled to n_iter."""
-    i = int(i / n_iter * 10000)
+    code): p_init halved after iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of a 10 000 budget.
+    rescale=True: the schedule stretched to n_iter (torchattacks' Square and the reference code by default);
+    False: not stretched, as AutoAttack builds its Square (resc_schedule=False: at 5000 queries p is still p_init/64
+    at iteration 2001, where the stretched schedule is at p_init/128)."""
+    if rescale:
+        i = int(i / n_iter * 10000)
     for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128),
                        (8000, 256)):
         if i <= bound:
@@ -415,7 +449,7 @@ def square_p(i, n_iter, p_init=0.8):
 
 
 @torch.no_grad()
-def attack_square(logits_fn, x, y, index, eps, alpha, steps, seed, p_init=0.8):
+def attack_square(logits_fn, x, y, index, eps, alpha, steps, seed, p_init=0.8, rescale=True):
     """Square Attack, ℓ∞ (Andriushchenko et al. 2020, Alg. 1 and 2): random search on the margin
     m(x) = z_y − max_{j≠y} z_j, gradient-free (`steps` iterations after the first query; α is unused):
         x_0 = clip(x + ε·v), v = ±1 per channel and column (vertical stripes)
@@ -425,8 +459,9 @@ def attack_square(logits_fn, x, y, index, eps, alpha, steps, seed, p_init=0.8):
     from its index (torchattacks and AutoAttack draw one square per batch)."""
     x = x.detach()
     C, H, W = x.shape[1:]
-    stripes = torch.where(per_sample_uniform(index, (C, 1, W), seed, 3, x.device) < 0.5, -1.0, 1.0)  # (B, C, 1, W)
-    u = per_sample_uniform(index, (steps, 2 + C), seed, 4, x.device)  # (B, steps, 2 + C): position, channel signs
+    stripes = per_sample_uniform(index, (C, 1, W), seed, "square stripes", x.device)  # (B, C, 1, W)
+    stripes = torch.where(stripes < 0.5, -1.0, 1.0)
+    u = per_sample_uniform(index, (steps, 2 + C), seed, "square", x.device)  # (B, steps, 2 + C): position, signs
     x_best = (x + eps * stripes).clamp(0, 1)
     margin = -margin_loss(logits_fn(x_best).float(), y)  # (B,); fp32 under autocast
     rows, cols = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
@@ -434,7 +469,7 @@ def attack_square(logits_fn, x, y, index, eps, alpha, steps, seed, p_init=0.8):
         alive = (margin > 0).nonzero()[:, 0]  # (B',) images still classified correctly
         if len(alive) == 0:
             break
-        s = max(int(round(math.sqrt(square_p(i, steps, p_init) * H * W))), 1)
+        s = max(int(round(math.sqrt(square_p(i, steps, p_init, rescale) * H * W))), 1)
         draw = u[alive, i]  # (B', 2 + C)
         top, left = (draw[:, 0] * (H - s)).long(), (draw[:, 1] * (W - s)).long()
         signs = torch.where(draw[:, 2:2 + C] < 0.5, -1.0, 1.0)  # (B', C)
@@ -451,10 +486,15 @@ def attack_square(logits_fn, x, y, index, eps, alpha, steps, seed, p_init=0.8):
     return x_best
 
 
+def attack_square_aa(logits_fn, x, y, index, eps, alpha, steps, seed):
+    """Square as AutoAttack builds it (`square-aa`): p's schedule not stretched to the query budget."""
+    return attack_square(logits_fn, x, y, index, eps, alpha, steps, seed, rescale=False)
+
+
 # ---------------------------------------------------------------------------------------- combined, registry
 # Attacks made of others (attacks_in_turn): an image is robust only if it survives every part. The parts run once
 # per image when an evaluation asks for several attacks that share them (run_attack's memo).
-COMBINED_ATTACKS = {"aa": ("apgd-ce", "apgd-dlr"), "aa-ce-t": ("apgd-ce", "apgd-t")}
+COMBINED_ATTACKS = {"aa": ("apgd-ce", "apgd-dlr"), "aa-ce-t": ("apgd-ce-x5", "apgd-t")}
 SHARED_ATTACKS = {part for parts in COMBINED_ATTACKS.values() for part in parts}
 
 
@@ -485,21 +525,23 @@ def attacks_in_turn(names, logits_fn, x, y, index, eps, alpha, steps, seed, memo
 
 def attack_aa_ce_t(logits_fn, x, y, index, eps, alpha, steps, seed, memo=None):
     """RobustVLM's AutoAttack (Schlarmann et al. 2024; autoattack's version="custom" with ["apgd-ce", "apgd-t"]):
-    APGD-T attacks the samples that survived APGD-CE; robust only if a sample survives both. Below 4 classes APGD-T
-    is not applicable and this is APGD-CE alone."""
+    APGD-CE with its 5 restarts, then APGD-T (9 targets, 1 restart) on the samples that survived; robust only if a
+    sample survives both. Below 4 classes APGD-T is not applicable and this is APGD-CE (5 restarts) alone."""
     return attacks_in_turn(COMBINED_ATTACKS["aa-ce-t"], logits_fn, x, y, index, eps, alpha, steps, seed, memo)
 
 
 # name -> fn(logits_fn, x, y, index, eps, alpha, steps, seed) -> x_adv
-ATTACKS = {"pgd": attack_pgd, "cw": attack_cw, "apgd-ce": attack_apgd_ce, "apgd-dlr": attack_apgd_dlr,
+ATTACKS = {"pgd": attack_pgd, "cw": attack_cw, "apgd-ce": attack_apgd_ce, "apgd-ce-x5": attack_apgd_ce_x5,
+           "apgd-dlr": attack_apgd_dlr,
            "aa": attack_aa, "pgd-t-rand": attack_pgd_t_rand, "pgd-t-least": attack_pgd_t_least,
            "mi": attack_mi, "ni": attack_ni, "di": attack_di, "ti": attack_ti, "pi": attack_pi, "pi++": attack_pi_plus,
            "mi-t": attack_mi_t, "di-t": attack_di_t, "ti-t": attack_ti_t, "ni-t": attack_ni_t,
-           "apgd-t": attack_apgd_t, "aa-ce-t": attack_aa_ce_t, "square": attack_square}
-DEFAULT_ATTACK_STEPS = {"pgd": 20, "cw": 20, "apgd-ce": 100, "apgd-dlr": 100, "aa": 100, "pgd-t-rand": 20,
+           "apgd-t": attack_apgd_t, "aa-ce-t": attack_aa_ce_t, "square": attack_square, "square-aa": attack_square_aa}
+DEFAULT_ATTACK_STEPS = {"pgd": 20, "cw": 20, "apgd-ce": 100, "apgd-ce-x5": 100, "apgd-dlr": 100, "aa": 100,
+                        "pgd-t-rand": 20,
                         "pgd-t-least": 20,
                         **dict.fromkeys(["mi", "ni", "di", "ti", "pi", "pi++", "mi-t", "di-t", "ti-t", "ni-t"], 20),
-                        "apgd-t": 100, "aa-ce-t": 100, "square": 5000}
+                        "apgd-t": 100, "aa-ce-t": 100, "square": 5000, "square-aa": 5000}
 # below this many classes the attack is not applicable: reported as None, not a number
 ATTACK_MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
 
@@ -508,7 +550,8 @@ def run_attack(name, logits_fn, x, y, index, eps, alpha, steps, seed, memo=None)
     """ATTACKS[name] on images x (B, 3, H, W) with labels y and dataset indices `index`: x_adv (B, 3, H, W).
 
     memo: a dict the caller keeps for one batch (evaluate.zero_shot_samples does), so that an attack that others are
-    made of (SHARED_ATTACKS: APGD-CE in aa and aa-ce-t, APGD-DLR, APGD-T) runs once per image when an evaluation asks
+    made of (SHARED_ATTACKS: APGD-CE in aa, its 5-restart version in aa-ce-t, APGD-DLR, APGD-T) runs once per image
+    when an evaluation asks
     for several attacks that share it: an image's x_adv is kept per (attack, ε, α, steps, seed), and a call whose
     images all have one is answered from it. None: every call attacks."""
     if name in COMBINED_ATTACKS:

@@ -3,7 +3,7 @@ method, behind plain names, so that the method scripts read top to bottom. The e
 in docs/ (docs/methods.md for the methods, docs/attacks.md for the attacks, which live in attacks.py).
 
 Sections, in the order data flows (search for the `# ---- name` rule):
-    errors               UsageError (one-line errors, exit 2), run_main
+    errors               UsageError (one-line errors, exit 2), run_main; METHOD_NAMES and count, for messages
     model                load_clip (names, checkpoints, random:ARCH, demo), released image-encoder weights
                          (--vision-weights: VISION_LAYOUTS, vision_state_dict, load_vision_weights), vit_forward
                          (CLIP's ViT forward, with per-token embeddings on request), ImageEncoder (pixel space,
@@ -23,6 +23,7 @@ Sections, in the order data flows (search for the `# ---- name` rule):
     demo                 the procedural task (DemoImages), its tiny pretrained CLIP (demo_clip), demo tables
 """
 import argparse
+import contextlib
 import contextvars
 import copy
 import hashlib
@@ -84,6 +85,15 @@ def run_main(main):
         sys.exit(PREEMPTED)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+METHOD_NAMES = {"agft": "AGFT", "tecoa": "TeCoA", "pmg-aft": "PMG-AFT", "tga-zsr": "TGA-ZSR", "advflyp": "AdvFLYP",
+                "fare": "FARE"}  # --method (run names, args.json) -> the papers' spelling, for what a run prints
+
+
+def count(n, noun):
+    """'1 step', '2 steps': a number and its noun in the number's grammatical number (nouns taking -s)."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 # -------------------------------------------------------------------------------------------------------------- model
@@ -213,8 +223,21 @@ def read_checkpoint(path, flag="--model"):
         with torch.serialization.safe_globals(numpy_globals):  # for this load only
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{flag} {path}: unreadable checkpoint ({first_line[:200]})")
+        raise UsageError(f"{flag} {path}: unreadable checkpoint: {checkpoint_problem(path, e)}")
+
+
+def checkpoint_problem(path, error):
+    """What is wrong with a file that torch.load(weights_only=True) refused, in words (not PyTorch's advice to load it
+    with weights_only=False, which would run code from the file)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    pickled = head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")  # PyTorch's zip format, or a bare pickle
+    if pickled and "Weights only load failed" in str(error):
+        return ("it holds Python objects besides tensors, numbers, strings, lists and dicts; loading them would run "
+                "code from the file, which this project never does")
+    if head.startswith(b"PK\x03\x04"):
+        return "a PyTorch archive that is truncated or corrupt (an interrupted download or copy?)"
+    return "not a PyTorch checkpoint, state dict or TorchScript archive"
 
 
 def read_checkpoint_weights(path):
@@ -323,7 +346,9 @@ def save_torchscript(model, path):
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, (image, text), check_trace=False)
-    atomic_write(path, lambda f: torch.jit.save(traced, f))
+    with warnings.catch_warnings():  # torch.jit.save's FutureWarning: TorchScript is the format clip.load reads
+        warnings.simplefilter("ignore", FutureWarning)
+        atomic_write(path, lambda f: torch.jit.save(traced, f))
 
 
 def vit_forward(visual, x, tokens=False):
@@ -706,7 +731,7 @@ def training_dataset(spec, resolution, class_names_file=None, synthetic_size=Non
     as evaluation refines it. An unreadable image is replaced (SkipUnreadable) and flagged.
     """
     if spec == "synthetic":
-        ds = SyntheticImages(synthetic_size or 10_000, 1000, resolution, seed)
+        ds = SyntheticImages(10_000 if synthetic_size is None else synthetic_size, 1000, resolution, seed)
         return SkipUnreadable(ds), ds.classes
     if spec == "demo":
         ds = DemoImages(DEMO_PROXY, 64, resolution, seed=1)
@@ -732,7 +757,28 @@ def training_dataset(spec, resolution, class_names_file=None, synthetic_size=Non
         names = [meta[0][w][0] for w in ds.classes]  # first synonym
     if class_names_file is not None:
         names = read_class_names(class_names_file, len(names))
+    check_classes(f"--data {spec}", names)
+    if not any(readable_image(path) for path, _ in ds.samples):  # stops at the first readable image
+        raise UsageError(f"--data {spec}: none of its {len(ds.samples)} images can be read")
     return SkipUnreadable(ds), [refine_class_name(n) for n in names]
+
+
+def readable_image(path):
+    """Whether PIL can read the image at `path`."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except UNREADABLE_IMAGE_ERRORS:
+        return False
+
+
+def check_classes(what, names):
+    """Zero-shot classification chooses between class prompts: with one class every image is 'correct' and the loss
+    is 0. Refuse fewer than two, in one line."""
+    if len(names) < 2:
+        raise UsageError(f"{what}: has {len(names)} class ({', '.join(names) or 'none'}); zero-shot classification "
+                         "needs at least two")
 
 
 class SkipUnreadable(torch.utils.data.Dataset):
@@ -789,9 +835,15 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             yield batch[self.rank * self.local_batch:(self.rank + 1) * self.local_batch].tolist()
 
 
+def usable_workers(workers):
+    """--workers, but never more than the CPUs this process may run on (more would only compete for them, and
+    PyTorch warns)."""
+    return min(workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def make_loader(dataset, batch_sampler, workers, device):
-    """DataLoader with workers, pinned memory and persistent workers on CUDA."""
-    cuda = device.type == "cuda"
+    """DataLoader with workers (at most the usable CPUs), pinned memory and persistent workers on CUDA."""
+    cuda, workers = device.type == "cuda", usable_workers(workers)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=cuda,
                                        persistent_workers=cuda and workers > 0,
                                        worker_init_fn=ignore_preemption_signals)
@@ -883,34 +935,41 @@ def read_caption_table(path, img_key="filepath", caption_key="title", separator=
 
 
 def find_caption_files(root):
-    """Sorted image paths with a caption file beside them (KEY.jpg + KEY.txt) in `root` and its subfolders: the
-    layout of img2dataset's `files` output format (ROOT/00000/000000000.jpg, ROOT/00000/000000000.txt, ...)."""
+    """(sorted image paths with a caption file beside them (KEY.jpg + KEY.txt), number of images without one) in
+    `root` and its subfolders: the layout of img2dataset's `files` output format (ROOT/00000/000000000.jpg,
+    ROOT/00000/000000000.txt, ...)."""
     folders = [root] + sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    images = []
+    images, uncaptioned = [], 0
     for folder in folders:
         names = set(os.listdir(folder))
-        images += [os.path.join(folder, n) for n in sorted(names)
-                   if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS and os.path.splitext(n)[0] + ".txt" in names]
-    return images
+        found = [n for n in sorted(names) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
+        images += [os.path.join(folder, n) for n in found if os.path.splitext(n)[0] + ".txt" in names]
+        uncaptioned += sum(os.path.splitext(n)[0] + ".txt" not in names for n in found)
+    return images, uncaptioned
 
 
 def caption_dataset(spec, resolution, img_key="filepath", caption_key="title", separator=None,
-                    synthetic_size=None, seed=0):
+                    synthetic_size=None, seed=0, log=None):
     """Dataset of (image in [0, 1], caption, unreadable) for `--data` of AdvFLYP: a CSV/TSV file of image paths and
     captions, an img2dataset output folder (`files` format), `synthetic` (random images captioned with random class
-    names) or `demo` (captioned images of the demo's proxy concepts, the images agft.py's demo trains on)."""
+    names) or `demo` (captioned images of the demo's proxy concepts, the images agft.py's demo trains on).
+    log: where to say how many images of a folder have no caption file (they are left out)."""
     if spec == "synthetic":
-        return SkipUnreadable(Captioned(SyntheticImages(synthetic_size or 10_000, 1000, resolution, seed)))
+        size = 10_000 if synthetic_size is None else synthetic_size
+        return SkipUnreadable(Captioned(SyntheticImages(size, 1000, resolution, seed)))
     if spec == "demo":
         return SkipUnreadable(Captioned(DemoImages(DEMO_PROXY, 64, resolution, seed=1, captions=True)))
     if os.path.isfile(spec):
         images, captions = read_caption_table(spec, img_key, caption_key, separator)
         return SkipUnreadable(CaptionPairs(images, captions, resolution, spec))
     if os.path.isdir(spec):
-        images = find_caption_files(spec)
+        images, uncaptioned = find_caption_files(spec)
         if not images:
             raise UsageError(f"--data {spec}: no image with a caption file beside it (expected img2dataset's `files` "
                              "output: 00000/000000000.jpg with 00000/000000000.txt)")
+        if uncaptioned and log is not None:
+            log(f"--data {spec}: {count(uncaptioned, 'image')} without a caption file beside it left out, "
+                f"{len(images)} with one")
         return SkipUnreadable(CaptionFiles(images, None, resolution, spec))
     raise UsageError(f"--data {spec}: no such file or directory (expected a CSV/TSV of image paths and captions, "
                      "an img2dataset output folder, 'synthetic' or 'demo')")
@@ -1285,6 +1344,8 @@ def eval_dataset(spec, root, resolution, download=False, class_names_file=None):
             raise UsageError(f"{name}: needs the Python package '{e.name}' (pip install {e.name})")
         except Exception as e:  # torchvision's 'Dataset not found or corrupted', a missing file, a failed download
             message = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if download:  # --download was given: say what to do instead of asking for it again
+                fetch = "check the network, or put the files there yourself" if can_download else fetch
             raise UsageError(f"{name}: could not {'download or ' if download else ''}read {path} ({message}); "
                              f"expected {layout}; {fetch}")
     else:
@@ -1296,10 +1357,16 @@ def eval_dataset(spec, root, resolution, download=False, class_names_file=None):
         except ImportError as e:  # parsing the devkit archive needs scipy
             raise UsageError(f"{name}: reading ImageNet's devkit needs the Python package '{e.name}' "
                              f"(pip install {e.name}), or give --class-names FILE")
+    check_classes(name, names)
     return name, ds, [refine_class_name(n) for n in names], templates[key]
 
 
 # evaluation loading: every sample exactly once across processes
+class UnreadableImage(UsageError):
+    """An evaluation image that cannot be read: a benchmark missing an image is not the benchmark, so evaluation
+    stops and names it (replace the file and rerun the command: the evaluation continues where it stopped)."""
+
+
 class Indexed(torch.utils.data.Dataset):
     """Wraps a dataset to also return each item's index (for per-sample random starts)."""
 
@@ -1310,8 +1377,22 @@ class Indexed(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        image, label = self.dataset[i]
+        try:
+            image, label = self.dataset[i]
+        except UNREADABLE_IMAGE_ERRORS as e:
+            raise UnreadableImage(f"image {i} cannot be read ({type(e).__name__}: {e}); replace it with a readable "
+                                  "copy and rerun the same command: the evaluation continues where it stopped")
         return image, label, i
+
+
+def eval_batches(loader):
+    """Iterate an eval_loader; an unreadable image stops it with one line. (From a DataLoader worker the error comes
+    back with the worker's traceback in its message: the last line is the original one.)"""
+    try:
+        yield from loader
+    except UnreadableImage as e:
+        last = str(e).strip().splitlines()[-1]
+        raise UsageError(last.split("UnreadableImage: ", 1)[-1]) from None
 
 
 def eval_loader(dataset, batch_size, dist, workers=0, indices=None):
@@ -1321,7 +1402,7 @@ def eval_loader(dataset, batch_size, dist, workers=0, indices=None):
     a float) do not depend on it. Items are (image, label, index in `dataset`)."""
     indices = list(range(len(dataset)) if indices is None else indices)
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)][dist.rank::dist.world]
-    return torch.utils.data.DataLoader(Indexed(dataset), batch_sampler=batches, num_workers=workers,
+    return torch.utils.data.DataLoader(Indexed(dataset), batch_sampler=batches, num_workers=usable_workers(workers),
                                        pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_preemption_signals)
 
 
@@ -1341,8 +1422,10 @@ def pgd(loss_fn, x, eps, alpha, steps, delta=None):
     x_0 = clamp(x + δ, 0, 1) with δ ~ U(-ε, ε) unless `delta` is given;
     x_{s+1} = clamp(x + clamp(x_s + α·sign(∇ loss(x_s)) − x, −ε, ε), 0, 1); the last iterate is returned.
     Only the input gradient is computed (input_grad), so parameters never accumulate .grad; callers put the model
-    in eval mode."""
+    in eval mode. ε = 0 or no steps: no attack, x itself (clean fine-tuning), and no pass through the model."""
     x = x.detach()
+    if eps == 0 or steps == 0:
+        return x
     if delta is None:
         delta = torch.empty_like(x).uniform_(-eps, eps)
     x_adv = (x + delta).clamp(0, 1)
@@ -1352,12 +1435,27 @@ def pgd(loss_fn, x, eps, alpha, steps, delta=None):
     return x_adv.detach()
 
 
-def per_sample_start(index, shape, eps, seed, device):
-    """U(-ε, ε) noise for each sample from a generator seeded by its dataset index: independent of batching and
-    of the number of processes. index: (B,) -> (B, *shape)."""
+# Streams of per-sample random draws (sample_generator): one per kind of draw, so that no two kinds share numbers.
+STREAMS = {"start": 0, "target": 1, "diversity": 2, "square stripes": 3, "square": 4, "restart": 5}
+
+
+def sample_generator(seed, index, stream, device="cpu"):
+    """The generator of one sample's random draws of one kind (`stream`, STREAMS), seeded by (seed, the sample's
+    dataset index, stream): the same whatever the batch or the number of processes. torch's generators keep only
+    the low 32 bits of a seed, so the stream is mixed into them multiplicatively (a bijection of the index within a
+    stream); stream 0 is seed · 1 000 003 + index."""
+    base = seed * 1_000_003 + index
+    value = base if stream == 0 else base * 0x9E3779B1 + stream * 0x7F4A7C15
+    return torch.Generator(device=device).manual_seed(value & 0xFFFFFFFF)
+
+
+def per_sample_start(index, shape, eps, seed, device, restart=0):
+    """U(-ε, ε) noise for each sample from its own generator (sample_generator): independent of batching and of the
+    number of processes; `restart` r > 0 draws another start for the same sample (an attack's r-th restart).
+    index: (B,) -> (B, *shape)."""
     out = torch.empty((len(index), *shape), device=device)
     for j, i in enumerate(index.tolist()):
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
+        g = sample_generator(seed, i, 0 if restart == 0 else STREAMS["restart"] + restart - 1, device)
         out[j] = (torch.rand(shape, generator=g, device=device) * 2 - 1) * eps
     return out
 
@@ -1383,19 +1481,26 @@ def zero_shot_accuracy(encoder, text_feats, dataset, dist, eps, alpha=1 / 255, s
     per-image results and gives the same numbers for PGD (same batches, same per-image random starts)."""
     encoder.eval()
     logits_fn = lambda x: CLIP_LOGIT_SCALE * cosine_sim(encoder(x), text_feats)  # noqa: E731
-    counts = torch.zeros(3, dtype=torch.float64, device=dist.device)  # images, correct clean, robust
-    for x, y, index in progress(eval_loader(dataset, batch_size, dist, workers), dist, desc=desc, leave=False):
-        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-        with ctx, torch.no_grad():
-            ok = logits_fn(x).argmax(-1) == y  # (B,)
-        robust = torch.zeros_like(ok)
-        if ok.any():
-            with ctx:
-                x_adv = attack_pgd(logits_fn, x[ok], y[ok], index[ok.cpu()], eps, alpha, steps, seed)
+    counts = torch.zeros(4, dtype=torch.float64, device=dist.device)  # images, correct clean, robust, failed
+    error = None
+    try:
+        for x, y, index in progress(eval_batches(eval_loader(dataset, batch_size, dist, workers)), dist, desc=desc,
+                                    leave=False):
+            x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
             with ctx, torch.no_grad():
-                robust[ok] = logits_fn(x_adv).argmax(-1) == y[ok]
-        counts += torch.stack([torch.tensor(len(y), device=dist.device), ok.sum(), robust.sum()]).double()
-    n, clean, pgd_ok = all_reduce_sum(counts, dist).tolist()
+                ok = logits_fn(x).argmax(-1) == y  # (B,)
+            robust = torch.zeros_like(ok)
+            if ok.any():
+                with ctx:
+                    x_adv = attack_pgd(logits_fn, x[ok], y[ok], index[ok.cpu()], eps, alpha, steps, seed)
+                with ctx, torch.no_grad():
+                    robust[ok] = logits_fn(x_adv).argmax(-1) == y[ok]
+            counts[:3] += torch.stack([torch.tensor(len(y), device=dist.device), ok.sum(), robust.sum()]).double()
+    except UsageError as e:  # an unreadable image: counted as a failure so that no rank waits below for this one
+        error, counts[3] = e, 1
+    n, clean, pgd_ok, failed = all_reduce_sum(counts, dist).tolist()
+    if failed:
+        raise error or UsageError("an image of the evaluation set cannot be read (another process names it)")
     return {"n": int(n), "clean": round(100.0 * clean / max(n, 1), 2), "pgd": round(100.0 * pgd_ok / max(n, 1), 2)}
 
 
@@ -1502,9 +1607,13 @@ def parse_train_args(parser, argv=None, check_data=True, derive=None):
     for name in ("eps", "alpha"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} {getattr(args, name)}: must be >= 0")
-    for name in ("epochs", "batch_size", "save_every", "log_every"):
+    for name in ("epochs", "batch_size", "save_every", "log_every", "synthetic_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.workers < 0:
+        raise UsageError(f"--workers {args.workers}: must be >= 0")
+    if args.attack_steps < 0:
+        raise UsageError(f"--attack-steps {args.attack_steps}: must be >= 0")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max-steps {args.max_steps}: must be >= 1")
     if args.lr is None or args.lr <= 0:
@@ -1518,7 +1627,46 @@ def parse_train_args(parser, argv=None, check_data=True, derive=None):
         args.out = os.path.join("runs", f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: exists and is not a directory")
+    check_parent_dirs(args.out, "--out")
     return args
+
+
+def check_parent_dirs(path, flag):
+    """A one-line error, before anything is written, if a folder above `path` is a file (makedirs would fail)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+
+
+def hold_lock(path, what):
+    """Take an exclusive lock on the file `path` (created if need be) for as long as the returned file object is open,
+    i.e. while this run lives: a POSIX lock (fcntl), which the kernel drops when the process ends however it ends, so
+    a job killed by the scheduler leaves nothing that blocks its requeued rerun (the file stays; it is not a marker).
+    A second run finds it held and stops with one line naming the holder (`what` names the output it protects).
+    Where the filesystem has no locks, says so once and returns None: runs are then not kept apart."""
+    import fcntl
+    import socket
+    f = open(path, "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UsageError(f"{what}: {holder} is writing there now (it holds {path}); wait for it to end, or give "
+                         "another --out")
+    except OSError as e:  # ENOLCK, EOPNOTSUPP: no locks on this filesystem
+        f.close()
+        print(f"warning: {path}: this filesystem has no file locks ({e.strerror}); two runs into the same --out "
+              "would not be kept apart", file=sys.stderr, flush=True)
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
 
 
 def atomic_write(path, write, mode="wb"):
@@ -1572,6 +1720,16 @@ def resume_mismatch(saved_args, args, saved_data, data):
     return diffs
 
 
+def log_step(line):
+    """The step of a log.jsonl line, or None for a line that is not a JSON record (one cut short when a disk filled
+    up or a node died mid-write: a rerun drops it and keeps the valid records)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step", 0) if isinstance(record, dict) else None
+
+
 class Run:
     """A training run: its directory (args.json, log.jsonl, last.pt, model.pt (TorchScript), model_state_dict.pt
     (plain state dict, for open_clip), results.json) and everything that happens between two steps: logging,
@@ -1588,6 +1746,10 @@ class Run:
         self.ckpt_path = os.path.join(self.dir, "last.pt")
         classes = None if class_names is None else hashlib.sha1("\n".join(class_names).encode()).hexdigest()[:12]
         self.data = {"size": dataset_size, "classes": classes}
+        self.lock = None
+        if dist.is_main:  # one run at a time in a run directory: a second one stops here, before it reads or writes
+            os.makedirs(self.dir, exist_ok=True)
+            self.lock = hold_lock(os.path.join(self.dir, ".lock"), f"--out {self.dir}")
         self.checkpoint = self.load()  # the last.pt to resume from, or None
         if self.checkpoint is not None:
             saved = self.checkpoint.get("args", {})
@@ -1599,10 +1761,11 @@ class Run:
                 raise UsageError(f"{self.ckpt_path} was written with other settings: {'; '.join(diffs)}. Rerun with "
                                  "that run's settings to resume it, or give a new --out (or remove last.pt) to start "
                                  "afresh")
-        if dist.is_main:
-            os.makedirs(self.dir, exist_ok=True)
-            if self.checkpoint is None:
-                write_json(vars(args), os.path.join(self.dir, "args.json"))
+        if dist.is_main and self.checkpoint is None:
+            write_json(vars(args), os.path.join(self.dir, "args.json"))
+        if args.eps == 0 or args.attack_steps == 0:
+            self.print(f"--eps {args.eps:g} --attack-steps {args.attack_steps}: clean fine-tuning, no adversarial "
+                       "images (the attack's passes are skipped)")
         self.preemption = Preemption()  # from here on, SIGTERM/SIGUSR1 stop the run at the end of a step
         self.t_last, self.steps_since = time.time(), 0
 
@@ -1631,6 +1794,9 @@ class Run:
         for a new run). Method state saved with step_done(extra=...) is in run.checkpoint."""
         self.model, self.optimizer, self.scaler = clip_model, optimizer, scaler
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        if self.args.warmup >= total_steps:  # e.g. a short benchmark at the paper's 1000 warm-up steps
+            self.print(f"--warmup {self.args.warmup} is not below the run's {count(total_steps, 'step')}: the learning "
+                       "rate rises for the whole run, never reaching --lr or decaying (give a shorter --warmup)")
         self.unreadable = 0  # unreadable images this rank met in the current epoch (rank 0: plus the saved count)
         self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=self.dist.device)  # step, on the device
         step = 0
@@ -1645,7 +1811,8 @@ class Run:
             log = os.path.join(self.dir, "log.jsonl")
             if self.dist.is_main and os.path.isfile(log):
                 with open(log) as f:
-                    kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+                    kept = [line.rstrip("\n") + "\n" for line in f if log_step(line) is not None
+                            and log_step(line) <= step]
                 atomic_write(log, lambda f: f.writelines(kept), mode="w")
             self.print(f"resuming {self.dir} from step {step}/{total_steps}")
         self.saved_step = step if self.checkpoint is not None else None
@@ -1871,16 +2038,39 @@ def demo_clip(steps=None, log=print):
     path = demo_cache_path()
     if os.path.isfile(path):
         return clip_from_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
-    log(f"pretraining the demo CLIP ({steps} steps, cached in {path}) ...")
+    log(f"pretraining the demo CLIP ({steps} steps, about a minute on 2 cores, once; cached in {path}) ...")
     threads = torch.get_num_threads()
     torch.set_num_threads(DEMO_PRETRAIN_THREADS)  # how a float sum is split changes the model: the same everywhere
     try:
-        model = _pretrain_demo_clip(steps, log)
+        with stopped_by_signals("while pretraining the demo CLIP, before anything was cached"):
+            model = _pretrain_demo_clip(steps, log)
     finally:
         torch.set_num_threads(threads)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_save({"model": model.state_dict(), "steps": steps}, path)
     return model
+
+
+@contextlib.contextmanager
+def stopped_by_signals(when):
+    """Within this scope SIGTERM, SIGUSR1 (a preemption notice) and SIGINT stop the work at once: Preempted (exit
+    status PREEMPTED) or KeyboardInterrupt, whatever handler was installed before (Preemption's flag is read between
+    training steps, not inside work that runs before them). The previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Preempted(f"preempted ({signal.Signals(signum).name}) {when}; rerun the same command "
+                        f"(exit status {PREEMPTED})")
+    previous = {s: signal.signal(s, stop) for s in (*Preemption.SIGNALS, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _pretrain_demo_clip(steps, log):
@@ -1905,7 +2095,7 @@ def _pretrain_demo_clip(steps, log):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % 250 == 0:
+        if (step + 1) % 100 == 0:
             log(f"  step {step + 1}/{steps}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
     return model.eval()
 
@@ -1925,7 +2115,7 @@ def demo_evaluate(encoder, clip_model, dist, ctx, args, run, when):
 
 def demo_report(run, args, before, after):
     """Print the demo's before/after table and write results.json."""
-    rows = [("before (original CLIP)", before), (f"after ({args.method.upper()})", after)]
+    rows = [("before (original CLIP)", before), (f"after ({METHOD_NAMES[args.method]})", after)]
     run.print(f"\nZero-shot accuracy (%), ε = {args.eps:g}/255, PGD-20:")
     run.print(f"{'':24s} {'held-out clean':>15s} {'held-out PGD':>13s} {'proxy clean':>12s} {'proxy PGD':>10s}")
     for label, r in rows:

@@ -20,15 +20,18 @@ Attacks (ℓ∞, --eps in units of 1/255; ATTACKS):
     mi-t, di-t, ti-t, ni-t   the same towards a random wrong class (pgd-t-rand's target)
   AutoAttack's other two:
     apgd-t       APGD-100 on the targeted DLR loss, 9 target classes (not applicable below 4 classes: n/a)
-    square       Square Attack, 5000 queries (--steps), margin loss, gradient-free: a check for gradient masking
-    aa-ce-t      robust only if the sample survives apgd-ce and apgd-t (RobustVLM's AutoAttack)
+    square       Square Attack, 5000 queries (--steps), margin loss, gradient-free: a check for gradient masking;
+                 p's schedule stretched to the budget (torchattacks' default)
+    square-aa    the same with p's schedule not stretched, as AutoAttack builds it (its group: autoattack)
+    apgd-ce-x5   apgd-ce with 5 restarts, each on the images no earlier one fooled (RobustVLM's APGD-CE)
+    aa-ce-t      robust only if the sample survives apgd-ce-x5 and apgd-t (RobustVLM's AutoAttack)
   Groups: table6 (the 15 columns of the AGFT paper's Table 6, in its order), autoattack. An attack that others are
   made of (apgd-ce in aa and aa-ce-t) runs once per image when several of them are asked for.
 
 Protocols (--protocol; explicit --attacks, --steps, --alpha, --samples override them; docs/evaluation.md):
     agft         pgd, cw (20 steps, α = 1/255) and aa with 10 iterations (the AGFT code's torchattacks AutoAttack)
     advflyp      pgd, cw (10 steps, α = 1/255) and aa with 100 iterations (the AdvFLYP code's autoattack package)
-    robustvlm    aa-ce-t (APGD-CE + APGD-T, 100 iterations) on 1000 images per dataset (RobustVLM's evaluation)
+    robustvlm    aa-ce-t (APGD-CE with 5 restarts + APGD-T, 100 iterations) on 1000 images per dataset (RobustVLM's)
 
 Reproduce the AGFT paper's evaluation rows (ViT-B/32, ε = 1/255, the 15 datasets; Tables 1, 2, 12, 13), and its
 Table 6 (its 15 attack columns in one run; its AA has 10 iterations, which the protocol sets):
@@ -85,8 +88,9 @@ ATTACK_LABELS = {"pgd": "PGD-{n}", "cw": "C&W-{n}", "apgd-ce": "APGD-CE-{n}", "a
                  "di": "DI²-FGSM-{n}", "ti": "TI-FGSM-{n}", "pi": "PI-FGSM-{n}", "pi++": "PI-FGSM++-{n}",
                  "mi-t": "MI-FGSM-{n} targeted, random class", "di-t": "DI²-FGSM-{n} targeted, random class",
                  "ti-t": "TI-FGSM-{n} targeted, random class", "ni-t": "NI-FGSM-{n} targeted, random class",
-                 "apgd-t": "APGD-T-{n} (9 target classes)", "aa-ce-t": "AA (APGD-CE + APGD-T, {n} it.)",
-                 "square": "Square ({n} queries)"}
+                 "apgd-t": "APGD-T-{n} (9 target classes)", "aa-ce-t": "AA (APGD-CE ×5 restarts + APGD-T, {n} it.)",
+                 "apgd-ce-x5": "APGD-CE-{n} (5 restarts)",
+                 "square": "Square ({n} queries)", "square-aa": "Square, AutoAttack's schedule ({n} queries)"}
 METRIC_LABELS = {"conf": "conf", "smax": "smax", "smean": "smean", "top5-iou": "top-5 IoU (%)", "phi": "φ (°)"}
 # --datasets groups: each paper's evaluation sets (docs/evaluation.md; the AdvFLYP paper's §4.1)
 DATASET_GROUPS = {"all": list(common.AGFT_DATASETS), "agft": list(common.AGFT_DATASETS),
@@ -99,7 +103,7 @@ STEP_SIZE_ATTACKS = {"pgd", "cw", "pgd-t-rand", "pgd-t-least", "mi", "ni", "di",
 # --attacks table6 (its AA is 10-iteration AutoAttack: use it with --protocol agft).
 ATTACK_GROUPS = {"table6": ["pgd", "mi", "di", "ti", "ni", "pi", "pi++", "cw", "aa", "pgd-t-rand", "pgd-t-least",
                             "mi-t", "di-t", "ti-t", "ni-t"],
-                 "autoattack": ["apgd-ce", "apgd-dlr", "apgd-t", "square", "aa", "aa-ce-t"]}
+                 "autoattack": ["apgd-ce", "apgd-dlr", "apgd-t", "square-aa", "aa", "aa-ce-t"]}
 # Each paper's evaluation as its code runs it (docs/evaluation.md): attacks (if --attacks is not given), every attack's
 # iterations (when --steps does not name it), the PGD/C&W step size and the images per dataset (unless --alpha or
 # --samples are given). Attacks a protocol does not name keep DEFAULT_ATTACK_STEPS.
@@ -112,9 +116,11 @@ PROTOCOLS = {
                          "APGD-DLR with 100 iterations",
                 "attacks": ["pgd", "cw", "aa"], "steps": {"pgd": 10, "cw": 10, "aa": 100}, "alpha": 1.0,
                 "samples": None},
-    "robustvlm": {"about": "RobustVLM (FARE) with CLIP_benchmark: AutoAttack of APGD-CE + APGD-T (9 targets), 100 "
-                           "iterations, 1000 images per dataset",
-                  "attacks": ["aa-ce-t"], "steps": {"aa-ce-t": 100, "apgd-ce": 100, "apgd-t": 100}, "alpha": 1.0,
+    "robustvlm": {"about": "RobustVLM (FARE) with CLIP_benchmark: AutoAttack of APGD-CE (5 restarts, on the images "
+                           "no earlier restart fooled) + APGD-T (9 targets, 1 restart), 100 iterations, 1000 images "
+                           "per dataset",
+                  "attacks": ["aa-ce-t"], "steps": {"aa-ce-t": 100, "apgd-ce": 100, "apgd-ce-x5": 100, "apgd-t": 100},
+                  "alpha": 1.0,
                   "samples": 1000},
 }
 
@@ -224,6 +230,11 @@ def parse_args(argv=None):
         raise common.UsageError(f"--template {args.template!r}: must contain {{}} where the class name goes")
     if os.path.isdir(args.out):
         raise common.UsageError(f"--out {args.out}: is a directory, expected a file name")
+    common.check_parent_dirs(args.out, "--out")
+    if os.path.splitext(args.out)[1].lower() == ".md":
+        raise common.UsageError(f"--out {args.out}: names the JSON results; the Markdown table goes beside them, "
+                                f"with .md for their extension (e.g. --out {os.path.splitext(args.out)[0]}.json "
+                                f"writes {args.out})")
     metrics = [] if args.metrics.strip().lower() in ("", "none") else [m.strip() for m in args.metrics.split(",")]
     metrics = [m for s in metrics for m in (STRUCTURE_METRICS if s.lower() == "all" else [s])]
     for m in metrics:
@@ -492,8 +503,17 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
     seconds, images = [0.0] * (1 + len(attacks)), [0] * (1 + len(attacks))  # for `timing`; clean, then each attack
     tick = (lambda: clock(dist.device)) if timing is not None else (lambda: 0.0)  # no syncs unless timing
     done = 0
-    for x, y, index in common.progress(common.eval_loader(dataset, batch_size, dist, workers, indices), dist, desc=desc,
-                                leave=False):
+    batches = iter(common.progress(common.eval_batches(common.eval_loader(dataset, batch_size, dist, workers, indices)),
+                                   dist, desc=desc, leave=False))
+    while True:
+        try:
+            x, y, index = next(batches)
+        except StopIteration:
+            break
+        except common.UsageError as e:  # an unreadable image: the caller stops every rank (first_error)
+            yield torch.zeros(0, dtype=torch.long), {"error": str(e)}
+            done += 1
+            break
         x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
         t = tick()
         with ctx, torch.no_grad():
@@ -671,6 +691,7 @@ class SampleStore:
 
     def __init__(self, path, settings):
         self.path, self.settings, self.sets = path, settings, {}
+        self.lock = None  # the lock on --out (common.hold_lock), held while this run lives
         self.saved_at = time.time()
 
     @staticmethod
@@ -736,9 +757,13 @@ class SampleStore:
 
 def open_store(args, settings):
     """Rank 0: the SampleStore this run writes, holding what an earlier run of the same evaluation left in
-    --per-sample, and the img_per_s of its finished datasets. A different evaluation in --out or --per-sample stops
-    with one line naming the differing settings; nothing is written here."""
+    --per-sample, and the img_per_s of its finished datasets, with the lock on --out (<out>.lock) held. A different
+    evaluation in --out or --per-sample, or one still running there, stops with one line; nothing else is written
+    here."""
     store, there, previous_speed = SampleStore(args.per_sample, settings), None, {}
+    # one evaluation at a time per --out: a second one stops here, before it reads the other's partial results
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    store.lock = common.hold_lock(args.out + ".lock", f"--out {args.out}")
     fresh = "; rerun with its settings to continue it, or use another --out (or delete {}) to start afresh"
     if os.path.exists(args.out):
         try:
@@ -792,15 +817,21 @@ def gather_rows(rows, dist):
     return torch.cat([p[:int(c)] for p, c in zip(parts, counts)]).numpy()
 
 
+def first_error(error, dist):
+    """The message of the first rank's error (a UsageError, or None on a rank that has none), on every rank: a
+    collective, so that no rank waits for one that gave up."""
+    if dist.world == 1:
+        return None if error is None else str(error)
+    errors = [None] * dist.world
+    torch_dist.all_gather_object(errors, None if error is None else str(error), group=dist.cpu_group)
+    return next((e for e in errors if e is not None), None)
+
+
 def raise_on_every_rank(error, dist):
-    """Raise rank 0's UsageError (or None) on every rank, so that no rank waits for one that gave up."""
-    if dist.world > 1:
-        failed = torch.tensor([float(error is not None)])
-        torch_dist.all_reduce(failed, group=dist.cpu_group)
-        if failed.item():
-            raise error or common.UsageError("rank 0 stopped (see its message)")
-    if error is not None:
-        raise error
+    """Raise any rank's UsageError (or nothing) on every rank."""
+    message = first_error(error, dist)
+    if message is not None:
+        raise common.UsageError(message)
 
 
 def dataset_indices(dataset):
@@ -909,6 +940,8 @@ def write_report(args, report, table):
 # --------------------------------------------------------------------------------------------------- compare
 def read_evaluation(path):
     """A finished results JSON and its per-image results, checked to belong together."""
+    if not os.path.isfile(path):
+        raise common.UsageError(f"--compare {path}: no such file")
     try:
         with open(path) as f:
             report = json.load(f)
@@ -1066,9 +1099,15 @@ def evaluate(args, preemption):
                     encoder, text, dataset, dist, tuple(args.attacks), eps, alpha, steps, args.batch_size, ctx,
                     args.seed, args.workers, desc=name, timing=timing, attack_all=args.attack_all,
                     metrics=tuple(args.metrics), reference=ref_logits, indices=todo):
+                error = out.pop("error", None)
                 rows = gather_rows(pack_rows(index, out, fields), dist)
                 if dist.is_main:
                     store.record(name, rows)
+                error = first_error(error, dist)  # an unreadable image on any rank: save what is done, stop
+                if error is not None:
+                    if dist.is_main:
+                        store.save()
+                    raise common.UsageError(f"{name}: {error}")
                 if preemption.requested(dist):  # every rank stops after the same batch
                     message = f"preempted ({preemption.received or 'signal on another rank'})"
                     if dist.is_main:

@@ -90,8 +90,8 @@ def main(argv=None):
     encoder, orig_encoder = (common.compile_encoder(e, args.compile) for e in (encoder, orig_encoder))  # --compile
     train_encoder = DDP(encoder) if dist.world > 1 else encoder
     loader = common.make_loader(dataset, sampler, args.workers, device)
-    run.print(f"FARE: {len(dataset)} images ({source}), {total_steps} steps of global batch {args.batch_size} on "
-              f"{dist.world} process(es), {device}, amp {amp}")
+    run.print(f"FARE: {len(dataset)} images ({source}), {common.count(total_steps, 'step')} of global batch "
+              f"{args.batch_size} on {dist.world} process(es), {device}, amp {amp}")
 
     # ------------------------------------------------------------------------------------------------- training
     run.start_timer(step)

@@ -161,8 +161,9 @@ def main(argv=None):
     encoder, orig_encoder = (common.compile_encoder(e, args.compile) for e in (encoder, orig_encoder))  # --compile
     train_encoder = DDP(encoder) if dist.world > 1 else encoder
     loader = common.make_loader(dataset, sampler, args.workers, device)
-    run.print(f"{args.method.upper()}: {len(dataset)} images, {len(text)} classes, {total_steps} steps of global batch "
-              f"{args.batch_size} on {dist.world} process(es), {device}, amp {amp}")
+    run.print(f"{common.METHOD_NAMES[args.method]}: {len(dataset)} images, {len(text)} classes, "
+              f"{common.count(total_steps, 'step')} of global batch {args.batch_size} on {dist.world} process(es), "
+              f"{device}, amp {amp}")
 
     # ------------------------------------------------------------------------------------------------- training
     run.start_timer(step)

@@ -3,7 +3,6 @@ trained model, APGD's checkpoints and best point, the DLR and margin losses agai
 worst case, the 2-class case, independence from batching; then Table 6's attacks, APGD-T and Square against
 torchattacks 3.5.1, exactly where the algorithms coincide and statistically where only the random draws differ."""
 import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -88,7 +87,7 @@ def test_eps_zero_leaves_accuracy_at_clean(tiny, name):
 # DI-T: half of its gradients are taken through a random resize towards a random class; 3 of 32 images survived on
 # one pretraining of the demo CLIP.
 LARGE_EPS = {"ti": (20, 0.15), "ti-t": (20, 0.2), "ni-t": (20, 0.3), "di-t": (20, 0.15),
-             "square": (1000, 0.07)}  # (steps, accuracy ≤)
+             "square": (1000, 0.07), "square-aa": (1000, 0.07)}  # (steps, accuracy ≤)
 
 
 @pytest.mark.parametrize("name", ATTACK_NAMES)
@@ -154,28 +153,35 @@ def test_margin_and_dlr_losses_match_loops():
 
 
 # ------------------------------------------------------------------------------------------------------ APGD
-def paper_checkpoints(n_iter):
-    """w_j = ⌈p_j N⌉ with p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), exact rationals."""
-    p = [Fraction(0), Fraction(22, 100)]
-    while p[-1] + max(p[-1] - p[-2] - Fraction(3, 100), Fraction(6, 100)) <= 1:
-        p.append(p[-1] + max(p[-1] - p[-2] - Fraction(3, 100), Fraction(6, 100)))
-    return sorted({math.ceil(pj * n_iter) for pj in p})
+def reference_checkpoints(n_iter):
+    """The reference code's loop (AutoAttack's and torchattacks' APGD): a check whenever `counter3 == k`, after which k
+    shrinks by size_decr down to n_iter_min; the iterations (counted from 1) after which it checks."""
+    k, size_decr, n_iter_min = max(int(0.22 * n_iter), 1), max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+    points, counter3 = [0], 0
+    for i in range(n_iter):
+        counter3 += 1
+        if counter3 == k:
+            points.append(i + 1)
+            counter3, k = 0, max(k - size_decr, n_iter_min)
+    return points
 
 
-def test_apgd_checkpoints_follow_the_paper():
-    assert attacks.apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]  # Croce & Hein 2020, §3.2
+def test_apgd_checkpoints_follow_the_reference_code():
+    assert attacks.apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]  # = the paper's ⌈p_j N⌉ at N = 100
+    assert attacks.apgd_checkpoints(10) == [0, 2, 3, 4, 5, 6, 7, 8, 9, 10]  # the AGFT code's AA-10 (paper: 3, 5, 6..)
+    assert attacks.apgd_checkpoints(20) == [0, 4, 7, 9, *range(10, 21)]  # (paper: 5, 9, 12, 14, 16, 18, 20)
     for n in range(1, 301):
-        assert attacks.apgd_checkpoints(n) == paper_checkpoints(n), n
+        assert attacks.apgd_checkpoints(n) == reference_checkpoints(n), n
 
 
 def test_apgd_conditions():
     t, f = torch.tensor([True]), torch.tensor([False])
     cond = lambda n_up, window, f_max, f_ckpt, reduced: attacks.apgd_conditions(  # noqa: E731
         torch.tensor([float(n_up)]), window, torch.tensor([f_max]), torch.tensor([f_ckpt]), reduced).item()
-    # Condition 1: fewer than ρ = 0.75 of the steps raised the loss (strictly fewer: 12 of 16 is not)
-    assert cond(11, 16, 2.0, 1.0, f) and not cond(12, 16, 2.0, 1.0, f) and not cond(16, 16, 2.0, 1.0, f)
+    # Condition 1: at most ρ = 0.75 of the steps raised the loss (the reference's `t <= k * k3`: 12 of 16 is)
+    assert cond(12, 16, 2.0, 1.0, f) and not cond(13, 16, 2.0, 1.0, f) and not cond(16, 16, 2.0, 1.0, f)
     # Condition 2: no progress since the last checkpoint and η was not halved there
-    assert cond(16, 16, 1.0, 1.0, f) and not cond(16, 16, 1.0, 1.0, t)
+    assert cond(16, 16, 1.0, 1.0, f) and not cond(16, 16, 1.0, 1.0, t) and not cond(16, 16, 2.0, 1.0, f)
     assert cond(0, 16, 1.0, 1.0, t)  # Condition 1 alone suffices
 
 
@@ -210,58 +216,32 @@ def test_apgd_returns_the_best_point():
     assert fooled.any() and not fooled[:, :].all()  # the check above covers both kinds of samples
 
 
-def reference_apgd(loss_fn, pred_fn, x, y, start, eps, n_iter, rho=0.75, alpha=0.75):
-    """Algorithm 1 of Croce & Hein (2020) for one sample, with Python lists and scalars: the history of iterates
-    X and losses L, checkpoint tests over the window [w_{j−1}, w_j], a restart overwriting X[w_j] with x_max."""
-    P = lambda z: (x + (z - x).clamp(-eps, eps)).clamp(0, 1)  # noqa: E731
-
-    def grad(z):
-        z = z.clone().requires_grad_(True)
-        g, = torch.autograd.grad(loss_fn(z, y), z)
-        return g
-
-    W = [w for w in paper_checkpoints(n_iter)[1:] if w < n_iter]
-    X, L = [P(x + start)], []
-    L.append(loss_fn(X[0], y).item())
-    seen = [(X[0], L[0])]  # every evaluated point, for the output
-    x_max, f_max, step = X[0], L[0], 2 * eps
-    w_prev, reduced_prev, f_max_prev = 0, False, f_max
-    for k in range(n_iter):
-        z = P(X[k] + step * grad(X[k]).sign())
-        X.append(z if k == 0 else P(X[k] + alpha * (z - X[k]) + (1 - alpha) * (X[k] - X[k - 1])))
-        L.append(loss_fn(X[-1], y).item())
-        seen.append((X[-1], L[-1]))
-        if L[-1] > f_max:
-            x_max, f_max = X[-1], L[-1]
-        if k + 1 in W:
-            w = k + 1
-            rises = sum(L[i + 1] > L[i] for i in range(w_prev, w))
-            reduce = rises < rho * (w - w_prev) or (not reduced_prev and f_max == f_max_prev)
-            if reduce:
-                step /= 2
-                X[w], L[w] = x_max, f_max
-            w_prev, reduced_prev, f_max_prev = w, reduce, f_max
-    fooling = [(z, f) for z, f in seen if pred_fn(z) != y]
-    candidates = fooling or seen
-    return max(candidates, key=lambda zf: zf[1])[0]  # max keeps the first of equal losses, as strict > does
-
-
-@pytest.mark.parametrize("n_iter", [30, 100])  # 30: checkpoints 7, 13, 18, 21, ...; 100: a window where ρ·16 = 12
-def test_apgd_matches_a_per_sample_reference(n_iter):
-    """The batched APGD (per-sample tensors) against Algorithm 1 run one sample at a time."""
+@pytest.mark.parametrize("n_iter", [10, 20, 100])
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_apgd_is_torchattacks_apgd_given_the_same_start(loss, n_iter):
+    """Our APGD against torchattacks 3.5.1's (the code the AGFT evaluation runs), started at the same point: the same
+    best point x_best, bit for bit (the same batch and the same ops; its random start ε·t/max|t| handed over). The
+    checkpoints at N = 10 and 20, where they differ from the paper's, and both conditions are exercised (random linear
+    classifier, ε = 8/255: many steps without a rise, restarts)."""
     torch.manual_seed(1)
-    W = torch.randn(10, 3 * 8 * 8) * 0.3
-    logits_fn = lambda x: x.flatten(1) @ W.t()  # noqa: E731
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)).eval()
     g = torch.Generator().manual_seed(1)
-    x, y = torch.rand(8, 3, 8, 8, generator=g), torch.randint(10, (8,), generator=g)
-    eps = 3 / 255
-    delta = common.per_sample_start(torch.arange(8), x.shape[1:], eps, 0, CPU)
-    for loss in (attacks.cross_entropy_per_sample, attacks.dlr_loss):
-        batched = attacks.apgd(logits_fn, loss, x, y, eps, n_iter, delta)
-        for i in range(8):
-            one = reference_apgd(lambda z, t: loss(logits_fn(z[None]), t[None])[0],
-                                 lambda z: logits_fn(z[None]).argmax(), x[i], y[i], delta[i], eps, n_iter)
-            assert torch.allclose(batched[i], one, atol=1e-6), (loss.__name__, i)
+    x, y, eps = torch.rand(16, 3, 8, 8, generator=g), torch.randint(10, (16,), generator=g), 8 / 255
+    t = 2 * torch.rand(x.shape, generator=g) - 1
+    delta = eps * torch.ones([x.shape[0], 1, 1, 1]) * t / t.reshape([t.shape[0], -1]).abs().max(dim=1, keepdim=True)[
+        0].reshape([-1, 1, 1, 1])  # torchattacks' start, written as it computes it
+    reference = torchattacks.APGD(model, norm="Linf", eps=eps, steps=n_iter, n_restarts=1, loss=loss)
+    rand = torch.rand
+    torch.rand = lambda *a, **k: (t + 1) / 2  # its one draw: t = 2 · rand − 1
+    try:
+        x_best, _, _, _ = reference.attack_single_run(x, y)
+    finally:
+        torch.rand = rand
+    loss_of_logits = (lambda z, c: torch.nn.functional.cross_entropy(z, c, reduction="none")) if loss == "ce" \
+        else attacks.dlr_loss  # torchattacks' CE; its DLR is ours
+    ours = attacks.apgd(model.requires_grad_(False), loss_of_logits, x, y, eps, n_iter, delta, best_loss=True)
+    assert torch.equal(ours, x_best)
+    assert (ours != (x + delta).clamp(0, 1)).any()
 
 
 def test_apgd_ce_makes_progress_on_confident_samples(demo):
@@ -281,7 +261,7 @@ def test_apgd_ce_makes_progress_on_confident_samples(demo):
 
 
 # ------------------------------------------------------------------------------------------------ AutoAttack
-@pytest.mark.parametrize("combined,first,second", [("aa", "apgd-ce", "apgd-dlr"), ("aa-ce-t", "apgd-ce", "apgd-t")])
+@pytest.mark.parametrize("combined,first,second", [("aa", "apgd-ce", "apgd-dlr"), ("aa-ce-t", "apgd-ce-x5", "apgd-t")])
 def test_combined_attack_is_the_per_sample_worst_case(demo, combined, first, second):
     """AutoAttack's combination (the AGFT paper's aa, RobustVLM's aa-ce-t): the second attack runs on the images the
     first left correctly classified, so an image is robust iff both attacks fail on it. Compared bit for bit with
@@ -306,6 +286,32 @@ def test_combined_attack_is_the_per_sample_worst_case(demo, combined, first, sec
     keep = y < 2
     assert torch.equal(attacks.ATTACKS[combined](two, x[keep], y[keep], index[keep], *args),
                        attacks.ATTACKS[first](two, x[keep], y[keep], index[keep], *args))
+
+
+def test_apgd_ce_x5_restarts_on_the_survivors_from_fresh_starts(demo):
+    """RobustVLM's APGD-CE (auto-attack's custom version keeps 5 restarts): restart r starts from the r-th per-image
+    random start and attacks only the images no earlier restart fooled; the first restart is apgd-ce itself. Compared
+    bit for bit with the restarts run by hand on the same batches."""
+    logits_fn, x, y, index, clean = demo
+    eps, steps = 3 / 255, 3
+
+    def correct(x_adv):
+        with torch.no_grad():
+            return logits_fn(x_adv).argmax(-1) == y
+    x_adv, alive, robust = x.clone(), torch.arange(len(x)), []
+    for r in range(5):
+        delta = common.per_sample_start(index[alive], x.shape[1:], eps, 0, CPU, restart=r)
+        x_adv[alive] = attacks.apgd(logits_fn, attacks.cross_entropy_per_sample, x[alive], y[alive], eps, steps,
+                                    delta)
+        robust.append(int(correct(x_adv).sum()))
+        with torch.no_grad():
+            alive = alive[logits_fn(x_adv[alive]).argmax(-1) == y[alive]]  # the survivors, in the same batch
+        if r == 0:
+            assert torch.equal(x_adv, attacks.ATTACKS["apgd-ce"](logits_fn, x, y, index, eps, 1 / 255, steps, 0))
+    assert torch.equal(attacks.ATTACKS["apgd-ce-x5"](logits_fn, x, y, index, eps, 1 / 255, steps, 0), x_adv)
+    assert robust == sorted(robust, reverse=True)  # a restart can only fool more (here, at 3 steps, none did)
+    assert not torch.equal(common.per_sample_start(index, x.shape[1:], eps, 0, CPU, restart=1),
+                           common.per_sample_start(index, x.shape[1:], eps, 0, CPU))
 
 
 def test_two_classes_dlr_not_applicable_and_aa_is_apgd_ce():
@@ -333,6 +339,21 @@ def test_zero_shot_eval_robust_never_above_clean(tiny):
                               2, batch_size=4)
     assert r["n"] == 11
     assert all(r[name] <= r["clean"] for name in ATTACK_NAMES)
+
+
+def test_each_kind_of_random_draw_has_numbers_of_its_own():
+    """torch's generators keep only the low 32 bits of a seed, so streams told apart above bit 32 would share their
+    numbers (they did: Square's squares repeated its stripes' draws, targets and DI's transforms the random start's).
+    Every stream, and every restart's start, draws numbers of its own for every image; stream 0 (PGD's start) keeps
+    the seed it always had."""
+    streams = {**common.STREAMS, "restart 2": common.STREAMS["restart"] + 1}
+    draws = {name: torch.stack([torch.rand(8, generator=common.sample_generator(3, i, s)) for i in range(300)])
+             for name, s in streams.items()}  # (images, 8) per stream
+    names = list(draws)
+    for k, a in enumerate(names):
+        for b in names[k + 1:]:
+            assert (draws[a] != draws[b]).all(), (a, b)
+    assert torch.equal(draws["start"][7], torch.rand(8, generator=torch.Generator().manual_seed(3 * 1_000_003 + 7)))
 
 
 def test_random_targets_are_wrong_classes_and_fixed_per_index():
@@ -505,6 +526,24 @@ def test_apgd_t_aims_at_the_2nd_to_10th_most_likely_classes(demo256, monkeypatch
     assert targets == [tuple(ranked[:, k].tolist()) for k in range(1, 10)]
 
 
+def test_a_target_is_never_the_label(demo256, monkeypatch):
+    """Images misclassified clean are attacked too with --attack-all and --metrics: with each image's label set to its
+    2nd most likely class, APGD-T's first target is the most likely class (never the label), and with the label set
+    to the least likely class, pgd-t-least aims at the next least likely one."""
+    logits_fn, _, x, _, index, _ = demo256
+    x, index = x[:8], index[:8]
+    with torch.no_grad():
+        order = logits_fn(x).argsort(dim=1, descending=True)  # (B, C)
+    seen, loss, pgd_targeted = [], attacks.dlr_targeted_loss, attacks.pgd_targeted
+    monkeypatch.setattr(attacks, "dlr_targeted_loss", lambda z, y_, t: seen.append(t.clone()) or loss(z, y_, t))
+    attacks.ATTACKS["apgd-t"](logits_fn, x, order[:, 1], index, 0.0, ALPHA, 2, seed=0)
+    assert torch.equal(seen[0], order[:, 0]) and all((t != order[:, 1]).all() for t in seen)
+    aimed = []
+    monkeypatch.setattr(attacks, "pgd_targeted", lambda f, z, t, *a: aimed.append(t) or pgd_targeted(f, z, t, *a))
+    attacks.ATTACKS["pgd-t-least"](logits_fn, x, order[:, -1], index, 0.0, ALPHA, 2, seed=0)
+    assert torch.equal(aimed[0], order[:, -2])
+
+
 def test_apgd_t_is_not_applicable_below_4_classes():
     model = tiny_clip(2)
     model.requires_grad_(False)
@@ -518,12 +557,15 @@ def test_apgd_t_is_not_applicable_below_4_classes():
 
 
 def test_square_schedule_matches_the_reference():
-    """p_i, against torchattacks' Square.p_selection (the reference code's schedule), for the default 5000 queries
-    and a short run; and the side of the square on a 224 × 224 image."""
+    """p_i, against torchattacks' Square.p_selection (the reference code's schedule), stretched to the budget and not
+    (as AutoAttack builds it), for the default 5000 queries and a short run; and the side of the square on a
+    224 × 224 image."""
     for n_iter in (5000, 300):
-        sq = torchattacks.Square(torch.nn.Linear(1, 1), n_queries=n_iter)
-        for i in range(n_iter):
-            assert attacks.square_p(i, n_iter) == sq.p_selection(i), (n_iter, i)
+        for rescale in (True, False):  # square (torchattacks' default), square-aa (AutoAttack: resc_schedule=False)
+            sq = torchattacks.Square(torch.nn.Linear(1, 1), n_queries=n_iter, resc_schedule=rescale)
+            for i in range(n_iter):
+                assert attacks.square_p(i, n_iter, rescale=rescale) == sq.p_selection(i), (n_iter, rescale, i)
+    assert attacks.square_p(2001, 5000) == 0.8 / 128 and attacks.square_p(2001, 5000, rescale=False) == 0.8 / 64
     assert attacks.square_p(0, 10000) == 0.8 and attacks.square_p(11, 10000) == 0.4 and attacks.square_p(9999, 10000) \
         == 0.8 / 512
     assert round(math.sqrt(0.8 * 224 * 224)) == 200  # the first squares cover most of the image
@@ -608,8 +650,8 @@ def test_square_same_images_as_torchattacks_given_our_draws(demo256):
     ours = torch.cat([attacks.attack_square(logits_fn, x[i:i + 1], y[i:i + 1], index[i:i + 1], eps, ALPHA, steps,
                                            seed=0) for i in range(len(x))])
     for i in range(len(x)):
-        stripes = attacks.per_sample_uniform(index[i:i + 1], (3, 1, 32), 0, 3, CPU)[0]  # attacks.attack_square's
-        u = attacks.per_sample_uniform(index[i:i + 1], (steps, 5), 0, 4, CPU)[0]  # draws for this image
+        stripes = attacks.per_sample_uniform(index[i:i + 1], (3, 1, 32), 0, "square stripes", CPU)[0]  # its draws
+        u = attacks.per_sample_uniform(index[i:i + 1], (steps, 5), 0, "square", CPU)[0]  # for this image
         draws = {"position": [], "it": iter(range(steps))}
         sq = torchattacks.Square(model, eps=eps, n_queries=steps)
 
@@ -672,14 +714,14 @@ def test_random_attacks_agree_with_torchattacks(demo256, name):
     a, b, diff, se = agreement(ours, theirs, torch.arange(len(x)) // batch_size)
     print(f"{name}: ours {a:.2f}, torchattacks {b:.2f}, difference {diff:+.2f} ± {se:.2f} (SE)")
     assert 10 < a < 90 and 10 < b < 90  # neither attack trivial nor hopeless here
-    assert abs(diff) <= 3 * se and se < 4
+    assert abs(diff) <= 3 * se and se < 5  # and the comparison could see a difference of 15 points
 
 
 @pytest.mark.slow
 def test_apgd_t_agrees_with_torchattacks(demo256):
     """APGD-T with 3 target classes and 10 iterations on 64 images against torchattacks' APGDT (n_classes = 4, so
-    3 targets). It differs in details we choose otherwise (docs/attacks.md): uniform random start instead of one on the
-    ε-sphere, the paper's checkpoints ⌈p_j·N⌉ and strict Condition 1; each image's start is its own in both."""
+    3 targets). It differs in details we choose otherwise (docs/attacks.md): a uniform random start instead of one on
+    the ε-sphere, the same start for every target; each image's start is its own in both."""
     logits_fn, model, x, y, index, clean = demo256
     x, y, index, clean = x[::4], y[::4], index[::4], clean[::4]
     steps = 10

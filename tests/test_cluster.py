@@ -22,8 +22,9 @@ from PIL import Image
 
 import agft
 import common
+import evaluate
 import tecoa
-from conftest import ROOT, SCRIPT_THREADS, load_weights, run_and_kill, run_script, tiny_clip
+from conftest import ROOT, SCRIPT_THREADS, load_weights, run_and_kill, run_main_in_process, run_script, tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -388,7 +389,7 @@ def test_gif_caption_pairs_and_folders_are_read(tmp_path):
     shard.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(shard / "000000000.gif")
     (shard / "000000000.txt").write_text("a gif")
-    assert common.find_caption_files(str(tmp_path)) == [str(shard / "000000000.gif")]
+    assert common.find_caption_files(str(tmp_path)) == ([str(shard / "000000000.gif")], 0)
     assert len(common.image_folder(str(tmp_path), common.native_transform())[0]) == 1
 
 
@@ -431,3 +432,107 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_weights(refer
     assert r.returncode == 0, r.stderr
     assert f"from step {step_at_kill}/24" in r.stdout
     assert_close_weights(reference, load_weights(os.path.join(out, "last.pt")), exact=True)
+
+
+# ------------------------------------------------------------------------------------- one run per output at a time
+@pytest.mark.slow
+def test_a_second_run_into_the_same_out_is_refused_and_a_killed_one_blocks_nothing(tiny_ckpt, tmp_path, capsys):
+    """Training and evaluation each hold a lock in their output (a POSIX lock on <run>/.lock, <out>.lock) while they
+    run: a second run into the same --out stops with one line naming the first and writes nothing; once the first is
+    killed (SIGKILL: no clean-up), the kernel has dropped its lock and the rerun goes on (training: it resumes)."""
+    out = tmp_path / "run"
+    train = ["--model", tiny_ckpt, *TINY, "--synthetic-size", "4000", "--save-every", "1", "--out", str(out)]
+    first = subprocess.Popen([sys.executable, "agft.py", *train], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not logged_steps(str(out)) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended early"
+        writes = []  # every write of a run goes through atomic_write or Run.log
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(common, "atomic_write", lambda *a, **k: writes.append(a[0]))
+            m.setattr(common.Run, "log", lambda self, record: writes.append(record))
+            code, _, err = run_main_in_process(agft.main, train, capsys)
+        assert code == 2 and f"error: --out {out}: process {first.pid} on " in err and err.count("\n") == 1, err
+        assert "is writing there now" in err and writes == []
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    code, stdout, err = run_main_in_process(agft.main, train[:-2] + ["--max-steps", "3", "--out", str(out)], capsys)
+    assert "is writing there now" not in err  # the killed run's lock is gone (here: --max-steps differs: refused)
+    assert code == 2 and "--max-steps (not set) there, 3 now" in err, err
+
+    result = tmp_path / "eval" / "r.json"
+    evaluation = ["evaluate.py", "--model", tiny_ckpt, "--datasets", "synthetic", "--attacks", "pgd", "--steps", "50",
+                  "--batch-size", "8", "--workers", "0", "--out", str(result)]
+    first = subprocess.Popen([sys.executable, *evaluation], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    lock = str(result) + ".lock"
+    try:
+        deadline = time.time() + 120
+        while not (os.path.exists(lock) and open(lock).read()) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first evaluation ended early"
+        code, _, err = run_main_in_process(evaluate.main, evaluation[1:], capsys)
+        assert code == 2 and f"error: --out {result}: process {first.pid} on " in err and err.count("\n") == 1, err
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert common.hold_lock(lock, "the test") is not None  # free again
+
+
+def test_without_file_locks_a_run_says_so_once_and_goes_on(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    code, stdout, err = run_main_in_process(agft.main, ["--model", tiny_ckpt, *TINY, "--max-steps", "1", "--out",
+                                                        str(tmp_path / "run")], capsys)
+    assert code == 0 and err.count("this filesystem has no file locks") == 1, err
+
+
+def test_a_partial_last_line_in_log_jsonl_is_dropped_and_the_run_resumes(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """A crash mid-write (disk full, a node lost) leaves a line cut short at the end of log.jsonl: the rerun keeps
+    the valid records and resumes."""
+    out = tmp_path / "run"
+    args = ["--model", tiny_ckpt, *TINY, "--max-steps", "4", "--save-every", "2", "--out", str(out)]
+    requested, calls = common.Preemption.requested, []
+
+    def notice_at_step_2(self, dist):
+        calls.append(1)
+        self.received = "SIGTERM" if len(calls) == 2 else self.received
+        return requested(self, dist)
+    monkeypatch.setattr(common.Preemption, "requested", notice_at_step_2)
+    assert run_main_in_process(agft.main, args, capsys)[0] == common.PREEMPTED
+    monkeypatch.undo()
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.12')  # cut short
+    code, stdout, err = run_main_in_process(agft.main, args, capsys)
+    assert code == 0 and "resuming" in stdout, err
+    assert [rec["step"] for rec in log_records(str(out))] == [1, 2, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,sig,status", [("agft.py", signal.SIGTERM, common.PREEMPTED),
+                                               ("evaluate.py", signal.SIGTERM, common.PREEMPTED),
+                                               ("agft.py", signal.SIGINT, 130)])
+def test_a_signal_stops_the_demo_clips_pretraining_and_caches_nothing(script, sig, status, tmp_path):
+    """The demo CLIP's first pretraining (a minute or two) stops at once on SIGTERM (exit 75, rerun to start it
+    again) or SIGINT (130), in training and in evaluate.py (whose preemption flag is read only between batches), and
+    leaves no partial cache; it shows its progress every 100 steps."""
+    cache = tmp_path / "cache"
+    argv = ["--demo"] if script == "agft.py" else ["--model", "demo", "--datasets", "demo"]
+    proc = subprocess.Popen([sys.executable, script, *argv, "--out", str(tmp_path / "out")], cwd=ROOT,
+                            env=env(CLIP_AFT_CACHE=str(cache)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert "pretraining the demo CLIP" in proc.stdout.readline()
+    time.sleep(1)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == status, stderr[-2000:]
+    if sig == signal.SIGTERM:
+        assert "preempted (SIGTERM) while pretraining the demo CLIP" in stdout and "Traceback" not in stderr
+    assert not cache.exists() or list(cache.iterdir()) == []

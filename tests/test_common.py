@@ -17,7 +17,7 @@ from PIL import Image
 
 import agft
 import common
-from conftest import run_script, tiny_clip, write_images
+from conftest import run_main_in_process, run_script, tiny_clip, write_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,9 +178,9 @@ class Payload:
 def test_pickled_code_is_refused_and_not_run(tmp_path, source, encoder):
     marker = str(tmp_path / "ran")
     torch.save({**tecoa_file(source), "args": Payload(marker)}, tmp_path / "evil.pth.tar")
-    with pytest.raises(common.UsageError, match="unreadable checkpoint") as e:
+    with pytest.raises(common.UsageError, match="unreadable checkpoint: it holds Python objects besides") as e:
         common.load_vision_weights(encoder, str(tmp_path / "evil.pth.tar"))
-    assert not os.path.exists(marker) and "\n" not in str(e.value)
+    assert not os.path.exists(marker) and "\n" not in str(e.value) and "weights_only" not in str(e.value)
 
 
 def one_line_error(encoder, obj, tmp_path, name="w.pt"):
@@ -225,8 +225,14 @@ def test_file_errors(tmp_path, tiny_ckpt, encoder):
     with pytest.raises(common.UsageError, match="safetensors files are not read"):
         common.load_vision_weights(encoder, str(tmp_path / "open_clip_model.safetensors"))
     (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(common.UsageError, match="unreadable checkpoint"):
+    with pytest.raises(common.UsageError, match="unreadable checkpoint: not a PyTorch checkpoint, state dict or "
+                                                "TorchScript archive$"):
         common.load_vision_weights(encoder, str(tmp_path / "corrupt.pt"))
+    torch.save(encoder.state_dict(), tmp_path / "whole.pt")  # cut short, as by an interrupted copy
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:2000])
+    with pytest.raises(common.UsageError, match=r"unreadable checkpoint: a PyTorch archive that is truncated or "
+                                                r"corrupt \(an interrupted download or copy\?\)$"):
+        common.load_vision_weights(encoder, str(tmp_path / "cut.pt"))
 
 
 @pytest.mark.parametrize("config", [{"model_cfg": {"embed_dim": 64}}, {"model_cfg": {"quick_gelu": False}}])
@@ -310,7 +316,8 @@ def open_clip():
 def test_open_clip_reads_model_state_dict(tmp_path, open_clip, source):
     """open_clip.create_model_and_transforms(NAME, pretrained=model_state_dict.pt) builds the same model: same
     weights, same image and text features (the tiny architecture registered as an open_clip config)."""
-    run = common.Run(Namespace(out=str(tmp_path / "run"), method="test"), common.Dist(0, 1, 0, torch.device("cpu")),
+    run = common.Run(Namespace(out=str(tmp_path / "run"), method="test", eps=1.0, attack_steps=2),
+                     common.Dist(0, 1, 0, torch.device("cpu")),
                      dataset_size=0)
     run.write_model(source)
     embed, res, layers, width, patch, ctx, vocab, t_width, t_heads, t_layers = common.ARCHITECTURES["tiny"]
@@ -645,8 +652,10 @@ def test_img2dataset_folder(tmp_path):
         (tmp_path / f"{key}.txt").write_text(caption + "\n")
     (tmp_path / "00000" / "000000001.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
     (tmp_path / "00000_stats.json").write_text("{}")  # img2dataset's other outputs are ignored
-    ds = common.caption_dataset(str(tmp_path), 32)
-    assert len(ds) == 3  # 00001/000010001.jpg has no caption file
+    said = []
+    ds = common.caption_dataset(str(tmp_path), 32, log=said.append)
+    assert len(ds) == 3  # 00001/000010001.jpg has no caption file: counted, said
+    assert said == [f"--data {tmp_path}: 1 image without a caption file beside it left out, 3 with one"]
     assert [ds[i][1:] for i in range(3)] == [("first", 0), ("third", 1), ("third", 0)]
     (tmp_path / "empty").mkdir()
     with pytest.raises(common.UsageError, match="no image with a caption file"):
@@ -661,3 +670,80 @@ def test_synthetic_and_demo_captions():
     image, caption, broken = demo[5]
     colour, shape = common.DEMO_PROXY[5]
     assert colour in caption and shape in caption and broken == 0
+
+
+def test_a_single_class_is_refused_for_training_and_evaluation(tmp_path, tiny_ckpt, capsys):
+    """With one class every image is classified 'correctly' and the loss is 0: refused in one line, nothing written."""
+    write_images(tmp_path / "one", ["cat/0.png", "cat/1.png"])
+    with pytest.raises(common.UsageError, match="has 1 class .cat.; zero-shot classification needs at least two"):
+        common.training_dataset(str(tmp_path / "one"), 32)
+    with pytest.raises(common.UsageError, match="one: has 1 class"):
+        common.eval_dataset(f"folder:{tmp_path / 'one'}", ".", 32)
+    out = tmp_path / "run"
+    code, _, err = run_main_in_process(agft.main, ["--model", tiny_ckpt, "--data", str(tmp_path / "one"), "--workers",
+                                                   "0", "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "needs at least two" in err and not out.exists()
+
+
+def test_eps_0_or_no_attack_steps_is_clean_fine_tuning_and_says_so(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """--eps 0 or --attack-steps 0: x_adv is x, no attack pass is made, the run says so; both give the same model."""
+    calls, grad = [], common.input_grad
+    monkeypatch.setattr(common, "input_grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+    base = ["--model", tiny_ckpt, "--data", "synthetic", "--synthetic-size", "8", "--batch-size", "4", "--lr", "0.05",
+            "--warmup", "1", "--workers", "0"]
+    weights = []
+    for name, extra in (("eps", ["--eps", "0"]), ("steps", ["--eps", "4", "--attack-steps", "0"])):
+        out = tmp_path / name
+        code, stdout, err = run_main_in_process(agft.main, [*base, *extra, "--out", str(out)], capsys)
+        assert code == 0 and "clean fine-tuning, no adversarial images" in stdout, err
+        weights.append(torch.load(out / "last.pt", weights_only=True)["model"])
+    assert calls == [] and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    code, _, err = run_main_in_process(agft.main, [*base, "--synthetic-size", "0", "--out", str(tmp_path / "z")],
+                                       capsys)
+    assert code == 2 and "--synthetic-size 0: must be >= 1" in err
+
+
+def test_workers_never_exceed_the_cpus_and_model_pt_is_written_without_warnings(tiny_ckpt, tmp_path, capsys):
+    import warnings
+    cpus = len(os.sched_getaffinity(0))
+    loader = common.make_loader(common.SyntheticImages(4, 2, 32), [[0, 1], [2, 3]], cpus + 7, torch.device("cpu"))
+    assert loader.num_workers == cpus
+    code, _, err = run_main_in_process(agft.main, ["--model", tiny_ckpt, "--data", "synthetic", "--workers", "-1",
+                                                   "--out", str(tmp_path / "w")], capsys)
+    assert code == 2 and "--workers -1: must be >= 0" in err and not (tmp_path / "w").exists()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        common.save_torchscript(tiny_clip(), str(tmp_path / "model.pt"))
+    assert [str(w.message) for w in seen if issubclass(w.category, FutureWarning)] == []
+
+
+def test_a_run_shorter_than_its_warm_up_says_so(tiny_ckpt, tmp_path, capsys):
+    code, stdout, _ = run_main_in_process(agft.main, ["--model", tiny_ckpt, "--data", "synthetic", "--synthetic-size",
+                                                      "8", "--batch-size", "4", "--max-steps", "2", "--workers", "0",
+                                                      "--out", str(tmp_path / "run")], capsys)
+    assert code == 0 and "--warmup 1000 is not below the run's 2 steps: the learning rate rises" in stdout
+
+
+def test_out_below_a_file_is_a_one_line_error(tiny_ckpt, tmp_path, capsys):
+    import evaluate
+    (tmp_path / "afile").write_text("x")
+    for main, argv in ((agft.main, ["--model", tiny_ckpt, "--data", "synthetic"]),
+                       (evaluate.main, ["--model", tiny_ckpt, "--datasets", "demo"])):
+        out = tmp_path / "afile" / "below" / "r.json"
+        code, _, err = run_main_in_process(main, [*argv, "--workers", "0", "--out", str(out)], capsys)
+        assert code == 2 and err == f"error: --out {out}: {tmp_path / 'afile'} is a file, not a folder\n", err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_folder_without_one_readable_image_is_refused_before_anything_is_written(tiny_ckpt, tmp_path, capsys):
+    import tecoa
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "data" / c / f"{i}.jpg").write_bytes(b"not an image")
+    for main in (agft.main, tecoa.main):
+        out = tmp_path / "run"
+        code, _, err = run_main_in_process(main, ["--model", tiny_ckpt, "--data", str(tmp_path / "data"), "--workers",
+                                                  "0", "--out", str(out)], capsys)
+        assert code == 2 and err == f"error: --data {tmp_path / 'data'}: none of its 4 images can be read\n", err
+        assert not out.exists()

@@ -121,8 +121,10 @@ ATTACK_PASSES = {
     **dict.fromkeys(["mi", "ni", "di", "ti", "pi", "pi++"], lambda s: (s, 0)),
     **dict.fromkeys(["mi-t", "ni-t", "di-t", "ti-t"], lambda s: (s, 1)),  # + 1 image: the number of classes
     "apgd-t": lambda s: (9 * (s + 1), 1 + 9),  # 9 targets × APGD (S + 1); the clean ranking, survivors per target
-    "aa-ce-t": lambda s: (10 * (s + 1), 1 + 1 + 9),  # APGD-CE, its survivors, then APGD-T's passes
+    "apgd-ce-x5": lambda s: (5 * (s + 1), 4),  # 5 restarts of APGD (S + 1); the survivors after each but the last
+    "aa-ce-t": lambda s: (14 * (s + 1), 4 + 1 + 1 + 9),  # APGD-CE's 5 restarts, their survivors, then APGD-T's passes
     "square": lambda s: (0, s + 1),  # the stripes, then one candidate per iteration, gradient-free
+    "square-aa": lambda s: (0, s + 1),
 }
 
 

@@ -508,6 +508,7 @@ def test_download_fetches_then_reads(tmp_path, monkeypatch):
     with pytest.raises(common.UsageError) as e:
         common.eval_dataset("CIFAR100", str(tmp_path / "empty"), 32, download=True)
     assert "\n" not in str(e.value) and str(e.value).startswith("CIFAR100: could not download or read")
+    assert str(e.value).endswith("check the network, or put the files there yourself")  # not "pass --download" again
     assert "network is unreachable" in str(e.value)
 
 
@@ -541,6 +542,14 @@ def test_bad_input_is_one_line_error(argv, message, tmp_path, capsys):
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_out_with_the_tables_extension_is_refused(tmp_path, capsys):
+    """The Markdown table goes beside --out with .md for its extension: --out res.md would be written over by it."""
+    code, _, err = run_in_process(["--model", "random:tiny", "--datasets", "demo", "--out", str(tmp_path / "res.md")],
+                                  capsys)
+    assert code == 2 and err.count("\n") == 1 and f"--out {tmp_path / 'res.json'}" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -635,15 +644,15 @@ def demo64():
 
 
 def test_shared_parts_run_once_and_give_the_same_accuracies(demo64, monkeypatch):
-    """apgd-ce, apgd-dlr, apgd-t, aa and aa-ce-t together: APGD runs for apgd-ce once, for apgd-dlr once and for
-    apgd-t once per target on each batch (aa and aa-ce-t find their parts' results), and every accuracy equals the
-    one of the attack evaluated alone."""
+    """apgd-ce, apgd-ce-x5, apgd-dlr, apgd-t, aa and aa-ce-t together: APGD runs for apgd-ce once, for apgd-ce-x5 once
+    per restart, for apgd-dlr once and for apgd-t once per target on each batch (aa and aa-ce-t find their parts'
+    results), and every accuracy equals the one of the attack evaluated alone."""
     encoder, text, ds, _ = demo64
     calls = []
     apgd = attacks.apgd
     monkeypatch.setattr(attacks, "apgd", lambda *a, **k: calls.append(len(a[2])) or apgd(*a, **k))
     dist = common.Dist(0, 1, 0, CPU)
-    names = ("aa", "apgd-ce", "apgd-dlr", "aa-ce-t", "apgd-t")
+    names = ("aa", "apgd-ce", "apgd-ce-x5", "apgd-dlr", "aa-ce-t", "apgd-t")
     together = evaluate.zero_shot_eval(encoder, text, ds, dist, names, 4 / 255, 1 / 255, 3, batch_size=32)
     n_together = len(calls)
     alone = {}
@@ -654,6 +663,32 @@ def test_shared_parts_run_once_and_give_the_same_accuracies(demo64, monkeypatch)
     # together: per batch 1 (CE) + 1 (DLR) + up to 9 (APGD-T targets); alone, aa and aa-ce-t repeat CE, DLR and T
     assert n_together < n_alone
     calls.clear()
-    evaluate.zero_shot_eval(encoder, text, ds, dist, ("apgd-ce", "apgd-dlr", "apgd-t"), 4 / 255, 1 / 255, 3,
-                          batch_size=32)
+    evaluate.zero_shot_eval(encoder, text, ds, dist, ("apgd-ce", "apgd-ce-x5", "apgd-dlr", "apgd-t"), 4 / 255,
+                            1 / 255, 3, batch_size=32)
     assert n_together == len(calls)  # aa and aa-ce-t added no APGD run
+
+
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_an_unreadable_image_stops_with_its_name_and_the_rerun_continues(nproc, tiny_ckpt, tmp_path, capsys):
+    """A benchmark missing an image is not the benchmark: evaluation stops with one line naming the file (every rank,
+    whichever one met it), keeps what it evaluated, and once the file is readable again the same command continues."""
+    folder = tmp_path / "data"
+    make_folder(folder, {"cat": 3, "dog": 3})
+    broken = sorted((folder / "dog").iterdir())[1]
+    good = broken.read_bytes()
+    broken.write_bytes(b"not an image")
+    out = tmp_path / "r.json"
+    argv = ["--model", tiny_ckpt, "--datasets", f"folder:{folder}", "--attacks", "pgd", "--steps", "2",
+            "--batch-size", "1", "--workers", "0", "--save-every", "0", "--out", str(out)]
+    if nproc == 1:
+        code, _, err = run_in_process(argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    else:  # image 4 is rank 0's; rank 1 stops with it instead of waiting (torchrun then adds its own report)
+        r = run_script(["evaluate.py", *argv], nproc=2, timeout=300)
+        code, err = r.returncode, r.stderr
+        assert code != 0 and err.splitlines()[0].startswith("error: "), err
+    assert err.startswith("error: data: image 4 cannot be read") and str(broken) in err.splitlines()[0], err
+    broken.write_bytes(good)
+    code, stdout, err = run_in_process(argv, capsys)
+    done = 4 if nproc == 1 else 5  # 2 processes: rank 1 had evaluated image 5 in the same step
+    assert code == 0 and f"continuing, {done} of 6 images already evaluated" in stdout, err

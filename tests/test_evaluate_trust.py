@@ -338,6 +338,8 @@ def test_compare_refuses_an_incomplete_or_altered_evaluation(two_models, tmp_pat
     samples.write_bytes(bytes(raw))
     code, _, err = run_in_process(["--compare", str(copy), two_models["b"]], capsys)
     assert code == 2 and "sha256 differs" in err and err.count("\n") == 1
+    code, _, err = run_in_process(["--compare", str(tmp_path / "missing.json"), two_models["b"]], capsys)
+    assert code == 2 and err == f"error: --compare {tmp_path / 'missing.json'}: no such file\n"
 
 
 # ------------------------------------------------------------------------------------------------------ resume

@@ -23,12 +23,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # id: (script, its flags, the method name it records, the demo table's label, learning rate of the tiny run)
 SCRIPTS = {
     "agft": ("agft.py", [], "agft", "AGFT", "0.05"),
-    "tecoa": ("tecoa.py", [], "tecoa", "TECOA", "0.05"),
+    "tecoa": ("tecoa.py", [], "tecoa", "TeCoA", "0.05"),
     "pmg-aft": ("tecoa.py", ["--pmg"], "pmg-aft", "PMG-AFT", "0.05"),
     # TGA-ZSR at 0.05 is chaotic on this tiny run (min-max maps, unsquared norms): weights perturbed by 1e-7 ended
     # 6e-4 apart after 12 steps, so 1 and 2 processes could not be compared; at 0.01 they stay close and still move
     "tga-zsr": ("tecoa.py", ["--tga"], "tga-zsr", "TGA-ZSR", "0.01"),
-    "advflyp": ("advflyp.py", [], "advflyp", "ADVFLYP", "0.05"),
+    "advflyp": ("advflyp.py", [], "advflyp", "AdvFLYP", "0.05"),
     "fare": ("fare.py", ["--attack-steps", "2"], "fare", "FARE", "0.001"),
 }
 MAINS = {"agft.py": agft.main, "tecoa.py": tecoa.main, "advflyp.py": advflyp.main, "fare.py": fare.main}
@@ -112,6 +112,12 @@ def test_preempted_run_resumes_to_the_uninterrupted_weights(runs, tiny_ckpt, tmp
     assert steps == [1, 2, 3, 4, 5, 5, *range(6, STEPS + 1)]  # step 5's preemption record, then the rest
 
 
+def test_a_one_step_run_says_so_in_the_singular(tiny_ckpt, tmp_path, capsys):
+    code, stdout, _ = run_main_in_process(tecoa.main, argv("tecoa", tiny_ckpt, tmp_path / "one", "--max-steps", "1"),
+                                          capsys)
+    assert code == 0 and "TeCoA: 24 images, 1000 classes, 1 step of global batch 4" in stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_two_processes_follow_one(runs, tiny_ckpt, tmp_path, name):
@@ -141,6 +147,8 @@ def test_demo_reduced(name, tmp_path, capsys, monkeypatch):
     results = run_demo_reduced(MAINS[script], [*flags, "--max-steps", "2"], tmp_path / "demo", monkeypatch)
     stdout = capsys.readouterr().out
     assert f"after ({label})" in stdout and "before (original CLIP)" in stdout
+    assert any(line.startswith((f"{label}:", f"{label} (")) and "2 steps of global batch 64" in line
+               for line in stdout.splitlines())  # the run's first line, with the method's name as the paper spells it
     assert results["method"] == method and results["after"]["n"] == results["before"]["n"] == 32
     assert results["before"]["clean"] > 80, "the pretrained demo CLIP should classify held-out concepts zero-shot"
     assert set(results["held_out_concepts"]).isdisjoint(results["proxy_concepts"])
