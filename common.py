@@ -1746,10 +1746,20 @@ class Run:
         self.ckpt_path = os.path.join(self.dir, "last.pt")
         classes = None if class_names is None else hashlib.sha1("\n".join(class_names).encode()).hexdigest()[:12]
         self.data = {"size": dataset_size, "classes": classes}
-        self.lock = None
+        self.lock, refused = None, None
         if dist.is_main:  # one run at a time in a run directory: a second one stops here, before it reads or writes
             os.makedirs(self.dir, exist_ok=True)
-            self.lock = hold_lock(os.path.join(self.dir, ".lock"), f"--out {self.dir}")
+            try:
+                self.lock = hold_lock(os.path.join(self.dir, ".lock"), f"--out {self.dir}")
+            except UsageError as e:
+                refused = e
+        if dist.world > 1:  # every rank stops with rank 0, instead of waiting for it in a collective
+            flag = torch.tensor([refused is not None], dtype=torch.int32)
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=dist.cpu_group)
+            if flag.item() and refused is None:
+                raise UsageError(f"--out {self.dir}: another run is writing there now (rank 0 names it)")
+        if refused is not None:
+            raise refused
         self.checkpoint = self.load()  # the last.pt to resume from, or None
         if self.checkpoint is not None:
             saved = self.checkpoint.get("args", {})

@@ -123,11 +123,11 @@ def demo_zero_shot(per_class):
 
 
 def run_demo_reduced(main, argv, out, monkeypatch):
-    """A script's demo in this process, shortened for the tests: its --max-steps from argv and every 16th of the demo's
+    """A script's demo in this process, shortened for the tests: its --max-steps from argv and every 32nd of the demo's
     test images in the before/after evaluation (the full demo's numbers: docs/demo.md). Returns results.json."""
     accuracy = common.zero_shot_accuracy
     monkeypatch.setattr(common, "zero_shot_accuracy", lambda encoder, text, ds, *a, **k: accuracy(
-        encoder, text, torch.utils.data.Subset(ds, range(0, len(ds), 16)), *a, **k))
+        encoder, text, torch.utils.data.Subset(ds, range(0, len(ds), 32)), *a, **k))
     main(["--demo", *argv, "--out", str(out)])
     with open(os.path.join(str(out), "results.json")) as f:
         return json.load(f)

@@ -456,6 +456,8 @@ def test_a_second_run_into_the_same_out_is_refused_and_a_killed_one_blocks_nothi
             code, _, err = run_main_in_process(agft.main, train, capsys)
         assert code == 2 and f"error: --out {out}: process {first.pid} on " in err and err.count("\n") == 1, err
         assert "is writing there now" in err and writes == []
+        r = run_script(["agft.py", *train], nproc=2, timeout=120)  # every rank stops, none waits for rank 0
+        assert r.returncode != 0 and r.stderr.startswith(f"error: --out {out}: process {first.pid} on "), r.stderr
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()

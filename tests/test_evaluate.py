@@ -643,6 +643,7 @@ def demo64():
     return demo_zero_shot(4)
 
 
+@pytest.mark.slow
 def test_shared_parts_run_once_and_give_the_same_accuracies(demo64, monkeypatch):
     """apgd-ce, apgd-ce-x5, apgd-dlr, apgd-t, aa and aa-ce-t together: APGD runs for apgd-ce once, for apgd-ce-x5 once
     per restart, for apgd-dlr once and for apgd-t once per target on each batch (aa and aa-ce-t find their parts'

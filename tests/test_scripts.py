@@ -141,7 +141,7 @@ def test_two_processes_follow_one(runs, tiny_ckpt, tmp_path, name):
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_demo_reduced(name, tmp_path, capsys, monkeypatch):
-    """`SCRIPT --demo` with 2 training steps and every 16th test image: the demo CLIP, the demo's settings (the same
+    """`SCRIPT --demo` with 2 training steps and every 32nd test image: the demo CLIP, the demo's settings (the same
     learning rate for every method), the before/after table and results.json."""
     script, flags, method, label, _ = SCRIPTS[name]
     results = run_demo_reduced(MAINS[script], [*flags, "--max-steps", "2"], tmp_path / "demo", monkeypatch)
@@ -149,7 +149,7 @@ def test_demo_reduced(name, tmp_path, capsys, monkeypatch):
     assert f"after ({label})" in stdout and "before (original CLIP)" in stdout
     assert any(line.startswith((f"{label}:", f"{label} (")) and "2 steps of global batch 64" in line
                for line in stdout.splitlines())  # the run's first line, with the method's name as the paper spells it
-    assert results["method"] == method and results["after"]["n"] == results["before"]["n"] == 32
+    assert results["method"] == method and results["after"]["n"] == results["before"]["n"] == 16
     assert results["before"]["clean"] > 80, "the pretrained demo CLIP should classify held-out concepts zero-shot"
     assert set(results["held_out_concepts"]).isdisjoint(results["proxy_concepts"])
     for row in (results["before"], results["after"], results["proxy"]["before"], results["proxy"]["after"]):
@@ -178,6 +178,7 @@ def test_bad_input_is_one_line_and_writes_nothing(name, tiny_ckpt, tmp_path, cap
     assert code == 2 and "exists and is not a directory" in stderr and taken.read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_an_error_on_the_command_line_is_one_line_without_traceback(tiny_ckpt, tmp_path):
     """What common.run_main does for every script, in a real process: `error: ...` on stderr, exit status 2."""
     r = run_script(["agft.py", *argv("agft", tiny_ckpt, tmp_path / "out", "--gamma", "1.5")])
