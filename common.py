@@ -9,7 +9,7 @@ Sections, in the order data flows (search for the `# ---- name` rule):
                          (CLIP's ViT forward, with per-token embeddings on request), ImageEncoder (pixel space,
                          [0, 1]), input_grad (every attack's one differentiation, with the fp16 guard that
                          ImageEncoder applies), text_features, cosine_sim, frozen_copy, save_torchscript
-    distributed and AMP  setup_distributed (torchrun, NCCL/gloo, a host-side gloo group), all_reduce_sum,
+    distributed and AMP  setup_distributed (torchrun, NCCL/gloo, a host-side gloo group), all_reduce_sum, first_error,
                          all_gather_with_grad, Preemption (SIGTERM/SIGUSR1), amp_setup
     data                 training_dataset (ImageNet, ImageFolder, synthetic), GlobalBatchSampler, make_loader;
                          caption data (AdvFLYP: CSV/TSV, img2dataset); images alone (FARE: image_dataset);
@@ -557,6 +557,23 @@ def all_gather_with_grad(t, dist):
     return torch.cat(parts)
 
 
+def first_error(error, dist):
+    """The message of the first rank's error (a UsageError, or None on a rank that has none), on every rank: a
+    collective, so that no rank waits for one that gave up."""
+    if dist.world == 1:
+        return None if error is None else str(error)
+    errors = [None] * dist.world
+    torch_dist.all_gather_object(errors, None if error is None else str(error), group=dist.cpu_group)
+    return next((e for e in errors if e is not None), None)
+
+
+def raise_on_every_rank(error, dist):
+    """Raise any rank's UsageError (or nothing) on every rank."""
+    message = first_error(error, dist)
+    if message is not None:
+        raise UsageError(message)
+
+
 def prepare_files(dist, fn):
     """fn(may_write) on global rank 0 first, then on the first rank of every other node, then on every other rank
     (may_write=False: they only read), each group waiting for the one before (Dist.cpu_group, SETUP_TIMEOUT): for
@@ -758,16 +775,15 @@ def training_dataset(spec, resolution, class_names_file=None, synthetic_size=Non
     if class_names_file is not None:
         names = read_class_names(class_names_file, len(names))
     check_classes(f"--data {spec}", names)
-    if not any(readable_image(path) for path, _ in ds.samples):  # stops at the first readable image
-        raise UsageError(f"--data {spec}: none of its {len(ds.samples)} images can be read")
+    if not any(readable(ds, i) for i in range(len(ds))):  # stops at the first readable image
+        raise UsageError(f"--data {spec}: none of its {len(ds)} images can be read")
     return SkipUnreadable(ds), [refine_class_name(n) for n in names]
 
 
-def readable_image(path):
-    """Whether PIL can read the image at `path`."""
+def readable(dataset, i):
+    """Whether item i of an image dataset can be read (SkipUnreadable replaces the items that cannot)."""
     try:
-        with Image.open(path) as image:
-            image.load()
+        dataset[i]
         return True
     except UNREADABLE_IMAGE_ERRORS:
         return False
@@ -860,7 +876,7 @@ class CaptionPairs(torch.utils.data.Dataset):
         self.transform = image_transform(resolution)
         if not images:
             raise UsageError(f"--data {source}: has no image-caption pairs")
-        if not any(self.readable(i) for i in range(len(images))):  # stops at the first readable pair
+        if not any(readable(self, i) for i in range(len(images))):  # stops at the first readable pair
             raise UsageError(f"--data {source}: none of its {len(images)} images can be read")
 
     def __len__(self):
@@ -868,13 +884,6 @@ class CaptionPairs(torch.utils.data.Dataset):
 
     def caption(self, i):
         return self.captions[i]
-
-    def readable(self, i):
-        try:
-            self[i]
-            return True
-        except UNREADABLE_IMAGE_ERRORS:
-            return False
 
     def __getitem__(self, i):
         with Image.open(self.images[i]) as im:
@@ -1753,13 +1762,7 @@ class Run:
                 self.lock = hold_lock(os.path.join(self.dir, ".lock"), f"--out {self.dir}")
             except UsageError as e:
                 refused = e
-        if dist.world > 1:  # every rank stops with rank 0, instead of waiting for it in a collective
-            flag = torch.tensor([refused is not None], dtype=torch.int32)
-            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=dist.cpu_group)
-            if flag.item() and refused is None:
-                raise UsageError(f"--out {self.dir}: another run is writing there now (rank 0 names it)")
-        if refused is not None:
-            raise refused
+        raise_on_every_rank(refused, dist)  # every rank stops with rank 0, none waits for it in a collective
         self.checkpoint = self.load()  # the last.pt to resume from, or None
         if self.checkpoint is not None:
             saved = self.checkpoint.get("args", {})

@@ -510,7 +510,7 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
             x, y, index = next(batches)
         except StopIteration:
             break
-        except common.UsageError as e:  # an unreadable image: the caller stops every rank (first_error)
+        except common.UsageError as e:  # an unreadable image: the caller stops every rank (common.first_error)
             yield torch.zeros(0, dtype=torch.long), {"error": str(e)}
             done += 1
             break
@@ -817,23 +817,6 @@ def gather_rows(rows, dist):
     return torch.cat([p[:int(c)] for p, c in zip(parts, counts)]).numpy()
 
 
-def first_error(error, dist):
-    """The message of the first rank's error (a UsageError, or None on a rank that has none), on every rank: a
-    collective, so that no rank waits for one that gave up."""
-    if dist.world == 1:
-        return None if error is None else str(error)
-    errors = [None] * dist.world
-    torch_dist.all_gather_object(errors, None if error is None else str(error), group=dist.cpu_group)
-    return next((e for e in errors if e is not None), None)
-
-
-def raise_on_every_rank(error, dist):
-    """Raise any rank's UsageError (or nothing) on every rank."""
-    message = first_error(error, dist)
-    if message is not None:
-        raise common.UsageError(message)
-
-
 def dataset_indices(dataset):
     """The dataset index of each evaluated image (a --samples subset keeps its original indices)."""
     if isinstance(dataset, torch.utils.data.Subset):
@@ -1064,7 +1047,7 @@ def evaluate(args, preemption):
             store, throughput = open_store(args, settings)
         except common.UsageError as e:
             error = e
-    raise_on_every_rank(error, dist)
+    common.raise_on_every_rank(error, dist)
     log(f"evaluating {args.model} on {len(sets)} dataset(s), ε = {args.eps:g}/255, attacks: "
         f"{', '.join(f'{a} ({steps[a]} steps)' for a in args.attacks) or 'none'}, metrics: "
         f"{', '.join(args.metrics) or 'none'}; {dist.world} process(es), {dist.device}, amp {amp}", flush=True)
@@ -1078,7 +1061,7 @@ def evaluate(args, preemption):
                 done = torch.from_numpy(store.begin(name, dataset_indices(dataset), fields).astype(np.uint8))
             except common.UsageError as e:
                 error = e
-        raise_on_every_rank(error, dist)
+        common.raise_on_every_rank(error, dist)
         if dist.world > 1:  # rank 0 alone reads the state; every rank needs to know which images are left
             torch_dist.broadcast(done, 0, group=dist.cpu_group)
         todo = (done == 0).nonzero()[:, 0].tolist()
@@ -1103,7 +1086,7 @@ def evaluate(args, preemption):
                 rows = gather_rows(pack_rows(index, out, fields), dist)
                 if dist.is_main:
                     store.record(name, rows)
-                error = first_error(error, dist)  # an unreadable image on any rank: save what is done, stop
+                error = common.first_error(error, dist)  # an unreadable image on any rank: save what is done, stop
                 if error is not None:
                     if dist.is_main:
                         store.save()
