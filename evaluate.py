@@ -472,8 +472,7 @@ def structure_metrics(metrics, sim, ref_scores, which):
 
 def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
                       batch_size=256, ctx=contextlib.nullcontext(), seed=0, workers=0, desc=None, timing=None,
-                      attack_all=False,
-                      metrics=(), reference=None, indices=None):
+                      attack_all=False, metrics=(), reference=None, indices=None):
     """Per-image zero-shot results of `encoder` on `dataset` (or on its images `indices`), class text features
     `text_feats`: yields (index (b,), {field: (b,) CPU tensor}) for each batch of this rank's share, fields as
     sample_fields names them. Every rank yields the same number of batches (a rank with fewer images ends with empty
