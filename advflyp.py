@@ -19,21 +19,30 @@ Reproduce the paper's main row (ViT-B/32, 1M LAION pairs, ε = 1/255, AdvFLYP_fu
     torchrun --nproc_per_node=2 advflyp.py --eps 1 --data /path/to/laion1m --out runs/advflyp-eps1
     python advflyp.py --eps 1 --data /path/to/laion1m --out runs/advflyp-eps1      # one process
     (the paper early-stops on TinyImageNet robust accuracy: add --patience 10 --val-data TinyImageNet --val-root ./data)
+The paper's ablations (every table's commands: docs/reproduce.md):
+    --train text | all          fine-tune the text encoder too, or every parameter (Table 6)
+    --reg-terms orig            each regulariser's deviation from the original model alone (Table 7)
+    --class-captions            'naive FLYP': a labelled image tree, class prompts as captions (Table 8)
+    --subset N, --eps 0         part of the data (Figure 3, Tables 7, 12, 13); clean fine-tuning (Table 13)
 The demo (no download, a few minutes on a CPU):
     python advflyp.py --demo
 Benchmark (no dataset, no weights: images/s, s/step and peak memory go to the run's log.jsonl):
     python advflyp.py --model random:ViT-B/32 --data synthetic --max-steps 30      # batch 256, logged every 10 steps
 Re-running a command with the same --out resumes from its last.pt.
 """
+import math
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 
 REGULARISERS = ("none", "logit", "feat", "full")
+TRAINED = ("image", "text", "all")
+TRAINED_WHAT = {"image": "the image encoder", "text": "the image and text encoders", "all": "every parameter"}
 
 
 # ------------------------------------------------------------------------------------- the method (Eq. 1, 6-13)
@@ -48,32 +57,75 @@ def contrastive_loss(image_features, text_features, logit_scale=100.0):
 
 def logit_reg(adv_features, orig_adv_features, clean_features, text_features, logit_scale=100.0):
     """L_logit (Eq. 9-12): mean_i [KL(P_adv,θ ‖ P_adv,orig) + KL(P_adv,θ ‖ P_clean,θ)], each P the row softmax over
-    the batch's captions at logit_scale. All features raw, (N, D); the frozen model's orig_adv_features are a
-    constant; the clean branch keeps its gradient (official code)."""
+    the text features' rows (the batch's captions; tecoa.py --reg: the class prompts) at logit_scale.
+    adv_features, orig_adv_features, clean_features: (N, D) raw; text_features: (M, D). The frozen model's
+    orig_adv_features are a constant; the clean branch keeps its gradient (official code). clean_features=None drops
+    the second term, (i) in the paper's Table 7 (--reg-terms orig: the deviation from the original model only)."""
     text = F.normalize(text_features.float(), dim=-1)
-    log_p_adv = F.log_softmax(logit_scale * common.cosine_sim(adv_features, text), dim=-1)  # Eq. 9, (N, N)
+    log_p_adv = F.log_softmax(logit_scale * common.cosine_sim(adv_features, text), dim=-1)  # Eq. 9, (N, M)
     log_p_orig = F.log_softmax(logit_scale * common.cosine_sim(orig_adv_features.detach(), text), dim=-1)  # Eq. 10
-    log_p_clean = F.log_softmax(logit_scale * common.cosine_sim(clean_features, text), dim=-1)  # Eq. 11
     p_adv = log_p_adv.exp()
-    kl_orig = (p_adv * (log_p_adv - log_p_orig)).sum(-1)  # (N,) KL(P_adv,θ ‖ P_adv,orig)
-    kl_clean = (p_adv * (log_p_adv - log_p_clean)).sum(-1)  # (N,) KL(P_adv,θ ‖ P_clean,θ)
-    return (kl_orig + kl_clean).mean()  # Eq. 12
+    kl = (p_adv * (log_p_adv - log_p_orig)).sum(-1)  # (N,) KL(P_adv,θ ‖ P_adv,orig), term (ii)
+    if clean_features is not None:
+        log_p_clean = F.log_softmax(logit_scale * common.cosine_sim(clean_features, text), dim=-1)  # Eq. 11
+        kl = kl + (p_adv * (log_p_adv - log_p_clean)).sum(-1)  # (N,) + KL(P_adv,θ ‖ P_clean,θ), term (i)
+    return kl.mean()  # Eq. 12
 
 
 def feature_reg(adv_features, orig_adv_features, clean_features):
     """L_feat (Eq. 8 as in the official code): mean_i ‖x̂_adv,θ − x̂_adv,orig‖₂ + mean_i ‖x̂_adv,θ − x̂_clean,θ‖₂ on
-    L2-normalised features, unsquared. All (N, D) raw; orig_adv_features is a constant."""
+    L2-normalised features, unsquared. All (N, D) raw; orig_adv_features is a constant. clean_features=None drops
+    the second term ((i) in the paper's Table 7; --reg-terms orig)."""
     adv = F.normalize(adv_features.float(), dim=-1)
     orig = F.normalize(orig_adv_features.detach().float(), dim=-1)
-    clean = F.normalize(clean_features.float(), dim=-1)
-    return (adv - orig).norm(dim=-1).mean() + (adv - clean).norm(dim=-1).mean()
+    loss = (adv - orig).norm(dim=-1).mean()  # term (ii): the deviation from the original model
+    if clean_features is not None:
+        loss = loss + (adv - F.normalize(clean_features.float(), dim=-1)).norm(dim=-1).mean()  # term (i)
+    return loss
+
+
+class TextEncoder(nn.Module):
+    """CLIP's text encoder g_φ as a module of its own (--train text|all), so that DDP sees its passes and averages
+    its gradients: CLIP.encode_text written out on the text modules and parameters of `clip_model`, which it shares
+    (training it trains them). forward(tokens (N, L)) -> (N, D) raw text features, what encode_text returns."""
+
+    def __init__(self, clip_model):
+        super().__init__()
+        self.token_embedding, self.transformer, self.ln_final = (clip_model.token_embedding, clip_model.transformer,
+                                                                 clip_model.ln_final)
+        self.positional_embedding, self.text_projection = clip_model.positional_embedding, clip_model.text_projection
+        self.context_length, self.dtype = clip_model.context_length, clip_model.dtype
+
+    def forward(self, tokens):
+        x = self.token_embedding(tokens).type(self.dtype) + self.positional_embedding.type(self.dtype)  # (N, L, W)
+        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # CLIP's Transformer is sequence-first
+        x = self.ln_final(x).type(self.dtype)
+        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection  # the end-of-text token
+
+
+def text_parameters(clip_model):
+    """The parameters of g_φ: every parameter of CLIP outside the image encoder, except logit_scale."""
+    return [p for name, p in clip_model.named_parameters() if not name.startswith("visual.") and name != "logit_scale"]
 
 
 # --------------------------------------------------------------------------------------------------------- config
 def parse_args(argv=None):
     parser = common.train_parser(__doc__, "advflyp", lr=1e-4, data="./data/laion1m", data_help=(
-        "CSV/TSV of image paths and captions, img2dataset output folder ('files' format), 'synthetic' or 'demo'"))
+        "the AdvFLYP LAION release (partX/images, partX/captions, laion_index.json), a .json/.jsonl of "
+        "{image, caption} records, a CSV/TSV of image paths and captions, an img2dataset output folder ('files' "
+        "format), 'synthetic' or 'demo'; with --class-captions an ImageNet root or ImageFolder"))
     parser.add_argument("--reg", default="full", help="regulariser of Eq. 13: none | logit | feat | full (both)")
+    parser.add_argument("--reg-terms", choices=["both", "orig"], default="both",
+                        help="terms of each regulariser: both, or orig, the deviation from the original model alone "
+                             "(term (ii) of Eq. 8 and Eq. 12; the paper's Table 7)")
+    parser.add_argument("--train", choices=TRAINED, default="image",
+                        help="what is fine-tuned: image (f_θ, the paper's method), text (f_θ and the text encoder) or "
+                             "all (every parameter, logit_scale too, clamped to ln 100 as the official code does); "
+                             "the paper's Table 6")
+    parser.add_argument("--class-captions", action="store_true",
+                        help="'naive FLYP' (the paper's Table 8): --data is a labelled image tree (ImageNet root or "
+                             "ImageFolder, as tecoa.py reads it) and each image's caption is its class prompt 'This "
+                             "is a photo of a {class}.'")
     parser.add_argument("--csv-img-key", default="filepath", help="image-path column of a CSV/TSV --data")
     parser.add_argument("--csv-caption-key", default="title", help="caption column of a CSV/TSV --data")
     parser.add_argument("--csv-separator", default=None, help="CSV/TSV separator (default: ',' for .csv, else tab)")
@@ -89,9 +141,16 @@ def parse_args(argv=None):
     args = common.parse_train_args(parser, argv, check_data=False)
     if args.reg not in REGULARISERS:
         raise common.UsageError(f"--reg {args.reg}: must be one of {', '.join(REGULARISERS)}")
-    if args.data not in ("synthetic", "demo") and not os.path.exists(args.data):
+    if args.class_captions:
+        if args.data not in ("synthetic", "demo") and not os.path.isdir(args.data):
+            raise common.UsageError(f"--class-captions --data {args.data}: no such directory (an ImageNet root or "
+                                    "an ImageFolder directory, 'synthetic' or 'demo')")
+    elif args.data not in ("synthetic", "demo") and not os.path.exists(args.data):
         raise common.UsageError(f"--data {args.data}: no such file or directory (a CSV/TSV of image paths and "
-                                "captions, an img2dataset output folder, 'synthetic' or 'demo')")
+                                "captions, a .json/.jsonl of records, an img2dataset output folder, the AdvFLYP LAION "
+                                "release, 'synthetic' or 'demo')")
+    if args.reg_terms != "both" and args.reg == "none":
+        raise common.UsageError(f"--reg-terms {args.reg_terms}: there is no regulariser (--reg none)")
     if args.patience < 0 or args.val_size < 1 or args.val_steps < 1:
         raise common.UsageError("--patience must be >= 0, --val-size and --val-steps >= 1")
     if args.patience and args.val_data is None:
@@ -124,9 +183,15 @@ def main(argv=None):
     amp, ctx, scaler = common.amp_setup(args.amp, dist.device)
     clip_model = common.load_clip(args.model, args.seed, args.vision_weights, dist)
     resolution = clip_model.visual.input_resolution
-    dataset = common.caption_dataset(args.data, resolution, args.csv_img_key, args.csv_caption_key,
-                                     args.csv_separator, args.synthetic_size, args.seed,
-                                     log=print if dist.is_main else None)
+    log = print if dist.is_main else None
+    if args.class_captions:  # 'naive FLYP': labelled images, each captioned with its class prompt
+        labelled, names = common.training_dataset(args.data, resolution, args.class_names, args.synthetic_size,
+                                                  args.seed)
+        dataset = common.SkipUnreadable(common.Captioned(labelled.dataset, common.prompts_for(names)))
+    else:
+        dataset = common.caption_dataset(args.data, resolution, args.csv_img_key, args.csv_caption_key,
+                                         args.csv_separator, args.synthetic_size, args.seed, log=log)
+    dataset = common.take_subset(dataset, args, log)  # --subset, --subset-per-class
     val_set, val_prompts = validation_set(args, resolution) if args.patience else (None, None)
     sampler = common.GlobalBatchSampler(len(dataset), args.batch_size, dist.rank, dist.world, args.seed)
     run = common.Run(args, dist, len(dataset))  # nothing is written before this point
@@ -136,9 +201,12 @@ def main(argv=None):
     val_text = common.text_features(clip_model, val_prompts, device) if args.patience else None  # (C_val, D)
     encoder = common.ImageEncoder(clip_model.visual).to(device)  # f_θ, trained
     orig_encoder = common.frozen_copy(encoder)  # f_θorig, frozen before any update
-    clip_model.visual.requires_grad_(True)
-    optimizer = torch.optim.SGD(clip_model.visual.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    trained = list(clip_model.visual.parameters())  # --train image: f_θ alone
+    if args.train != "image":  # the paper's Table 6: g_φ too (text), and logit_scale (all)
+        trained += text_parameters(clip_model) + ([clip_model.logit_scale] if args.train == "all" else [])
+    for p in trained:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(trained, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     steps_per_epoch = sampler.batches_per_epoch()
     total_steps = common.schedule_steps(args, steps_per_epoch)  # --epochs, capped by --max-steps
     best_path = os.path.join(run.dir, "best.pt")
@@ -149,13 +217,19 @@ def main(argv=None):
               else None)
     encoder, orig_encoder = (common.compile_encoder(e, args.compile) for e in (encoder, orig_encoder))  # --compile
     train_encoder = DDP(encoder) if dist.world > 1 else encoder
+    text_encoder = TextEncoder(clip_model) if args.train != "image" else None  # g_φ, trained with --train text|all
+    train_text = DDP(text_encoder) if text_encoder is not None and dist.world > 1 else text_encoder
     loader = common.make_loader(dataset, sampler, args.workers, device)
     gather = lambda f: common.all_gather_with_grad(f.float(), dist)  # noqa: E731  (b, D) -> (B, D), the global batch
-    run.print(f"AdvFLYP (reg {args.reg}): {len(dataset)} image-caption pairs, {common.count(total_steps, 'step')} "
-              f"of global batch {args.batch_size} on {dist.world} process(es), {device}, amp {amp}")
+    run.print(f"AdvFLYP (reg {args.reg}" + (", term (ii) only" if args.reg_terms == "orig" else "")
+              + f", training {TRAINED_WHAT[args.train]}): {len(dataset)} image-caption pairs"
+              + (" (class prompts as captions)" if args.class_captions else "")
+              + f", {common.count(total_steps, 'step')} of global batch {args.batch_size} on {dist.world} "
+              f"process(es), {device}, amp {amp}")
 
     def validate(step):  # --patience: early stopping on the validation set's PGD accuracy, at each epoch's end
-        val = common.zero_shot_accuracy(encoder, val_text, val_set, dist, eps, 1 / 255, args.val_steps, ctx=ctx,
+        text = val_text if text_encoder is None else common.text_features(clip_model, val_prompts, device)  # g_φ now
+        val = common.zero_shot_accuracy(encoder, text, val_set, dist, eps, 1 / 255, args.val_steps, ctx=ctx,
                                         seed=args.seed, workers=args.workers)
         if val["pgd"] > early["best"]:
             early.update(best=val["pgd"], best_step=step, bad_epochs=0)
@@ -178,12 +252,19 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = images.to(device, non_blocking=True)  # (b, 3, H, W) in [0, 1], b = batch_size / world
-            text = gather(common.text_features(clip_model, list(captions), device))  # (B, D) the batch's captions
+            if text_encoder is None:  # g_φ frozen
+                text = gather(common.text_features(clip_model, list(captions), device))  # (B, D) the batch's captions
+            else:  # g_φ trained: its features keep their graph for the update; the attack sees them as constants
+                tokens = common.tokenize(clip_model, list(captions)).to(device)  # (b, L)
+                with ctx:
+                    text = gather(F.normalize(train_text(tokens).float(), dim=-1))  # (B, D)
+            scale = clip_model.logit_scale.exp() if args.train == "all" else common.CLIP_LOGIT_SCALE  # fixed: 100
+            attack_scale = float(scale.item() if torch.is_tensor(scale) else scale)  # a constant for the attack
 
             # --- AdvFLYP: the batch's perturbations jointly maximise the batch's contrastive loss (Eq. 6) ---
             def attack_loss(x):
-                with ctx:
-                    return contrastive_loss(gather(encoder(x)), text)  # one loss of the whole global batch
+                with ctx:  # one loss of the whole global batch
+                    return contrastive_loss(gather(encoder(x)), text.detach(), attack_scale)
 
             encoder.eval()
             delta = common.random_start((args.batch_size, *images.shape[1:]), eps, args.seed, step, dist.rank,
@@ -192,13 +273,14 @@ def main(argv=None):
             encoder.train()
             with ctx:
                 adv = gather(train_encoder(x_adv))  # (B, D) f_θ(x + δ)
-                loss = contrastive_loss(adv, text)  # Eq. 7
+                loss = contrastive_loss(adv, text, scale)  # Eq. 7
                 if args.reg != "none":
-                    clean = gather(train_encoder(images))  # (B, D) f_θ(x), not detached (official code)
+                    # (B, D) f_θ(x), not detached (official code); not needed without term (i)
+                    clean = gather(train_encoder(images)) if args.reg_terms == "both" else None
                     with torch.no_grad():
                         orig = gather(orig_encoder(x_adv))  # (B, D) f_θorig(x + δ)
                     if args.reg in ("logit", "full"):
-                        loss = loss + logit_reg(adv, orig, clean, text)  # Eq. 9-12
+                        loss = loss + logit_reg(adv, orig, clean, text, scale)  # Eq. 9-12
                     if args.reg in ("feat", "full"):
                         loss = loss + feature_reg(adv, orig, clean)  # Eq. 8; the sum is Eq. 13
             # --------------------------------------------------------------------------------------------------
@@ -207,8 +289,13 @@ def main(argv=None):
             # Each process back-propagates through its own rows of the global batch and DDP averages the gradients:
             # scaling by the number of processes makes that average the gradient of the global loss.
             scaler.scale(loss * dist.world).backward()
+            if args.train == "all":  # logit_scale is in no DDP module: every process holds world × the same gradient
+                clip_model.logit_scale.grad /= dist.world
             scaler.step(optimizer)
             scaler.update()
+            if args.train == "all":
+                with torch.no_grad():  # as the official code (and CLIP's pretraining): the scale stays at most 100
+                    clip_model.logit_scale.clamp_(0, math.log(common.CLIP_LOGIT_SCALE))
             step += 1
             run.step_done(step, loss, lr, unreadable, extra={"early_stop": early},  # log, check, checkpoint; stops
                           epoch_end=validate if args.patience else None)  # after a preemption signal

@@ -18,6 +18,9 @@ Benchmark (no dataset, no weights: images/s, s/step and peak memory go to the ru
     python agft.py --model random:ViT-B/32 --data synthetic --max-steps 30      # batch 256, logged every 10 steps
 Re-running a command with the same --out resumes from its last.pt.
 """
+import argparse
+from fractions import Fraction
+
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -47,10 +50,19 @@ def agft_loss(adv_sim, orig_sim, tau=1 / 180, gamma=0.4):
 
 
 # --------------------------------------------------------------------------------------------------------- config
+def number_or_fraction(text):
+    """--tau's type: '0.005' or '1/180' (the paper writes τ as 1/τ values: 100, 140, 180, 220)."""
+    try:
+        return float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number or a fraction such as 1/180") from None
+
+
 def parse_args(argv=None):
     parser = common.train_parser(__doc__, "agft", lr=4e-4)
     parser.add_argument("--gamma", type=float, default=0.4, help="temperature scaling ratio γ in (0, 1] (Eq. 8)")
-    parser.add_argument("--tau", type=float, default=1 / 180, help="temperature τ of Eq. 6-9 (default 1/180)")
+    parser.add_argument("--tau", type=number_or_fraction, default=1 / 180,
+                        help="temperature τ of Eq. 6-9, a number or a fraction such as 1/180 (default 1/180)")
     args = common.parse_train_args(parser, argv)
     try:
         check_agft_params(args.tau, args.gamma)
@@ -70,6 +82,7 @@ def main(argv=None):
     resolution = clip_model.visual.input_resolution
     dataset, class_names = common.training_dataset(args.data, resolution, args.class_names, args.synthetic_size,
                                                    args.seed)
+    dataset = common.take_subset(dataset, args, print if dist.is_main else None)  # --subset, --subset-per-class
     sampler = common.GlobalBatchSampler(len(dataset), args.batch_size, dist.rank, dist.world, args.seed)
     run = common.Run(args, dist, len(dataset), class_names)  # nothing is written before this point
     device = dist.device

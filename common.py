@@ -11,8 +11,9 @@ Sections, in the order data flows (search for the `# ---- name` rule):
                          ImageEncoder applies), text_features, cosine_sim, frozen_copy, save_torchscript
     distributed and AMP  setup_distributed (torchrun, NCCL/gloo, a host-side gloo group), all_reduce_sum, first_error,
                          all_gather_with_grad, Preemption (SIGTERM/SIGUSR1), amp_setup
-    data                 training_dataset (ImageNet, ImageFolder, synthetic), GlobalBatchSampler, make_loader;
-                         caption data (AdvFLYP: CSV/TSV, img2dataset); images alone (FARE: image_dataset);
+    data                 training_dataset (ImageNet, ImageFolder, synthetic), take_subset (--subset),
+                         GlobalBatchSampler, make_loader; caption data (AdvFLYP: CSV/TSV, JSON records, the AdvFLYP
+                         LAION release, img2dataset); images alone (FARE: image_dataset);
                          evaluation datasets (EVAL_DATASETS, ObjectNet's overlap with ImageNet, eval_dataset) and
                          eval_loader
     PGD                  random_start, pgd (training's inner maximisation), attack_pgd (per-image random starts),
@@ -20,9 +21,11 @@ Sections, in the order data flows (search for the `# ---- name` rule):
     training harness     cosine_lr, schedule_steps, train_parser / parse_train_args, Run (the run directory:
                          args.json, log.jsonl, last.pt, model.pt, model_state_dict.pt; resume, preemption, unreadable
                          images, non-finite losses), checkpoint_state
-    demo                 the procedural task (DemoImages), its tiny pretrained CLIP (demo_clip), demo tables
+    demo                 the procedural task (DemoImages), its tiny pretrained CLIP (demo_clip), demo tables and
+                         the picture (drawn by figures.py)
 """
 import argparse
+import collections
 import contextlib
 import contextvars
 import copy
@@ -466,13 +469,17 @@ def input_grad(loss_fn, x, has_aux=False):
     return (grad, aux) if has_aux else grad
 
 
+def tokenize(model, texts):
+    """CLIP's tokens of `texts` for `model`, (len(texts), context length): longer texts are truncated."""
+    return clip.tokenize(texts, context_length=model.context_length, truncate=True)
+
+
 @torch.no_grad()
 def text_features(model, prompts, device, batch_size=500):
     """L2-normalised text embeddings g_φ(t) of `prompts`, (len(prompts), D) in fp32. Computed once per prompt set."""
     feats = []
     for i in range(0, len(prompts), batch_size):
-        tokens = clip.tokenize(prompts[i:i + batch_size], context_length=model.context_length, truncate=True)
-        feats.append(model.encode_text(tokens.to(device)).float())
+        feats.append(model.encode_text(tokenize(model, prompts[i:i + batch_size]).to(device)).float())
     return F.normalize(torch.cat(feats), dim=-1)
 
 
@@ -819,6 +826,66 @@ class SkipUnreadable(torch.utils.data.Dataset):
         raise RuntimeError("no readable image left in the training set (did the files change during training?)")
 
 
+def class_labels(dataset):
+    """The class of each item of a training dataset, without reading an image (for --subset-per-class), or None
+    when it has no classes: an ImageFolder's targets, the demo's concepts, the class folder of each file of a folder
+    of images (FARE's reader); caption data has none, unless it is class-captioned (advflyp.py --class-captions)."""
+    if isinstance(dataset, Captioned):
+        return class_labels(dataset.dataset)
+    if hasattr(dataset, "targets"):  # torchvision's ImageFolder
+        return list(dataset.targets)
+    if isinstance(dataset, DemoImages):
+        return [i % len(dataset.concepts) for i in range(len(dataset))]
+    if isinstance(dataset, ImageFiles):
+        folders = [os.path.dirname(p) for p in dataset.images]
+        ids = {f: k for k, f in enumerate(sorted(set(folders)))}
+        return [ids[f] for f in folders]
+    return None
+
+
+def subset_indices(n, size=None, per_class=None, labels=None, first=False, seed=0):
+    """Sorted indices of the samples a --subset keeps: `size` of the n samples, or `per_class` of each class
+    (`labels`: the class of each sample; a class with fewer keeps them all); a fixed random choice (generator seeded
+    with `seed`), or the first ones in index order (first=True)."""
+    g = torch.Generator().manual_seed(seed)
+    if per_class is None:
+        order = torch.arange(n) if first else torch.randperm(n, generator=g)
+        return sorted(order[:size].tolist())
+    labels = torch.as_tensor(labels)
+    keep = []
+    for c in labels.unique(sorted=True):
+        members = (labels == c).nonzero()[:, 0]  # in index order
+        keep += (members if first else members[torch.randperm(len(members), generator=g)])[:per_class].tolist()
+    return sorted(keep)
+
+
+def take_subset(dataset, args, log=None):
+    """The training set a run uses: `dataset` (SkipUnreadable-wrapped), or with --subset / --subset-per-class the
+    samples subset_indices keeps, in their order (an unreadable one is then replaced by the next kept one). The
+    choice uses seed 0 whatever --seed is, so that runs with different seeds train on the same samples."""
+    if args.subset is None and args.subset_per_class is None:
+        return dataset
+    inner, first = dataset.dataset, args.subset_order == "first"
+    if args.subset is not None:
+        if args.subset > len(inner):
+            raise UsageError(f"--subset {args.subset}: --data {args.data} has only {len(inner)} samples")
+        keep, how = subset_indices(len(inner), size=args.subset, first=first), f"--subset {args.subset}"
+    else:
+        labels = class_labels(inner)
+        if labels is None:
+            raise UsageError(f"--subset-per-class: --data {args.data} has no classes (image-caption pairs); use "
+                             "--subset N")
+        keep = subset_indices(len(inner), per_class=args.subset_per_class, labels=labels, first=first)
+        sizes = collections.Counter(labels)
+        short = sum(1 for k in sizes.values() if k < args.subset_per_class)
+        how = (f"--subset-per-class {args.subset_per_class}, {len(sizes)} classes"
+               + (f", {short} with fewer samples kept whole" if short else ""))
+    if log is not None:
+        log(f"training on {len(keep)} of the {len(inner)} samples of --data {args.data} ({how}, "
+            f"{'the first ones' if first else 'a fixed random choice'})")
+    return SkipUnreadable(torch.utils.data.Subset(inner, keep))
+
+
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Yields this rank's share of each global batch, in a permutation that depends only on (seed, epoch).
 
@@ -891,26 +958,32 @@ class CaptionPairs(torch.utils.data.Dataset):
 
 
 class CaptionFiles(CaptionPairs):
-    """img2dataset's `files` output: the caption of SHARD/KEY.jpg is in SHARD/KEY.txt, read when the item is."""
+    """Captions in files, read when the item is: caption_file(image) (img2dataset's SHARD/KEY.txt beside
+    SHARD/KEY.jpg, or the AdvFLYP LAION release's partX/captions/KEY.txt for partX/images/KEY.jpg)."""
 
     def caption(self, i):
-        with open(os.path.splitext(self.images[i])[0] + ".txt", encoding="utf-8", errors="replace") as f:
+        with open(caption_file(self.images[i]), encoding="utf-8", errors="replace") as f:
             return f.read().strip()
 
 
 class Captioned(torch.utils.data.Dataset):
-    """(image, caption) from a dataset of generated images whose items are (image, caption), or (image, label)
-    captioned 'a photo of a {class name}.'."""
+    """(image, caption) from a dataset whose items are (image, caption), or (image, label) captioned with its class's
+    caption: `class_captions[label]` (advflyp.py --class-captions: the class prompts), by default 'a photo of a
+    {class name}.' (generated data)."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, class_captions=None):
         self.dataset = dataset
+        self.class_captions = class_captions
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
         image, target = self.dataset[i]
-        caption = target if isinstance(target, str) else f"a photo of a {self.dataset.classes[target]}."
+        if isinstance(target, str):
+            return image, target
+        caption = (self.class_captions[target] if self.class_captions is not None
+                   else f"a photo of a {self.dataset.classes[target]}.")
         return image, caption
 
 
@@ -943,24 +1016,65 @@ def read_caption_table(path, img_key="filepath", caption_key="title", separator=
     return images, None if caption_key is None else [c for _, c in rows]
 
 
+def read_caption_records(path):
+    """(image paths, captions) from a JSON list, or a JSON-lines file, of {"image": path, "caption": text} records,
+    in the file's order: the AdvFLYP code's `laion_index.json` (paths relative to its folder) and its VLM-captioned
+    ImageNet (`all_captions.jsonl`). Relative paths are resolved against the file's folder."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.lower().endswith(".jsonl"):
+                records = [json.loads(line) for line in f if line.strip()]
+            else:
+                records = json.load(f)
+        folder = os.path.dirname(os.path.abspath(path))
+        return ([os.path.join(folder, r["image"]) for r in records], [str(r["caption"]) for r in records])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--data {path}: not a list of {{\"image\": path, \"caption\": text}} records "
+                         f"({type(e).__name__}: {str(e)[:120]})")
+
+
+def caption_file(image):
+    """The caption file of an image: KEY.txt beside KEY.jpg (img2dataset's `files` format), or, for an image in a
+    folder named `images`, captions/KEY.txt beside that folder (the AdvFLYP LAION release: partX/images/KEY.jpg and
+    partX/captions/KEY.txt)."""
+    folder, name = os.path.split(image)
+    beside = os.path.join(folder, os.path.splitext(name)[0] + ".txt")
+    if os.path.basename(folder) == "images" and not os.path.exists(beside):
+        return os.path.join(os.path.dirname(folder), "captions", os.path.splitext(name)[0] + ".txt")
+    return beside
+
+
 def find_caption_files(root):
-    """(sorted image paths with a caption file beside them (KEY.jpg + KEY.txt), number of images without one) in
-    `root` and its subfolders: the layout of img2dataset's `files` output format (ROOT/00000/000000000.jpg,
-    ROOT/00000/000000000.txt, ...)."""
-    folders = [root] + sorted(os.path.join(root, d) for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    """(sorted image paths with a caption file (caption_file), number of images without one) under `root`,
+    recursively (hidden folders skipped): img2dataset's `files` output (ROOT/00000/000000000.jpg with
+    ROOT/00000/000000000.txt) or the AdvFLYP LAION release without its index (ROOT/part0/images/000000.jpg with
+    ROOT/part0/captions/000000.txt)."""
     images, uncaptioned = [], 0
-    for folder in folders:
-        names = set(os.listdir(folder))
-        found = [n for n in sorted(names) if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
-        images += [os.path.join(folder, n) for n in found if os.path.splitext(n)[0] + ".txt" in names]
-        uncaptioned += sum(os.path.splitext(n)[0] + ".txt" not in names for n in found)
-    return images, uncaptioned
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        names = set(files)
+        captions = (set(os.listdir(os.path.join(os.path.dirname(folder), "captions")))
+                    if os.path.basename(folder) == "images"
+                    and os.path.isdir(os.path.join(os.path.dirname(folder), "captions")) else set())
+        for n in sorted(names):
+            if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS:
+                key = os.path.splitext(n)[0] + ".txt"
+                if key in names or key in captions:
+                    images.append(os.path.join(folder, n))
+                else:
+                    uncaptioned += 1
+    return images, uncaptioned  # os.walk's order: a folder's files, then its sorted subfolders, depth first
+
+
+LAION_INDEX = "laion_index.json"  # the AdvFLYP LAION release's index of its pairs, read in place of the folders
 
 
 def caption_dataset(spec, resolution, img_key="filepath", caption_key="title", separator=None,
                     synthetic_size=None, seed=0, log=None):
-    """Dataset of (image in [0, 1], caption, unreadable) for `--data` of AdvFLYP: a CSV/TSV file of image paths and
-    captions, an img2dataset output folder (`files` format), `synthetic` (random images captioned with random class
+    """Dataset of (image in [0, 1], caption, unreadable) for `--data` of AdvFLYP (docs/advflyp.md): a CSV/TSV file of
+    image paths and captions; a .json/.jsonl file of {"image", "caption"} records; a folder with a laion_index.json
+    (the AdvFLYP LAION release: its records, in their order); a folder of images with caption files (img2dataset's
+    `files` output, or the LAION release without its index); `synthetic` (random images captioned with random class
     names) or `demo` (captioned images of the demo's proxy concepts, the images agft.py's demo trains on).
     log: where to say how many images of a folder have no caption file (they are left out)."""
     if spec == "synthetic":
@@ -968,14 +1082,20 @@ def caption_dataset(spec, resolution, img_key="filepath", caption_key="title", s
         return SkipUnreadable(Captioned(SyntheticImages(size, 1000, resolution, seed)))
     if spec == "demo":
         return SkipUnreadable(Captioned(DemoImages(DEMO_PROXY, 64, resolution, seed=1, captions=True)))
+    index = os.path.join(spec, LAION_INDEX)
+    if os.path.isfile(spec) and spec.lower().endswith((".json", ".jsonl")) or os.path.isfile(index):
+        path = spec if os.path.isfile(spec) else index
+        images, captions = read_caption_records(path)
+        return SkipUnreadable(CaptionPairs(images, captions, resolution, path))
     if os.path.isfile(spec):
         images, captions = read_caption_table(spec, img_key, caption_key, separator)
         return SkipUnreadable(CaptionPairs(images, captions, resolution, spec))
     if os.path.isdir(spec):
         images, uncaptioned = find_caption_files(spec)
         if not images:
-            raise UsageError(f"--data {spec}: no image with a caption file beside it (expected img2dataset's `files` "
-                             "output: 00000/000000000.jpg with 00000/000000000.txt)")
+            raise UsageError(f"--data {spec}: no image with a caption file (expected img2dataset's `files` output: "
+                             "00000/000000000.jpg with 00000/000000000.txt, or the AdvFLYP LAION release: "
+                             "part0/images/000000.jpg with part0/captions/000000.txt)")
         if uncaptioned and log is not None:
             log(f"--data {spec}: {count(uncaptioned, 'image')} without a caption file beside it left out, "
                 f"{len(images)} with one")
@@ -1018,10 +1138,12 @@ def image_dataset(spec, resolution, img_key="filepath", separator=None, syntheti
     if spec in ("synthetic", "demo"):
         return training_dataset(spec, resolution, synthetic_size=synthetic_size, seed=seed)[0], spec
     if os.path.isfile(spec):
-        images, _ = read_caption_table(spec, img_key, None, separator)
+        images = (read_caption_records(spec)[0] if spec.lower().endswith((".json", ".jsonl"))
+                  else read_caption_table(spec, img_key, None, separator)[0])
         if not images:
             raise UsageError(f"--data {spec}: lists no images")
-        return SkipUnreadable(ImageFiles(images, resolution, spec)), f"the image column '{img_key}' of {spec}"
+        what = "the images" if spec.lower().endswith((".json", ".jsonl")) else f"the image column '{img_key}'"
+        return SkipUnreadable(ImageFiles(images, resolution, spec)), f"{what} of {spec}"
     if not os.path.isdir(spec):
         raise UsageError(f"--data {spec}: no such file or directory (expected a CSV/TSV of image paths, a folder of "
                          "images such as an ImageNet root, an ImageFolder or an img2dataset output folder, "
@@ -1583,6 +1705,14 @@ def train_parser(doc, method, class_names=True, lr_default=None, **defaults):
     p.add_argument("--save-every", type=int, default=500, help="write last.pt every this many steps (and each epoch)")
     p.add_argument("--log-every", type=int, default=10, help="log every this many steps")
     p.add_argument("--synthetic-size", type=int, default=10_000, help="number of images of --data synthetic")
+    p.add_argument("--subset", type=int, default=None, metavar="N",
+                   help="train on N samples of --data only: a fixed random choice (the same for every --seed), or "
+                        "the first N with --subset-order first (data-amount ablations; docs/reproduce.md)")
+    p.add_argument("--subset-per-class", type=int, default=None, metavar="N",
+                   help="train on N samples of each class of --data only (e.g. 100: a 100k subset of ImageNet)")
+    p.add_argument("--subset-order", choices=["random", "first"], default="random",
+                   help="which samples --subset / --subset-per-class keep: a fixed random choice, or the first ones "
+                        "in the data's own order (a caption index's first N records, as the AdvFLYP code takes them)")
     p.add_argument("--max-unreadable", type=float, default=0.01,
                    help="stop when more than this fraction of the training images is unreadable in an epoch "
                         "(fewer are replaced by the next readable image, counted and reported)")
@@ -1616,9 +1746,11 @@ def parse_train_args(parser, argv=None, check_data=True, derive=None):
     for name in ("eps", "alpha"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} {getattr(args, name)}: must be >= 0")
-    for name in ("epochs", "batch_size", "save_every", "log_every", "synthetic_size"):
-        if getattr(args, name) < 1:
+    for name in ("epochs", "batch_size", "save_every", "log_every", "synthetic_size", "subset", "subset_per_class"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.subset is not None and args.subset_per_class is not None:
+        raise UsageError("--subset and --subset-per-class: choose one")
     if args.workers < 0:
         raise UsageError(f"--workers {args.workers}: must be >= 0")
     if args.attack_steps < 0:
@@ -1715,11 +1847,18 @@ RESUME_MAY_CHANGE = {"out", "data", "class_names", "val_root", "workers", "log_e
                      "max_unreadable"}
 
 
+# Flags added after runs were written with the scripts, and the value that stands for their absence from an older
+# last.pt (the behaviour before the flag existed): such a run resumes under a command that leaves them at that value.
+ADDED_FLAGS = {"subset": None, "subset_per_class": None, "subset_order": "random", "train": "image",
+               "reg_terms": "both", "class_captions": False, "reg": "none"}
+
+
 def resume_mismatch(saved_args, args, saved_data, data):
     """Why last.pt (written with `saved_args`, on data `saved_data`) cannot be continued by this command, as a list
     of 'the flag: that run's value vs this one' (empty: it can). saved_data is None in checkpoints older than it."""
     show = lambda v: "(not set)" if v is None else str(v)  # noqa: E731
     now = vars(args)
+    saved_args = {**{k: v for k, v in ADDED_FLAGS.items() if k in now}, **saved_args}  # older runs: the old behaviour
     diffs = [f"--{k.replace('_', '-')} {show(saved_args.get(k))} there, {show(now.get(k))} now"
              for k in sorted(set(saved_args) | set(now))
              if k not in RESUME_MAY_CHANGE and saved_args.get(k) != now.get(k)]
@@ -2144,3 +2283,7 @@ def demo_report(run, args, before, after):
         "held_out_concepts": [f"{c} {s}" for c, s in DEMO_HELD_OUT],
         "proxy_concepts": [f"{c} {s}" for c, s in DEMO_PROXY],
     })
+    if run.dist.is_main:  # a picture of the table (figures.py: the one file that imports matplotlib)
+        import figures
+        picture = figures.demo_figure(os.path.join(run.dir, "results.json"), os.path.join(run.dir, "demo.png"))
+        run.print(f"figure: {picture}")

@@ -55,6 +55,9 @@ Benchmark (no dataset, no weights; images/s per attack go to the log and to "img
 Structure metrics (--metrics conf,smax,smean,top5-iou,phi or all; docs/metrics.md; AGFT Table 9, §4.4, AdvFLYP Eq. 14),
 averaged over every image, on clean images and on the adversarial images of the first attack:
     python evaluate.py --model runs/agft-eps1/model.pt --datasets all --attacks pgd,cw,aa --metrics all --intervals
+The images' embeddings, clean and at the first attack, for a t-SNE figure (figures.py tsne; no accuracies):
+    python evaluate.py --model runs/agft-eps1/model.pt --datasets CIFAR10 --samples 2000 --attacks pgd \\
+        --save-features runs/agft-eps1/cifar10-features.npz
 Every accuracy has a 95% Wilson interval (the mean over datasets: a MOVER interval). The per-image results go to
 --per-sample (default: --out with .samples.npz); two evaluations of the same images and attacks are compared, with a
 paired 95% interval (Newcombe's hybrid score interval), by
@@ -62,6 +65,18 @@ paired 95% interval (Newcombe's hybrid score interval), by
 Resume: the results are saved after every dataset and every --save-every seconds; rerun the same command (same
 --out) and it continues where it stopped, with the numbers of an uninterrupted run, with any number of processes.
 SIGTERM / SIGUSR1 save and exit with status 75 (common.PREEMPTED).
+
+Sections, in the order data flows (search for the `# ---- name` rule):
+    config                      parse_args: datasets, attacks, protocols, metrics
+    helpers                     load_datasets, fixed_subset (--samples), the Markdown tables
+    zero-shot evaluation        zero_shot_samples (per image: clean, each attack, metrics, embeddings),
+                                zero_shot_eval, the structure metrics
+    intervals (95%)             Wilson, MOVER, the paired difference
+    per-image results, resume   SampleStore (--per-sample), open_store, gathering rows across processes
+    reports                     the results JSON and its table
+    compare                     --compare A.json B.json
+    embeddings                  --save-features (figures.py tsne)
+    main                        main, evaluate
 """
 import argparse
 import contextlib
@@ -182,6 +197,9 @@ def parse_args(argv=None):
                         "with .samples.npz)")
     p.add_argument("--save-every", type=float, default=60.0,
                    help="save the per-image results at least every this many seconds (and after every dataset)")
+    p.add_argument("--save-features", default=None, metavar="FILE.npz",
+                   help="instead of accuracies, write every evaluated image's embedding f(x), clean and at the first "
+                        "attack's x_adv, with its label, to FILE.npz (no pickle), for figures.py tsne; then exit")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                    help="print A − B per dataset and on average with paired 95%% intervals (same images and "
                         "attacks), then exit")
@@ -256,6 +274,10 @@ def parse_args(argv=None):
         raise common.UsageError(f"--per-sample {args.per_sample}: must be a file name other than --out")
     if args.save_every < 0:
         raise common.UsageError(f"--save-every {args.save_every}: must be >= 0")
+    if args.save_features is not None:
+        if not args.save_features.endswith(".npz") or os.path.isdir(args.save_features):
+            raise common.UsageError(f"--save-features {args.save_features}: expected a file name ending in .npz")
+        common.check_parent_dirs(args.save_features, "--save-features")
     return args
 
 
@@ -472,7 +494,7 @@ def structure_metrics(metrics, sim, ref_scores, which):
 
 def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
                       batch_size=256, ctx=contextlib.nullcontext(), seed=0, workers=0, desc=None, timing=None,
-                      attack_all=False, metrics=(), reference=None, indices=None):
+                      attack_all=False, metrics=(), reference=None, indices=None, embeddings=False):
     """Per-image zero-shot results of `encoder` on `dataset` (or on its images `indices`), class text features
     `text_feats`: yields (index (b,), {field: (b,) CPU tensor}) for each batch of this rank's share, fields as
     sample_fields names them. Every rank yields the same number of batches (a rank with fewer images ends with empty
@@ -487,12 +509,14 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
     steps: every attack's iterations (None: DEFAULT_ATTACK_STEPS) or {attack: iterations}. The attacks run on each
     batch while its clean features are in memory; an attack that others are made of runs once per image
     (run_attack), and the combined attacks (COMBINED_ATTACKS) run last so that they find their parts' results.
-    timing: a dict to fill with images per second of the clean pass and of each attack (all processes together)."""
+    timing: a dict to fill with images per second of the clean pass and of each attack (all processes together).
+    embeddings=True adds each image's raw embeddings, (b, D) float32: "embedding.clean" f(x) and, when the first
+    attack applies, "embedding.adv" f(x_adv) of that attack, run on every image for them as for the metrics."""
     encoder.eval()
     logits_fn = lambda x: common.CLIP_LOGIT_SCALE * common.cosine_sim(encoder(x), text_feats)  # noqa: E731
     n_classes = len(text_feats)
     applicable = [n_classes >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
-    adv_metrics = bool(metrics) and bool(attacks) and applicable[0]
+    adv_metrics = (bool(metrics) or embeddings) and bool(attacks) and applicable[0]  # the first attack: every image
 
     def steps_of(name):
         return (steps.get(name) if isinstance(steps, dict) else steps) or DEFAULT_ATTACK_STEPS[name]
@@ -520,7 +544,7 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
             sim = common.cosine_sim(features, text_feats)  # (B, C)
             ok = (common.CLIP_LOGIT_SCALE * sim).argmax(-1) == y  # (B,) clean-correct
         seconds[0], images[0] = seconds[0] + tick() - t, images[0] + len(y)
-        out = {"label": y, "clean": ok}
+        out = {"label": y, "clean": ok, **({"embedding.clean": features.float()} if embeddings else {})}
         ref_scores = None  # (B, C): the reference model's clean logits (AGFT §4.4: its clean top-5 is the anchor)
         if metrics:
             if "top5-iou" in metrics and n_classes > 5:
@@ -549,6 +573,8 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
                     out.update(structure_metrics(metrics, adv_sim, ref_scores, "adv"))
                     if "phi" in metrics:
                         out["phi.adv"] = cosine_deviation(features, adv_features)
+                    if embeddings:
+                        out["embedding.adv"] = adv_features.float()  # (B, D)
             out[name] = correct
         yield index, {f: v.cpu() for f, v in out.items()}
         done += 1
@@ -990,6 +1016,62 @@ def compare(path_a, path_b):
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
+# ------------------------------------------------------------------------------------ embeddings (--save-features)
+FEATURES_FORMAT = "clip-aft-features/1"
+
+
+def save_features(args, encoder, sets, text_of, dist, ctx):
+    """--save-features: every evaluated image's raw embedding f(x), clean and at the first attack's x_adv (run on
+    every image), with its label and whether it is classified correctly, gathered on rank 0 and written atomically
+    to an .npz read with allow_pickle=False: "meta" (JSON: format, model, attack, eps, steps, per dataset its name
+    and class names) and per dataset k: "k.index", "k.label" (int64), "k.correct.clean", "k.correct.adv" (bool),
+    "k.clean", "k.adv" ((n, D) float32; "adv" and "correct.adv" absent when no attack applies). One pass, no resume:
+    a preempted run is rerun whole."""
+    attack = args.attacks[:1]
+    meta = {"format": FEATURES_FORMAT, "model": args.model, "vision_weights": args.vision_weights,
+            "attack": attack[0] if attack else None, "eps": args.eps, "alpha": args.alpha,
+            "steps": args.steps.get(attack[0]) if attack else None, "samples": args.samples, "seed": args.seed,
+            "datasets": []}
+    arrays = {}
+    for k, (name, dataset, class_names, _, _) in enumerate(sets):
+        text = text_of(name)  # (C, D)
+        adv = bool(attack) and len(class_names) >= ATTACK_MIN_CLASSES.get(attack[0], 2)
+        fields = ["label", "clean", *(attack if adv else [])]
+        embeddings = ["embedding.clean", *(["embedding.adv"] if adv else [])]
+        width, dim = 1 + len(fields) + len(embeddings) * text.shape[1], text.shape[1]
+        rows = []
+        for index, out in zero_shot_samples(encoder, text, dataset, dist, tuple(attack), args.eps / 255,
+                                            args.alpha / 255, args.steps, args.batch_size, ctx, args.seed,
+                                            args.workers, desc=name, embeddings=True):
+            error = common.first_error(out.pop("error", None), dist)  # an unreadable image on any rank stops all
+            if error is not None:
+                raise common.UsageError(f"{name}: {error}")
+            batch = torch.zeros(len(index), width, dtype=torch.float64)  # position, fields, the embeddings
+            if len(index):
+                batch[:, 0] = index
+                batch[:, 1:1 + len(fields)] = torch.stack([out[f].double() for f in fields], dim=1)
+                batch[:, 1 + len(fields):] = torch.cat([out[e].double() for e in embeddings], dim=1)
+            rows.append(gather_rows(batch, dist))
+        if not dist.is_main:
+            continue
+        rows = np.concatenate(rows) if rows else np.zeros((0, width))
+        rows = rows[np.argsort(rows[:, 0], kind="stable")]  # dataset order, whatever the process count
+        at, index = 1 + len(fields), np.asarray(dataset_indices(dataset), np.int64)  # position -> dataset index
+        arrays.update({f"{k}.index": index[rows[:, 0].astype(np.int64)], f"{k}.label": rows[:, 1].astype(np.int64),
+                       f"{k}.correct.clean": rows[:, 2].astype(bool), f"{k}.clean": rows[:, at:at + dim].astype(
+                           np.float32)})
+        if adv:
+            arrays[f"{k}.correct.adv"] = rows[:, 3].astype(bool)
+            arrays[f"{k}.adv"] = rows[:, at + dim:].astype(np.float32)
+        meta["datasets"].append({"name": name, "n": len(rows), "classes": list(class_names), "adv": adv})
+    if dist.is_main:
+        arrays["meta"] = np.array(json.dumps(meta))
+        os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
+        common.atomic_write(args.save_features, lambda f: np.savez(f, **arrays))
+        print(f"wrote {args.save_features}: the embeddings of {sum(d['n'] for d in meta['datasets'])} images, clean"
+              + (f" and at {attack[0]} (ε = {args.eps:g}/255)" if attack else ""), flush=True)
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
@@ -1026,6 +1108,11 @@ def evaluate(args, preemption):
     ref_encoder = None if reference is None else common.ImageEncoder(reference.visual).to(dist.device).eval()
     steps = args.steps  # {attack: iterations}
     prompts = {name: common.prompts_for(class_names, template) for name, _, class_names, template, _ in sets}
+    if args.save_features:  # a run of its own: the embeddings, no accuracies
+        save_features(args, encoder, sets, lambda name: common.text_features(model, prompts[name], dist.device), dist,
+                      ctx)
+        common.cleanup_distributed()
+        return
     settings = {"protocol": args.protocol, "model": args.model, "vision_weights": args.vision_weights,
                 "model_sha256": model_sha, "datasets": [s[0] for s in sets],
                 "images": {name: [full, len(ds)] for name, ds, _, _, full in sets},  # [dataset size, evaluated]

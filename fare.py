@@ -71,6 +71,7 @@ def main(argv=None):
     resolution = clip_model.visual.input_resolution
     dataset, source = common.image_dataset(args.data, resolution, args.csv_img_key, args.csv_separator,
                                            args.synthetic_size, args.seed)
+    dataset = common.take_subset(dataset, args, print if dist.is_main else None)  # --subset, --subset-per-class
     sampler = common.GlobalBatchSampler(len(dataset), args.batch_size, dist.rank, dist.world, args.seed)
     run = common.Run(args, dist, len(dataset))  # nothing is written before this point
     device = dist.device

@@ -33,6 +33,8 @@ Reproduce the paper's rows (ViT-B/32, ImageNet, ε = 1/255, lr 1e-5 (TGA-ZSR: 4e
     torchrun --nproc_per_node=2 tecoa.py --eps 1 --pmg --data /path/to/imagenet --out runs/pmg-aft-eps1
     torchrun --nproc_per_node=2 tecoa.py --eps 1 --tga --data /path/to/imagenet --out runs/tga-zsr-eps1
     python tecoa.py --eps 1 --data /path/to/imagenet --out runs/tecoa-eps1      # one process
+TeCoA with AdvFLYP's regularisers (the AdvFLYP paper's Table 9; --reg logit is not --pmg: docs/tecoa.md):
+    torchrun --nproc_per_node=2 tecoa.py --eps 1 --reg full --data /path/to/imagenet --out runs/tecoa-reg-full
 The demo (no download, a few minutes on a CPU):
     python tecoa.py --demo
     python tecoa.py --demo --pmg
@@ -48,10 +50,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import advflyp
 import common
 
 
 # ---------------------------------------------------------------------- the method (Eq. 4-5, PMG-AFT, TGA-ZSR)
+REG_NAMES = {"none": "", "logit": " + L_logit", "feat": " + L_feat", "full": " + L_logit + L_feat"}  # --reg
+
+
 def tecoa_loss(adv_sim, labels, logit_scale=100.0):
     """TeCoA's hard-label cross-entropy (Eq. 4).
 
@@ -115,13 +121,19 @@ def parse_args(argv=None):
     parser = common.train_parser(__doc__, "tecoa", lr=None, lr_default="1e-5; 4e-5 with --tga")
     parser.add_argument("--pmg", action="store_true",
                         help="PMG-AFT: add KL(p_orig(x_adv)‖p(x_adv)) + KL(p(x)‖p(x_adv)) to TeCoA's loss")
+    parser.add_argument("--reg", choices=advflyp.REGULARISERS, default="none",
+                        help="add AdvFLYP's regularisers to TeCoA's loss (the AdvFLYP paper's Table 9): logit "
+                             "(L_logit over the class prompts), feat (L_feat), full (both); not with --pmg or --tga. "
+                             "--reg logit is PMG-AFT as the AdvFLYP code computes it: its KLs run the other way "
+                             "round from --pmg's (docs/tecoa.md)")
     parser.add_argument("--tga", action="store_true",
                         help="TGA-ZSR (ViT only): add 0.08·‖A(x_adv)−A_orig(x)‖ + 0.05·‖A(x)−A_orig(x)‖ on text-guided "
                              "attention maps to TeCoA's loss; default lr 4e-5")
 
     def derive(args):
-        if args.pmg and args.tga:
-            raise common.UsageError("--pmg and --tga: choose one method (PMG-AFT or TGA-ZSR)")
+        if args.pmg + args.tga + (args.reg != "none") > 1:
+            raise common.UsageError("--pmg, --tga and --reg: choose one (PMG-AFT, TGA-ZSR or TeCoA with AdvFLYP's "
+                                    "regularisers)")
         args.method = "pmg-aft" if args.pmg else "tga-zsr" if args.tga else "tecoa"  # names runs, the demo's table
         if args.lr is None:
             args.lr = 4e-5 if args.tga else 1e-5  # TGA-ZSR: AGFT Table 11
@@ -142,6 +154,7 @@ def main(argv=None):
     resolution = clip_model.visual.input_resolution
     dataset, class_names = common.training_dataset(args.data, resolution, args.class_names, args.synthetic_size,
                                                    args.seed)
+    dataset = common.take_subset(dataset, args, print if dist.is_main else None)  # --subset, --subset-per-class
     sampler = common.GlobalBatchSampler(len(dataset), args.batch_size, dist.rank, dist.world, args.seed)
     run = common.Run(args, dist, len(dataset), class_names)  # nothing is written before this point
     device = dist.device
@@ -161,7 +174,7 @@ def main(argv=None):
     encoder, orig_encoder = (common.compile_encoder(e, args.compile) for e in (encoder, orig_encoder))  # --compile
     train_encoder = DDP(encoder) if dist.world > 1 else encoder
     loader = common.make_loader(dataset, sampler, args.workers, device)
-    run.print(f"{common.METHOD_NAMES[args.method]}: {len(dataset)} images, {len(text)} classes, "
+    run.print(f"{common.METHOD_NAMES[args.method]}{REG_NAMES[args.reg]}: {len(dataset)} images, {len(text)} classes, "
               f"{common.count(total_steps, 'step')} of global batch {args.batch_size} on {dist.world} process(es), "
               f"{device}, amp {amp}")
 
@@ -202,6 +215,16 @@ def main(argv=None):
                         orig_adv_sim = common.cosine_sim(orig_encoder(x_adv), text)  # (b, C) original model
                     clean_sim = common.cosine_sim(train_encoder(images), text)  # (b, C), not detached
                     loss = pmg_loss(adv_sim, orig_adv_sim, clean_sim, labels)
+                elif args.reg != "none":  # TeCoA + AdvFLYP's L_logit and/or L_feat (the AdvFLYP paper's Table 9)
+                    adv = train_encoder(x_adv)  # (b, D)
+                    clean = train_encoder(images)  # (b, D), not detached
+                    with torch.no_grad():
+                        orig = orig_encoder(x_adv)  # (b, D) original model
+                    loss = tecoa_loss(common.cosine_sim(adv, text), labels)
+                    if args.reg in ("logit", "full"):
+                        loss = loss + advflyp.logit_reg(adv, orig, clean, text)  # P over the C class prompts
+                    if args.reg in ("feat", "full"):
+                        loss = loss + advflyp.feature_reg(adv, orig, clean)
                 else:
                     loss = tecoa_loss(common.cosine_sim(train_encoder(x_adv), text), labels)  # (b, C) similarities
             # --------------------------------------------------------------------------------------------------

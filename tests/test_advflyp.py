@@ -115,6 +115,24 @@ def test_logit_reg_frozen_branch_is_constant_clean_branch_is_not():
     assert g_clean.abs().max() > 0
 
 
+def test_reg_terms_orig_keeps_term_ii_alone():
+    """--reg-terms orig (the paper's Table 7): clean_features=None leaves KL(P_adv,θ ‖ P_adv,orig) and
+    mean ‖x̂_adv,θ − x̂_adv,orig‖, against the same independent computations; the full loss is their sum with the
+    clean terms."""
+    adv, orig, clean, text = features(40), features(41), features(42), features(43)
+    softmax = lambda f: torch.softmax(100.0 * unit_rows(f) @ unit_rows(text).t(), dim=-1)  # noqa: E731
+    term_ii = reference_kl(softmax(adv), softmax(orig)).mean()
+    assert torch.allclose(advflyp.logit_reg(adv, orig, None, text).double(), term_ii, rtol=1e-4)
+    mine = grads(lambda a: advflyp.logit_reg(a, orig, None, text), adv)
+    ref = grads(lambda a: reference_kl(softmax(a), softmax(orig)).mean(), adv)
+    assert close(mine[0], ref[0])
+    distance = lambda a, b: torch.sqrt(((unit_rows(a) - unit_rows(b)) ** 2).sum(-1)).mean()  # noqa: E731
+    assert torch.allclose(advflyp.feature_reg(adv, orig, None).double(), distance(adv, orig), rtol=1e-5)
+    assert torch.allclose(advflyp.feature_reg(adv, orig, clean).double(), distance(adv, orig) + distance(adv, clean),
+                          rtol=1e-5)
+    assert advflyp.logit_reg(adv, orig, None, text) < advflyp.logit_reg(adv, orig, clean, text)
+
+
 def reference_feature_reg(adv, orig, clean):
     """Eq. 8 as in Algorithm 1: per-sample L2 distances of unit features, unsquared, averaged."""
     a, o, c = unit_rows(adv), unit_rows(orig), unit_rows(clean)
@@ -233,3 +251,93 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_ckpt, csv_data, tmp_path,
                                                              *argv], capsys)
         assert code == 2 and stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr
         assert message in stderr and not out.exists(), (message, stderr)
+
+
+# ------------------------------------------------------------------------------- the ablations' flags (Tables 6-8)
+def test_text_encoder_is_encode_text_on_shared_parameters():
+    """--train text|all: TextEncoder gives CLIP.encode_text's features exactly (the same ops), and its parameters
+    are the CLIP's own, so that training it trains what model.pt saves."""
+    import clip
+    model = tiny_clip(3)
+    tokens = clip.tokenize(["a red ring.", "a photo of a blue bar that is long."], context_length=model.context_length)
+    encoder = advflyp.TextEncoder(model)
+    assert torch.equal(encoder(tokens), model.encode_text(tokens))
+    shared = {id(p) for p in advflyp.text_parameters(model)}
+    assert {id(p) for p in encoder.parameters()} == shared
+    names = {n for n, p in model.named_parameters() if id(p) in shared}
+    assert names and not any(n.startswith("visual.") or n == "logit_scale" for n in names)
+    assert len(names) == sum(1 for n, _ in model.named_parameters() if not n.startswith("visual.")) - 1
+
+
+def test_train_text_and_all_update_what_they_say(tiny_ckpt, csv_data, tmp_path, capsys):
+    """--train image leaves the text encoder and logit_scale as they were; text trains the text encoder too; all
+    trains logit_scale as well, clamped to [0, ln 100] as the official code does."""
+    before = load_weights(tiny_ckpt)
+    text_keys = [k for k in before if not k.startswith("visual.") and k != "logit_scale"]
+    changed = {}
+    for train in advflyp.TRAINED:
+        out = str(tmp_path / train)
+        code, stdout, stderr = run_main_in_process(advflyp.main, train_args(
+            tiny_ckpt, csv_data, out, "--train", train, "--max-steps", "2"), capsys)
+        assert code == 0, stderr
+        assert advflyp.TRAINED_WHAT[train] in stdout
+        after = load_weights(os.path.join(out, "model.pt"))
+        changed[train] = {k for k in before if not torch.equal(before[k], after[k])}
+        assert any(k.startswith("visual.") for k in changed[train])
+        if train == "all":
+            assert after["logit_scale"].item() <= np.log(100) + 1e-6
+    assert not any(k in changed["image"] for k in text_keys) and "logit_scale" not in changed["image"]
+    assert all(k in changed["text"] for k in text_keys) and "logit_scale" not in changed["text"]
+    assert all(k in changed["all"] for k in text_keys) and "logit_scale" in changed["all"]
+
+
+def test_class_captions_caption_each_image_with_its_class_prompt(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    """--class-captions ('naive FLYP', Table 8): an ImageFolder, every image captioned 'This is a photo of a
+    {class}.' (the batch's captions are what the text encoder is asked to encode)."""
+    write_images(tmp_path / "tree", [f"{c}/{i}.png" for c in ("red_fox", "tabby-cat") for i in range(4)])
+    seen = []
+    text_features = common.text_features
+    monkeypatch.setattr(common, "text_features", lambda m, prompts, *a, **k: (
+        seen.extend(prompts), text_features(m, prompts, *a, **k))[1])
+    out = str(tmp_path / "run")
+    code, stdout, stderr = run_main_in_process(advflyp.main, train_args(
+        tiny_ckpt, str(tmp_path / "tree"), out, "--class-captions", "--max-steps", "2"), capsys)
+    assert code == 0, stderr
+    assert "(class prompts as captions)" in stdout
+    assert len(seen) == 8 and set(seen) == {"This is a photo of a red fox.", "This is a photo of a tabby cat."}
+    code, _, stderr = run_main_in_process(advflyp.main, train_args(
+        tiny_ckpt, str(tmp_path / "tree" / "nowhere"), out + "2", "--class-captions"), capsys)
+    assert code == 2 and "--class-captions --data" in stderr and "no such directory" in stderr
+
+
+def test_reg_terms_without_a_regulariser_is_refused(tiny_ckpt, csv_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, stderr = run_main_in_process(advflyp.main, train_args(
+        tiny_ckpt, csv_data, str(out), "--reg", "none", "--reg-terms", "orig"), capsys)
+    assert code == 2 and "--reg-terms orig: there is no regulariser" in stderr and not out.exists()
+
+
+@pytest.mark.slow
+def test_train_all_with_two_processes_follows_one(tiny_ckpt, tmp_path):
+    """--train all under torchrun (gloo): the text encoder in its own DDP module and logit_scale in none (its
+    gradient divided by the number of processes by hand) follow the one-process run: the same losses, and the text
+    embeddings and logit_scale of the two trained models agree to under 0.1% of how far training moved them."""
+    import clip
+    from conftest import run_script
+    outs = {n: tmp_path / f"p{n}" for n in (1, 2)}
+    for n, out in outs.items():
+        r = run_script(["advflyp.py", "--model", tiny_ckpt, "--data", "synthetic", "--synthetic-size", "24",
+                        "--batch-size", "4", "--epochs", "2", "--lr", "0.05", "--warmup", "1", "--eps", "4",
+                        "--workers", "0", "--amp", "off", "--log-every", "1", "--train", "all", "--out", str(out)],
+                       nproc=n)
+        assert r.returncode == 0, r.stderr[-3000:]
+    losses = lambda p: [json.loads(line)["loss"] for line in open(p / "log.jsonl") if "loss" in line]  # noqa: E731
+    np.testing.assert_allclose(losses(outs[1]), losses(outs[2]), rtol=1e-3)
+    start, one, two = (load_weights(p) for p in (tiny_ckpt, outs[1] / "last.pt", outs[2] / "last.pt"))
+    models = [common.clip_from_state_dict(w) for w in (start, one, two)]
+    tokens = clip.tokenize(["a photo of a class 3.", "a photo of a class 71."], context_length=models[0].context_length)
+    with torch.no_grad():
+        text = [m.encode_text(tokens) for m in models]
+    assert (text[1] - text[2]).abs().max() < 1e-3 * (text[1] - text[0]).abs().max()
+    moved = (one["logit_scale"] - start["logit_scale"]).abs().item()
+    assert moved > 0 and (one["logit_scale"] - two["logit_scale"]).abs().item() < 1e-3 * moved

@@ -171,6 +171,25 @@ def test_resume_refuses_other_settings_and_another_methods_checkpoint(tmp_path, 
     assert "resuming" in capsys.readouterr().out
 
 
+def test_a_run_from_before_a_flag_existed_resumes_at_its_old_behaviour(tmp_path, capsys):
+    """last.pt of a run written before --subset, --train, tecoa.py's --reg, ... existed (its args lack them) resumes
+    under a command that leaves them at the value that was the only behaviour then; another value is refused."""
+    argv = ["--model", "random:tiny", "--data", "synthetic", "--synthetic-size", "16", "--batch-size", "4",
+            "--workers", "0", "--max-steps", "1", "--out", str(tmp_path / "run")]
+    tecoa.main(argv)
+    path = tmp_path / "run" / "last.pt"
+    saved = torch.load(path, weights_only=True)
+    old = {k: v for k, v in saved["args"].items() if k not in ("subset", "subset_per_class", "subset_order", "reg")}
+    torch.save({**saved, "args": old}, path)  # as an older version wrote it
+    with pytest.raises(common.UsageError, match="--reg none there, logit now"):
+        tecoa.main(argv + ["--reg", "logit"])
+    with pytest.raises(common.UsageError, match=r"--subset \(not set\) there, 8 now"):
+        tecoa.main(argv + ["--subset", "8"])
+    capsys.readouterr()
+    tecoa.main(argv)
+    assert "resuming" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------ first launch on a node
 class SlowRelease(http.server.BaseHTTPRequestHandler):
     """Serves `payload` slowly (as a large download is), counting requests."""

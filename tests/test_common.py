@@ -3,6 +3,7 @@ in each project's own layout), the ObjectNet evaluation set, model_state_dict.pt
 dict that open_clip reads), PGD, random starts and the schedule, loading models, the image encoder (ViT tokens,
 ResNet) and the training data readers (image folders, CSV/TSV and img2dataset captions). The run directory (Run) and
 the cluster paths are in test_cluster.py."""
+import collections
 import json
 import os
 import zipfile
@@ -660,6 +661,88 @@ def test_img2dataset_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(common.UsageError, match="no image with a caption file"):
         common.caption_dataset(str(tmp_path / "empty"), 32)
+
+
+def write_laion_release(root, parts=2, per_part=3):
+    """The AdvFLYP LAION release's layout: partX/images/NNNNNN.jpg with partX/captions/NNNNNN.txt."""
+    write_images(root, [f"part{p}/images/{i:06d}.jpg" for p in range(parts) for i in range(per_part)])
+    for p in range(parts):
+        os.makedirs(root / f"part{p}" / "captions")
+        for i in range(per_part):
+            (root / f"part{p}" / "captions" / f"{i:06d}.txt").write_text(f"web caption {p}-{i}\n")
+
+
+def test_advflyp_laion_release_with_and_without_its_index(tmp_path):
+    """Without laion_index.json: every image with its captions/ file, in path order; with it: its records, in its
+    order (the official loader's first N are then --subset N --subset-order first); a .jsonl of records (the
+    VLM-captioned ImageNet of the paper's Table 14) reads the same way; a bad index is one line."""
+    write_laion_release(tmp_path / "laion")
+    (tmp_path / "laion" / "part1" / "captions" / "000002.txt").unlink()  # an image without its caption
+    said = []
+    ds = common.caption_dataset(str(tmp_path / "laion"), 32, log=said.append)
+    assert [ds[i][1] for i in range(len(ds))] == ["web caption 0-0", "web caption 0-1", "web caption 0-2",
+                                                  "web caption 1-0", "web caption 1-1"]
+    assert said and "1 image without a caption file" in said[0]
+    records = [{"image": f"part{p}/images/{i:06d}.jpg", "caption": f"indexed {p}-{i}"} for p, i in
+               ((1, 1), (0, 2), (0, 0))]
+    (tmp_path / "laion" / common.LAION_INDEX).write_text(json.dumps(records))
+    ds = common.caption_dataset(str(tmp_path / "laion"), 32)
+    assert len(ds) == 3 and [ds[i][1] for i in range(3)] == ["indexed 1-1", "indexed 0-2", "indexed 0-0"]
+    assert ds.dataset.images[0] == os.path.join(str(tmp_path / "laion"), "part1", "images", "000001.jpg")
+    first_two = common.take_subset(ds, Namespace(subset=2, subset_per_class=None, subset_order="first", data="x"))
+    assert [first_two[i][1] for i in range(2)] == ["indexed 1-1", "indexed 0-2"]
+    jsonl = tmp_path / "captioned.jsonl"
+    jsonl.write_text("".join(json.dumps({"image": str(tmp_path / "laion" / r["image"]),
+                                         "caption": "vlm " + r["caption"]}) + "\n" for r in records))
+    assert common.caption_dataset(str(jsonl), 32)[2][1] == "vlm indexed 0-0"  # absolute paths kept as they are
+    assert len(common.image_dataset(str(jsonl), 32)[0]) == 3  # FARE reads the images of the same file
+    (tmp_path / "laion" / common.LAION_INDEX).write_text('[{"image": "part0/images/000000.jpg"}]')
+    with pytest.raises(common.UsageError, match=r'laion_index.json: not a list of \{"image": path, "caption": text'):
+        common.caption_dataset(str(tmp_path / "laion"), 32)
+
+
+def test_subset_indices_sizes_classes_order_and_seed():
+    """--subset / --subset-per-class: the sizes asked for, within each class, sorted, the same every time and for
+    any --seed (the generator's seed is fixed), the first ones with first=True; a class too small is kept whole."""
+    labels = [i % 5 for i in range(100)] + [5, 5]  # 5 classes of 20, one of 2
+    random = common.subset_indices(102, size=30)
+    assert len(random) == len(set(random)) == 30 and random == sorted(random) == common.subset_indices(102, size=30)
+    assert random != list(range(30)) and common.subset_indices(102, size=30, first=True) == list(range(30))
+    assert random != common.subset_indices(102, size=30, seed=1)
+    per_class = common.subset_indices(102, per_class=4, labels=labels)
+    counts = np.bincount([labels[i] for i in per_class])
+    assert counts.tolist() == [4, 4, 4, 4, 4, 2] and per_class == sorted(per_class)
+    assert common.subset_indices(102, per_class=4, labels=labels, first=True)[:4] == [0, 1, 2, 3]
+
+
+def test_take_subset_classes_of_each_reader_and_errors(tmp_path):
+    write_images(tmp_path / "tree", [f"{c}/{i}.png" for c in ("ant", "bee", "cow") for i in range(5)])
+    args = lambda **k: Namespace(**{"subset": None, "subset_per_class": None, "subset_order": "random",  # noqa: E731
+                                    "data": "D", **k})
+    labelled, _ = common.training_dataset(str(tmp_path / "tree"), 32)
+    images, _ = common.image_dataset(str(tmp_path / "tree"), 32)
+    demo, _ = common.training_dataset("demo", 32)
+    said = []
+    for ds, folder_labels in ((labelled, labelled.dataset.targets), (images, None)):
+        kept = common.take_subset(ds, args(subset_per_class=2), said.append)
+        assert len(kept) == 6 and isinstance(kept, common.SkipUnreadable)
+        chosen = kept.dataset.indices
+        classes = [folder_labels[i] for i in chosen] if folder_labels else [images.dataset.images[i].split(os.sep)[-2]
+                                                                             for i in chosen]
+        assert sorted(collections.Counter(classes).values()) == [2, 2, 2]
+    assert said[0] == ("training on 6 of the 15 samples of --data D (--subset-per-class 2, 3 classes, a fixed random "
+                       "choice)")
+    assert common.class_labels(demo.dataset)[:3] == [0, 1, 2] and common.take_subset(demo, args()) is demo
+    pairs = common.caption_dataset("synthetic", 32, synthetic_size=8)
+    with pytest.raises(common.UsageError, match="--subset-per-class: --data D has no classes"):
+        common.take_subset(pairs, args(subset_per_class=1))
+    with pytest.raises(common.UsageError, match="--subset 9: --data D has only 8 samples"):
+        common.take_subset(pairs, args(subset=9))
+    parser = common.train_parser("", "agft", lr=1e-3)
+    for argv, message in ((["--subset", "0"], "--subset 0: must be >= 1"),
+                          (["--subset", "3", "--subset-per-class", "1"], "choose one")):
+        with pytest.raises(common.UsageError, match=message):
+            common.parse_train_args(parser, ["--data", "synthetic", *argv])
 
 
 def test_synthetic_and_demo_captions():

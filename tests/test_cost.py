@@ -27,6 +27,10 @@ PASSES_PER_STEP = {
     "tga-zsr": (tecoa.main, ["--tga"], lambda k: (k, 1, 2)),  # f_orig(x); f_θ(x_adv), f_θ(x), all with tokens
     "advflyp-none": (advflyp.main, ["--reg", "none"], lambda k: (k, 0, 1)),  # f_θ(x_adv)
     "advflyp-full": (advflyp.main, ["--reg", "full"], lambda k: (k, 1, 2)),  # f_orig(x_adv); f_θ(x_adv), f_θ(x)
+    "advflyp-orig": (advflyp.main, ["--reg-terms", "orig"], lambda k: (k, 1, 1)),  # term (ii) alone: no f_θ(x)
+    "advflyp-text": (advflyp.main, ["--train", "text"], lambda k: (k, 1, 2)),  # as full; the text pass is trained
+    "advflyp-all": (advflyp.main, ["--train", "all"], lambda k: (k, 1, 2)),
+    "tecoa-reg": (tecoa.main, ["--reg", "full"], lambda k: (k, 1, 2)),  # f_orig(x_adv); f_θ(x_adv), f_θ(x)
     "fare": (fare.main, [], lambda k: (k, 1, 1)),  # f_orig(x), the target embeddings; f_θ(x_adv)
 }
 
@@ -36,6 +40,7 @@ def counter(monkeypatch):
     """Counts ImageEncoder forward passes by kind, and calls of CLIP's text encoder."""
     counts = {"attack": 0, "frozen": 0, "train": 0, "other": 0, "text": 0, "tokens": 0}
     image_forward, encode_text = common.ImageEncoder.forward, clip.model.CLIP.encode_text
+    trained_text_forward = advflyp.TextEncoder.forward  # advflyp.py --train text|all: encode_text as a module
 
     def counted_image_forward(self, x, tokens=False):
         frozen = not any(p.requires_grad for p in self.parameters())
@@ -55,8 +60,13 @@ def counter(monkeypatch):
         counts["text"] += 1
         return encode_text(self, text)
 
+    def counted_trained_text_forward(self, tokens):
+        counts["text"] += 1
+        return trained_text_forward(self, tokens)
+
     monkeypatch.setattr(common.ImageEncoder, "forward", counted_image_forward)
     monkeypatch.setattr(clip.model.CLIP, "encode_text", counted_encode_text)
+    monkeypatch.setattr(advflyp.TextEncoder, "forward", counted_trained_text_forward)
     return counts
 
 

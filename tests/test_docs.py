@@ -70,3 +70,71 @@ def test_nothing_points_outside_the_repository():
             and f != "tests/test_docs.py"
             for n, line in enumerate(open(os.path.join(ROOT, f), encoding="utf-8"), 1) if pattern.search(line)]
     assert hits == []
+
+
+# ------------------------------------------------------------------------- the commands of docs/reproduce.md
+REPRODUCE = os.path.join(ROOT, "docs", "reproduce.md")
+SCRIPTS = ("agft.py", "tecoa.py", "advflyp.py", "fare.py", "evaluate.py", "figures.py")
+
+
+def shell_commands(path):
+    """The project's commands in the bash blocks of a Markdown page, as (script, argv), shell as a reader runs it:
+    continuation lines joined, comments dropped, a `for V in a b c; do` loop's variable set to its first value (other
+    variables, set by the shell, to 'x'), `torchrun ...` and `python` before the script dropped."""
+    import shlex
+    text, commands, fence, variables = "", [], False, {}
+    for line in open(path, encoding="utf-8"):
+        if line.startswith("```"):
+            fence = line.strip() == "```bash"
+            continue
+        if fence:
+            text += line
+    text = text.replace("\\\n", " ")
+    for line in text.splitlines():
+        for var, values in re.findall(r"for (\w+) in ([^;]+); do", line):
+            variables[var] = shlex.split(values)[0]
+        line = re.sub(r"for \w+ in [^;]+; do", ";", line)
+        line = re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m.group(1), "x"), line)
+        for part in re.split(r";|&&", line):
+            words = shlex.split(part, comments=True)
+            scripts = [k for k, w in enumerate(words) if w in SCRIPTS]
+            if scripts:
+                commands.append((words[scripts[0]], words[scripts[0] + 1:]))
+    return commands
+
+
+def test_reproduce_page_covers_every_table_and_figure():
+    """A section for each table and figure of both papers (AGFT: Tables 1-15, Figures 1, 3, 4; AdvFLYP: Tables 1-14,
+    Figures 3, 5), each heading naming its paper, and the commands in them."""
+    covered = set()
+    for line in open(REPRODUCE, encoding="utf-8"):
+        paper = re.match(r"### (AGFT|AdvFLYP) ", line)
+        if paper:
+            covered |= {(paper.group(1), kind, int(n)) for kind, n in re.findall(r"(Table|Figure) (\d+)", line)}
+    wanted = ({("AGFT", "Table", n) for n in range(1, 16)} | {("AGFT", "Figure", n) for n in (1, 3, 4)}
+              | {("AdvFLYP", "Table", n) for n in range(1, 15)} | {("AdvFLYP", "Figure", n) for n in (3, 5)})
+    assert sorted(wanted - covered) == []
+    assert len(shell_commands(REPRODUCE)) >= 60
+
+
+def test_reproduce_commands_parse_with_each_scripts_own_parser(tmp_path, monkeypatch):
+    """Every command of docs/reproduce.md goes through its script's parse_args, checks included, in a folder where
+    the data paths it names exist (an empty folder or file: what parse_args looks at)."""
+    import importlib
+    monkeypatch.chdir(tmp_path)
+    for script, argv in shell_commands(REPRODUCE):
+        for flag in ("--data", "--val-data", "--class-names"):
+            if flag in argv and argv[argv.index(flag) + 1] not in ("synthetic", "demo", "TinyImageNet"):
+                path = argv[argv.index(flag) + 1]
+                if os.path.splitext(path)[1] or flag == "--class-names":
+                    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                    open(path, "a").close()
+                else:
+                    os.makedirs(path, exist_ok=True)
+        module = importlib.import_module(script[:-3])
+        try:
+            module.parse_args(argv)
+        except SystemExit as e:  # argparse: an unknown flag or a bad value
+            pytest.fail(f"{script} {' '.join(argv)}: argparse exit {e.code}")
+        except Exception as e:
+            pytest.fail(f"{script} {' '.join(argv)}: {type(e).__name__}: {e}")

@@ -142,7 +142,7 @@ def test_two_processes_follow_one(runs, tiny_ckpt, tmp_path, name):
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_demo_reduced(name, tmp_path, capsys, monkeypatch):
     """`SCRIPT --demo` with 2 training steps and every 32nd test image: the demo CLIP, the demo's settings (the same
-    learning rate for every method), the before/after table and results.json."""
+    learning rate for every method), the before/after table, results.json and the picture."""
     script, flags, method, label, _ = SCRIPTS[name]
     results = run_demo_reduced(MAINS[script], [*flags, "--max-steps", "2"], tmp_path / "demo", monkeypatch)
     stdout = capsys.readouterr().out
@@ -155,6 +155,8 @@ def test_demo_reduced(name, tmp_path, capsys, monkeypatch):
     for row in (results["before"], results["after"], results["proxy"]["before"], results["proxy"]["after"]):
         assert set(row) == {"n", "clean", "pgd"} and 0 <= row["pgd"] <= row["clean"] <= 100
     assert json.load(open(tmp_path / "demo" / "args.json"))["lr"] == 1e-3
+    picture = tmp_path / "demo" / "demo.png"  # the demo's last line: the picture of its table (figures.demo)
+    assert stdout.rstrip().splitlines()[-2] == f"figure: {picture}" and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -90,6 +90,34 @@ def test_pmg_kl_terms_nonnegative_zero_when_matching_and_gradient_flow():
     assert g_clean.abs().max() > 0  # the clean branch is not detached
 
 
+def test_reg_logit_is_pmg_with_its_kls_reversed():
+    """tecoa.py --reg logit (the AdvFLYP paper's Table 9: TeCoA + L_logit over the class prompts, which that paper
+    calls PMG-AFT, as its code computes it) against --pmg (PMG-AFT as its authors write it): the same three
+    distributions, the KL directions swapped. Both from the same similarities, against independent computations."""
+    import advflyp
+    g = torch.Generator().manual_seed(7)
+    text = torch.nn.functional.normalize(torch.randn(4, 6, generator=g, dtype=torch.float64), dim=-1)
+    adv, orig, clean = (torch.randn(5, 6, generator=g, dtype=torch.float64) for _ in range(3))
+    s = lambda f: torch.nn.functional.normalize(f, dim=-1) @ text.t()  # noqa: E731  (5, 4) cosine similarities
+    p = lambda f: torch.softmax(100.0 * s(f), dim=-1)  # noqa: E731
+    reg_logit = tecoa.tecoa_loss(s(adv), LABELS) + advflyp.logit_reg(adv, orig, clean, text)
+    assert torch.allclose(reg_logit.double(), reference_ce(s(adv), LABELS) + reference_kl(p(adv), p(orig))
+                          + reference_kl(p(adv), p(clean)), rtol=1e-4)
+    pmg = tecoa.pmg_loss(s(adv), s(orig), s(clean), LABELS)
+    assert torch.allclose(pmg.double(), reference_ce(s(adv), LABELS) + reference_kl(p(orig), p(adv))
+                          + reference_kl(p(clean), p(adv)), rtol=1e-4)
+    assert abs(reg_logit.item() - pmg.item()) > 1e-3  # not the same loss
+
+
+def test_reg_flag_runs_tecoa_with_advflyps_regularisers(tiny_ckpt, tmp_path):
+    """--reg full: at step 1 f_θ = f_orig, so the term (ii)s are 0 and TeCoA's loss is the same; what --reg adds is
+    L_logit + L_feat's term (i) on x_adv against x, positive."""
+    reg_records, _ = tiny_run(tiny_ckpt, tmp_path / "reg", "--reg", "full", "--max-steps", "1")
+    tecoa_records, _ = tiny_run(tiny_ckpt, tmp_path / "tecoa", "--max-steps", "1")
+    assert reg_records[0]["loss"] - tecoa_records[0]["loss"] > 0
+    assert tecoa.parse_args(["--data", "synthetic", "--reg", "feat"]).method == "tecoa"
+
+
 def test_pmg_flag_names_the_method():
     assert tecoa.parse_args(["--data", "demo"]).method == "tecoa"
     args = tecoa.parse_args(["--demo", "--pmg"])
@@ -284,7 +312,8 @@ def test_tga_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     resnet = str(tmp_path / "resnet.pt")
     torch.save({"model": common.CLIP(64, 64, (1, 1, 1, 1), 16, None, 16, 49408, 64, 1, 1).state_dict()}, resnet)
     for flags, message in ((["--tga", "--model", resnet], "TGA-ZSR needs a ViT image encoder"),
-                           (["--tga", "--pmg"], "--pmg and --tga: choose one")):
+                           (["--tga", "--pmg"], "--pmg, --tga and --reg: choose one"),
+                           (["--pmg", "--reg", "logit"], "--pmg, --tga and --reg: choose one")):
         out = tmp_path / "out"
         code, _, stderr = run_main_in_process(tecoa.main, [*flags, "--data", "synthetic", "--out", str(out)], capsys)
         assert code == 2 and stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr
