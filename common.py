@@ -873,8 +873,8 @@ def take_subset(dataset, args, log=None):
     else:
         labels = class_labels(inner)
         if labels is None:
-            raise UsageError(f"--subset-per-class: --data {args.data} has no classes (image-caption pairs); use "
-                             "--subset N")
+            raise UsageError(f"--subset-per-class: --data {args.data} has no classes to take them from (image-caption "
+                             "pairs, synthetic data); use --subset N")
         keep = subset_indices(len(inner), per_class=args.subset_per_class, labels=labels, first=first)
         sizes = collections.Counter(labels)
         short = sum(1 for k in sizes.values() if k < args.subset_per_class)

@@ -117,12 +117,15 @@ def test_reproduce_page_covers_every_table_and_figure():
     assert len(shell_commands(REPRODUCE)) >= 60
 
 
-def test_reproduce_commands_parse_with_each_scripts_own_parser(tmp_path, monkeypatch):
-    """Every command of docs/reproduce.md goes through its script's parse_args, checks included, in a folder where
-    the data paths it names exist (an empty folder or file: what parse_args looks at)."""
+@pytest.mark.parametrize("page", ["reproduce.md", "figures.md"])
+def test_reproduce_commands_parse_with_each_scripts_own_parser(page, tmp_path, monkeypatch):
+    """Every command of docs/reproduce.md (and figures.md) goes through its script's parse_args, checks included, in
+    a folder where the data paths it names exist (an empty folder or file: what parse_args looks at)."""
     import importlib
     monkeypatch.chdir(tmp_path)
-    for script, argv in shell_commands(REPRODUCE):
+    commands = shell_commands(os.path.join(ROOT, "docs", page))
+    assert commands
+    for script, argv in commands:
         for flag in ("--data", "--val-data", "--class-names"):
             if flag in argv and argv[argv.index(flag) + 1] not in ("synthetic", "demo", "TinyImageNet"):
                 path = argv[argv.index(flag) + 1]
