@@ -206,6 +206,7 @@ def test_csv_run_logs_unreadable_images(tiny_ckpt, csv_data, tmp_path, capsys):
     assert args["method"] == "advflyp" and args["reg"] == "full"
 
 
+@pytest.mark.slow
 def test_img2dataset_run_with_early_stopping(tiny_ckpt, tmp_path, capsys):
     """img2dataset data with a broken image; early stopping on a validation set whose accuracy cannot change (one
     image, in both of its two class folders; ε = 0): the second evaluation is no improvement, so the run stops after
@@ -269,6 +270,7 @@ def test_text_encoder_is_encode_text_on_shared_parameters():
     assert len(names) == sum(1 for n, _ in model.named_parameters() if not n.startswith("visual.")) - 1
 
 
+@pytest.mark.slow
 def test_train_text_and_all_update_what_they_say(tiny_ckpt, csv_data, tmp_path, capsys):
     """--train image leaves the text encoder and logit_scale as they were; text trains the text encoder too; all
     trains logit_scale as well, clamped to [0, ln 100] as the official code does."""

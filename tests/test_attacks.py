@@ -90,7 +90,8 @@ LARGE_EPS = {"ti": (20, 0.15), "ti-t": (20, 0.2), "ni-t": (20, 0.3), "di-t": (20
              "square": (1000, 0.07), "square-aa": (1000, 0.07)}  # (steps, accuracy ≤)
 
 
-@pytest.mark.parametrize("name", ATTACK_NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("square") else n
+                                  for n in ATTACK_NAMES])  # Square's 5000 queries: the whole suite's
 def test_large_eps_breaks_a_trained_model(demo, name):
     """At ε = 32/255 every attack drives accuracy to about 0: the gradients are informative (no masking)."""
     logits_fn, x, y, index, clean = demo

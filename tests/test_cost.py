@@ -79,7 +79,12 @@ def train_counts(main, extra, steps, attack_steps, out, counts):
     return dict(counts)
 
 
-@pytest.mark.parametrize("method", list(PASSES_PER_STEP))
+# the ablations' variants count the same kinds of pass: the inner loop leaves them to the whole suite
+ABLATIONS = ("advflyp-orig", "advflyp-text", "advflyp-all", "tecoa-reg")
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in ABLATIONS else m
+                                    for m in PASSES_PER_STEP])
 def test_encoder_passes_per_training_step_match_the_cost_table(method, counter, tmp_path):
     main, extra, per_step = PASSES_PER_STEP[method]
     runs = {(n, k): train_counts(main, extra, n, k, tmp_path / f"{n}-{k}", counter) for n, k in [(1, 1), (3, 2)]}
@@ -138,6 +143,7 @@ ATTACK_PASSES = {
 }
 
 
+@pytest.mark.slow
 def test_table6_attack_passes_per_batch(counter):
     """zero_shot_eval on the demo CLIP at ε = 0 (every image survives, so APGD-T and Square make their most passes),
     each attack alone, S = 1 and 3, two batches."""

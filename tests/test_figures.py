@@ -113,6 +113,7 @@ def test_pareto_eps_and_tsne_are_drawn_from_real_outputs(outputs, tmp_path, caps
         assert f.read(5) == b"%PDF-"
 
 
+@pytest.mark.slow
 def test_scaling_reads_the_training_runs_settings(outputs, tmp_path, capsys):
     """AdvFLYP Figure 3's axes from real runs: each evaluated model.pt's run folder says its --subset and batch."""
     paths = []

@@ -109,6 +109,7 @@ def test_reg_logit_is_pmg_with_its_kls_reversed():
     assert abs(reg_logit.item() - pmg.item()) > 1e-3  # not the same loss
 
 
+@pytest.mark.slow
 def test_reg_flag_runs_tecoa_with_advflyps_regularisers(tiny_ckpt, tmp_path):
     """--reg full: at step 1 f_θ = f_orig, so the term (ii)s are 0 and TeCoA's loss is the same; what --reg adds is
     L_logit + L_feat's term (i) on x_adv against x, positive."""
