@@ -1045,8 +1045,8 @@ def caption_file(image):
 
 
 def find_caption_files(root):
-    """(sorted image paths with a caption file (caption_file), number of images without one) under `root`,
-    recursively (hidden folders skipped): img2dataset's `files` output (ROOT/00000/000000000.jpg with
+    """(the image paths with a caption file (caption_file), in path order: a folder's files, then its sorted
+    subfolders; the number of images without one) under `root`, recursively (hidden folders skipped): img2dataset's `files` output (ROOT/00000/000000000.jpg with
     ROOT/00000/000000000.txt) or the AdvFLYP LAION release without its index (ROOT/part0/images/000000.jpg with
     ROOT/part0/captions/000000.txt)."""
     images, uncaptioned = [], 0

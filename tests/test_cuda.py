@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.slow,
 
 # id: (script, its flags)
 SCRIPTS = {"agft": ("agft.py", []), "tecoa": ("tecoa.py", []), "pmg-aft": ("tecoa.py", ["--pmg"]),
-           "tga-zsr": ("tecoa.py", ["--tga"]), "advflyp": ("advflyp.py", []), "fare": ("fare.py", [])}
+           "tga-zsr": ("tecoa.py", ["--tga"]), "advflyp": ("advflyp.py", []), "fare": ("fare.py", []),
+           "advflyp-train-all": ("advflyp.py", ["--train", "all"])}  # the text encoder and logit_scale under AMP
 CUDA_ENV = {"OMP_NUM_THREADS": "4"}  # the scripts' DataLoader and host work; the GPU does the rest
 
 
