@@ -86,26 +86,19 @@ def feature_reg(adv_features, orig_adv_features, clean_features):
 
 class TextEncoder(nn.Module):
     """CLIP's text encoder g_φ as a module of its own (--train text|all), so that DDP sees its passes and averages
-    its gradients: CLIP.encode_text written out on the text modules and parameters of `clip_model`, which it shares
-    (training it trains them). forward(tokens (N, L)) -> (N, D) raw text features, what encode_text returns."""
+    its gradients: it holds the text modules and parameters of `clip_model`, which it shares (training it trains
+    them), and its forward is CLIP.encode_text itself: tokens (N, L) -> (N, D) raw text features. Its parameters are
+    every parameter of CLIP outside the image encoder except logit_scale."""
 
     def __init__(self, clip_model):
         super().__init__()
         self.token_embedding, self.transformer, self.ln_final = (clip_model.token_embedding, clip_model.transformer,
                                                                  clip_model.ln_final)
         self.positional_embedding, self.text_projection = clip_model.positional_embedding, clip_model.text_projection
-        self.context_length, self.dtype = clip_model.context_length, clip_model.dtype
+        self.dtype = clip_model.dtype
 
     def forward(self, tokens):
-        x = self.token_embedding(tokens).type(self.dtype) + self.positional_embedding.type(self.dtype)  # (N, L, W)
-        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)  # CLIP's Transformer is sequence-first
-        x = self.ln_final(x).type(self.dtype)
-        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection  # the end-of-text token
-
-
-def text_parameters(clip_model):
-    """The parameters of g_φ: every parameter of CLIP outside the image encoder, except logit_scale."""
-    return [p for name, p in clip_model.named_parameters() if not name.startswith("visual.") and name != "logit_scale"]
+        return common.CLIP.encode_text(self, tokens)  # reads only the attributes set above
 
 
 # --------------------------------------------------------------------------------------------------------- config
@@ -201,9 +194,10 @@ def main(argv=None):
     val_text = common.text_features(clip_model, val_prompts, device) if args.patience else None  # (C_val, D)
     encoder = common.ImageEncoder(clip_model.visual).to(device)  # f_θ, trained
     orig_encoder = common.frozen_copy(encoder)  # f_θorig, frozen before any update
+    text_encoder = TextEncoder(clip_model) if args.train != "image" else None  # g_φ, trained with --train text|all
     trained = list(clip_model.visual.parameters())  # --train image: f_θ alone
     if args.train != "image":  # the paper's Table 6: g_φ too (text), and logit_scale (all)
-        trained += text_parameters(clip_model) + ([clip_model.logit_scale] if args.train == "all" else [])
+        trained += list(text_encoder.parameters()) + ([clip_model.logit_scale] if args.train == "all" else [])
     for p in trained:
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(trained, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -217,7 +211,6 @@ def main(argv=None):
               else None)
     encoder, orig_encoder = (common.compile_encoder(e, args.compile) for e in (encoder, orig_encoder))  # --compile
     train_encoder = DDP(encoder) if dist.world > 1 else encoder
-    text_encoder = TextEncoder(clip_model) if args.train != "image" else None  # g_φ, trained with --train text|all
     train_text = DDP(text_encoder) if text_encoder is not None and dist.world > 1 else text_encoder
     loader = common.make_loader(dataset, sampler, args.workers, device)
     gather = lambda f: common.all_gather_with_grad(f.float(), dist)  # noqa: E731  (b, D) -> (B, D), the global batch

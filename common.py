@@ -1046,9 +1046,9 @@ def caption_file(image):
 
 def find_caption_files(root):
     """(the image paths with a caption file (caption_file), in path order: a folder's files, then its sorted
-    subfolders; the number of images without one) under `root`, recursively (hidden folders skipped): img2dataset's `files` output (ROOT/00000/000000000.jpg with
-    ROOT/00000/000000000.txt) or the AdvFLYP LAION release without its index (ROOT/part0/images/000000.jpg with
-    ROOT/part0/captions/000000.txt)."""
+    subfolders; the number of images without one) under `root`, recursively (hidden folders skipped):
+    img2dataset's `files` output (ROOT/00000/000000000.jpg with ROOT/00000/000000000.txt) or the AdvFLYP LAION
+    release without its index (ROOT/part0/images/000000.jpg with ROOT/part0/captions/000000.txt)."""
     images, uncaptioned = [], 0
     for folder, subfolders, files in os.walk(root, followlinks=True):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
@@ -1063,7 +1063,7 @@ def find_caption_files(root):
                     images.append(os.path.join(folder, n))
                 else:
                     uncaptioned += 1
-    return images, uncaptioned  # os.walk's order: a folder's files, then its sorted subfolders, depth first
+    return images, uncaptioned
 
 
 LAION_INDEX = "laion_index.json"  # the AdvFLYP LAION release's index of its pairs, read in place of the folders

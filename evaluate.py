@@ -1035,8 +1035,8 @@ def save_features(args, encoder, sets, text_of, dist, ctx):
     arrays = {}
     for k, (name, dataset, class_names, _, _) in enumerate(sets):
         text = text_of(name)  # (C, D)
-        adv = bool(attack) and len(class_names) >= ATTACK_MIN_CLASSES.get(attack[0], 2)
-        fields = ["label", "clean", *(attack if adv else [])]
+        fields = sample_fields(attack, (), len(class_names))  # label, clean, and the attack where it applies
+        adv = len(fields) == 3
         embeddings = ["embedding.clean", *(["embedding.adv"] if adv else [])]
         width, dim = 1 + len(fields) + len(embeddings) * text.shape[1], text.shape[1]
         rows = []

@@ -30,6 +30,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 import common  # noqa: E402
 import evaluate  # noqa: E402  (the labels of its tables)
@@ -227,12 +228,6 @@ def scaling(results, attack, xs, groups, x_name, by_name):
     return fig
 
 
-def cosine_deviation(clean, adv):
-    """Mean angle (radians) between f(x) and f(x_adv) (the AdvFLYP paper's Eq. 14)."""
-    cos = (clean * adv).sum(1) / (np.linalg.norm(clean, axis=1) * np.linalg.norm(adv, axis=1))
-    return float(np.arccos(np.clip(cos, -1.0, 1.0)).mean())
-
-
 def tsne(features, labels, classes=None, num_classes=10, seed=0):
     """AGFT Figure 4 / AdvFLYP Figure 5: the 2-D t-SNE of the L2-normalised embeddings of the chosen classes' images,
     clean (o) and adversarial (x) together, one panel per model; each panel says its mean cosine deviation φ."""
@@ -264,7 +259,7 @@ def tsne(features, labels, classes=None, num_classes=10, seed=0):
         for j, c in enumerate(chosen):
             ax.scatter(*xy[:n][y == c].T, s=12, marker="o", color=colours(j % colours.N), label=names[c])
             ax.scatter(*xy[n:][y == c].T, s=14, marker="x", color=colours(j % colours.N))
-        phi = cosine_deviation(clean, adv)
+        phi = math.radians(evaluate.cosine_deviation(torch.from_numpy(clean), torch.from_numpy(adv)).double().mean())
         ax.set_title(f"{label}\nφ = {phi:.4f} rad ({math.degrees(phi):.1f}°), {meta_['attack']} "
                      f"ε = {meta_['eps']:g}/255", fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])

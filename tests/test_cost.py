@@ -39,8 +39,7 @@ PASSES_PER_STEP = {
 def counter(monkeypatch):
     """Counts ImageEncoder forward passes by kind, and calls of CLIP's text encoder."""
     counts = {"attack": 0, "frozen": 0, "train": 0, "other": 0, "text": 0, "tokens": 0}
-    image_forward, encode_text = common.ImageEncoder.forward, clip.model.CLIP.encode_text
-    trained_text_forward = advflyp.TextEncoder.forward  # advflyp.py --train text|all: encode_text as a module
+    image_forward, encode_text = common.ImageEncoder.forward, clip.model.CLIP.encode_text  # advflyp.TextEncoder's too
 
     def counted_image_forward(self, x, tokens=False):
         frozen = not any(p.requires_grad for p in self.parameters())
@@ -60,13 +59,8 @@ def counter(monkeypatch):
         counts["text"] += 1
         return encode_text(self, text)
 
-    def counted_trained_text_forward(self, tokens):
-        counts["text"] += 1
-        return trained_text_forward(self, tokens)
-
     monkeypatch.setattr(common.ImageEncoder, "forward", counted_image_forward)
     monkeypatch.setattr(clip.model.CLIP, "encode_text", counted_encode_text)
-    monkeypatch.setattr(advflyp.TextEncoder, "forward", counted_trained_text_forward)
     return counts
 
 

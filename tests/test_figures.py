@@ -70,8 +70,8 @@ def test_save_features_are_the_encoders_embeddings(outputs):
     phi = json.load(open(outputs["phi"]))
     assert int(arrays["0.correct.adv"].sum()) == phi["correct"]["demo"]["pgd"]
     assert int(arrays["0.correct.clean"].sum()) == phi["correct"]["demo"]["clean"]
-    angle = np.degrees(figures.cosine_deviation(arrays["0.clean"], arrays["0.adv"]))
-    assert abs(angle - phi["metrics"]["mean"]["phi"]["adv"]) < 0.01
+    angle = evaluate.cosine_deviation(torch.from_numpy(arrays["0.clean"]), torch.from_numpy(arrays["0.adv"]))
+    assert abs(angle.double().mean().item() - phi["metrics"]["mean"]["phi"]["adv"]) < 0.01
 
 
 def test_save_features_bad_name_is_one_line(tmp_path, capsys):
@@ -129,18 +129,14 @@ def test_scaling_reads_the_training_runs_settings(outputs, tmp_path, capsys):
     assert [figures.run_setting(json.load(open(p)), "subset", p) for p in paths] == [8, 16, 16]
     code, _, err = run_figures(["scaling", *paths, "--values", "1,2,3", "--out", str(tmp_path / "v.png")], capsys)
     assert code == 0 and is_png(tmp_path / "v.png"), err
-    code, _, err = run_figures(["scaling", results_of(outputs, 1), "--out", str(tmp_path / "x.png")], capsys)
+    code, _, err = run_figures(["scaling", outputs["results"][1], "--out", str(tmp_path / "x.png")], capsys)
     assert code == 2 and "is not in a training run's folder" in err and not (tmp_path / "x.png").exists()
-
-
-def results_of(outputs, eps):
-    return outputs["results"][eps]
 
 
 def test_bad_inputs_are_one_line(outputs, tmp_path, capsys):
     """No file, not evaluate.py's output, an incomplete evaluation, another set of datasets, a missing attack,
     features of other images, a class that is not there: one line each, no picture."""
-    one = results_of(outputs, 1)
+    one = outputs["results"][1]
     incomplete = tmp_path / "incomplete.json"
     incomplete.write_text(json.dumps({**json.load(open(one)), "complete": False}))
     other = tmp_path / "other.json"
