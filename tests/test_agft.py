@@ -95,6 +95,16 @@ def test_defaults_are_the_papers():
     assert agft.parse_args(["--demo", "--lr", "0.5"]).lr == 0.5  # a flag given explicitly wins over the demo's
 
 
+def test_tau_takes_a_number_or_a_fraction(capsys):
+    """--tau 1/140 as the paper writes it (Table 8's 1/τ), or a number; anything else is argparse's error."""
+    assert agft.parse_args(["--data", "synthetic", "--tau", "1/140"]).tau == 1 / 140
+    assert agft.parse_args(["--data", "synthetic", "--tau", "0.005"]).tau == 0.005
+    for bad in ("1/0", "tiny"):
+        with pytest.raises(SystemExit):
+            agft.parse_args(["--data", "synthetic", "--tau", bad])
+        assert "expected a number or a fraction such as 1/180" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--gamma", "0"], "--gamma 0.0: must be in (0, 1]"),
     (["--gamma", "1.5"], "--gamma 1.5: must be in (0, 1]"),
