@@ -3,35 +3,42 @@ method, behind plain names, so that the method scripts read top to bottom. The e
 in docs/ (docs/methods.md for the methods, docs/attacks.md for the attacks, which live in attacks.py).
 
 Sections, in the order data flows (search for the `# ---- name` rule):
-    errors               UsageError (one-line errors, exit 2), run_main; METHOD_NAMES and count, for messages
+    errors               exit statuses, UsageError (one-line errors, exit 2), Preempted, Stop, failure_message,
+                         run_main (signals, every way out, no process left); METHOD_NAMES and count, for messages
     model                load_clip (names, checkpoints, random:ARCH, demo), released image-encoder weights
                          (--vision-weights: VISION_LAYOUTS, vision_state_dict, load_vision_weights), vit_forward
                          (CLIP's ViT forward, with per-token embeddings on request), ImageEncoder (pixel space,
                          [0, 1]), input_grad (every attack's one differentiation, with the fp16 guard that
                          ImageEncoder applies), text_features, cosine_sim, frozen_copy, save_torchscript
     distributed and AMP  setup_distributed (torchrun, NCCL/gloo, a host-side gloo group), all_reduce_sum, first_error,
-                         all_gather_with_grad, Preemption (SIGTERM/SIGUSR1), amp_setup
+                         all_gather_with_grad, Preemption (SIGTERM/SIGUSR1/SIGINT: deferred and interruptible
+                         scopes; SIGNALS), worker_ignores_signals, amp_setup
     data                 training_dataset (ImageNet, ImageFolder, synthetic), take_subset (--subset),
-                         GlobalBatchSampler, make_loader; caption data (AdvFLYP: CSV/TSV, JSON records, the AdvFLYP
-                         LAION release, img2dataset); images alone (FARE: image_dataset);
+                         GlobalBatchSampler, Loader and stop_loaders (no worker outlives its run), make_loader;
+                         caption data (AdvFLYP: CSV/TSV, JSON records, the AdvFLYP LAION release, img2dataset);
+                         images alone (FARE: image_dataset);
                          evaluation datasets (EVAL_DATASETS, ObjectNet's overlap with ImageNet, eval_dataset) and
                          eval_loader
     PGD                  random_start, pgd (training's inner maximisation), attack_pgd (per-image random starts),
                          zero_shot_accuracy (clean and PGD accuracy: the demo's tables, AdvFLYP's validation)
     training harness     cosine_lr, schedule_steps, train_parser / parse_train_args, Run (the run directory:
                          args.json, log.jsonl, last.pt, model.pt, model_state_dict.pt; resume, preemption, unreadable
-                         images, non-finite losses), checkpoint_state
+                         images, non-finite losses), writing / atomic_write (a full or read-only --out: one line),
+                         checkpoint_state
     demo                 the procedural task (DemoImages), its tiny pretrained CLIP (demo_clip), demo tables and
                          the picture (drawn by figures.py)
 """
 import argparse
+import atexit
 import collections
 import contextlib
 import contextvars
 import copy
+import errno
 import hashlib
 import json
 import math
+import multiprocessing.util  # before atexit.register below: its exit handler must run after ours
 import os
 import re
 import resource
@@ -40,6 +47,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -60,7 +68,11 @@ CLIP_LOGIT_SCALE = 100.0  # exp(logit_scale) of the released models; all evaluat
 
 
 # ------------------------------------------------------------------------------------------------------------- errors
-PREEMPTED = 75  # exit status after a preemption signal: the state is saved, rerun the same command (EX_TEMPFAIL)
+# Exit statuses (docs/cluster.md): 0 done; 1 a failure of the machine or of another process (a DataLoader worker
+# killed, a process of the job gone), rerun to resume; 2 a one-line error (bad input, an unwritable --out, a
+# non-finite loss), rerunning alone does not help; 75 stopped by SIGTERM/SIGUSR1 (a preemption notice) with the state
+# saved (EX_TEMPFAIL: rerun the same command); 130 stopped by SIGINT (Ctrl-C) with the state saved.
+FAILED, PREEMPTED, INTERRUPTED = 1, 75, 130
 
 
 class UsageError(Exception):
@@ -68,26 +80,79 @@ class UsageError(Exception):
 
 
 class Preempted(Exception):
-    """Raised once the state is saved after a preemption signal (see Preemption): exit status PREEMPTED."""
+    """Raised once the state is saved after a signal (see Preemption): exit status `status` (PREEMPTED, or
+    INTERRUPTED after SIGINT)."""
+
+    def __init__(self, message, status=PREEMPTED):
+        super().__init__(message)
+        self.status = status
+
+
+class Stop(BaseException):
+    """Raised by the signal handler itself inside an interruptible scope (Preemption.interruptible): work whose
+    partial result is thrown away (an evaluation batch, setup). A BaseException, so that no `except Exception` on the
+    way swallows it; run_main prints its message and exits with its status."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
+
+def failure_message(e):
+    """One line for the failures of the processes a run is made of (exit status FAILED), else None (a bug in the
+    main process: its traceback): an error raised in a DataLoader worker (its last line and where), a worker that
+    died (the out-of-memory killer's SIGKILL, say), another process of the job that ended (gloo/NCCL report the
+    closed connection)."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    if first.startswith("Caught ") and "in DataLoader worker process" in first:  # re-raised from a worker
+        frames = re.findall(r'File "([^"]+)", line (\d+)', text)
+        where = f", at {os.path.basename(frames[-1][0])}:{frames[-1][1]}" if frames else ""
+        return (f"{text.splitlines()[-1].strip()} (in a DataLoader worker{where}); the saved state is kept")
+    if isinstance(e, RuntimeError) and first.startswith("DataLoader worker (pid"):
+        return (f"{first.rstrip('. ')}: a data-loading process ended (killed by the out-of-memory killer? try fewer "
+                "--workers); the saved state is kept, rerun the same command to resume")
+    if isinstance(e, RuntimeError) and (isinstance(e, getattr(torch_dist, "DistError", ())) or any(
+            k in text for k in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))):
+        return (f"another process of this job ended ({first.split('] ')[-1][:160]}); its own error is printed "
+                "above or in its log; the saved state is kept, rerun the same command to resume")
+    return None
 
 
 def run_main(main):
-    """Run `main()`, turning UsageError into `error: ...` on stderr and exit status 2, and Preempted into its
-    message on stdout and exit status PREEMPTED (rank 0 alone prints)."""
-    main_rank = os.environ.get("RANK", "0") == "0"
+    """Run `main()` as a script: the process's signal handlers (Preemption) installed for the whole run, and every
+    way out turned into its exit status (see FAILED, PREEMPTED, INTERRUPTED) with one line, never a hang: UsageError
+    -> `error: ...` on stderr, 2; Preempted and Stop -> their message on stdout, their status; a dead DataLoader
+    worker or a lost peer process -> one line, FAILED; Ctrl-C twice -> 130. Whatever happens, the DataLoader workers
+    are stopped before the process exits (stop_loaders) and the signal handlers restored. Rank 0 prints what every
+    rank knows; a rank prints what only it knows (a lost worker or peer) with its rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    status, message, stream = 0, None, sys.stdout
+    SIGNALS.start()
     try:
-        main()
+        with SIGNALS.interruptible("during setup, with nothing new to save"):  # nothing half-done to keep
+            main()
+            SIGNALS.check("after finishing its work (everything is saved)")  # a signal no step boundary saw
     except UsageError as e:
-        if main_rank:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Preempted as e:
-        if main_rank:
-            print(e, flush=True)
-        cleanup_distributed()
-        sys.exit(PREEMPTED)
+        status, message, stream = 2, f"error: {e}" if rank == 0 else None, sys.stderr
+    except (Preempted, Stop) as e:
+        status, message = e.status, str(e) if rank == 0 else None
     except KeyboardInterrupt:
-        sys.exit(130)
+        status, message, stream = INTERRUPTED, "interrupted (a second Ctrl-C): stopped at once", sys.stderr
+    except Exception as e:
+        failure = failure_message(e)
+        if failure is None:
+            raise  # a bug: its traceback (stop_loaders still runs, at exit)
+        status, message, stream = FAILED, f"error (rank {rank}): {failure}", sys.stderr
+    finally:
+        stop_loaders()
+        SIGNALS.restore()
+    if message:
+        print(message, file=stream, flush=True)
+    if status in (PREEMPTED, INTERRUPTED):
+        cleanup_distributed()
+    if status:
+        sys.exit(status)
 
 
 METHOD_NAMES = {"agft": "AGFT", "tecoa": "TeCoA", "pmg-aft": "PMG-AFT", "tga-zsr": "TGA-ZSR", "advflyp": "AdvFLYP",
@@ -613,33 +678,125 @@ def prepare_files(dist, fn):
 
 
 class Preemption:
-    """A cluster's preemption notice (SIGTERM: SLURM, Kubernetes, torchrun passing it on; SIGUSR1: SLURM's
-    --signal=USR1@SECONDS) sets a flag instead of killing the process. The training loop and evaluate.py ask
-    `requested(dist)` between steps, save, and raise Preempted (exit status PREEMPTED); the flags of all ranks are
-    combined on the host (Dist.cpu_group), so every rank stops after the same step."""
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    """The process's signals, from run_main's start to its end (one instance, SIGNALS). A cluster's preemption notice
+    (SIGTERM: SLURM, Kubernetes, torchrun passing it on; SIGUSR1: SLURM's --signal=USR1@SECONDS) and Ctrl-C (SIGINT)
+    ask the run to save and stop (exit status PREEMPTED, or INTERRUPTED for SIGINT). How soon depends on the work in
+    hand, a stack of scopes:
+      - interruptible (setup, an evaluation batch's attacks, the demo's evaluation): the handler raises Stop at
+        once, between two Python operations; nothing there is half-written (files are written atomically), and a
+        thrown-away evaluation batch is redone by the rerun.
+      - deferred (training from Run.start_timer to its final model, evaluate.py's loop over batches): the handler
+        only sets a flag, read between steps / batches by `requested(dist)` (a collective of every rank's flag on
+        the host-side group, so every rank stops after the same step), and the run saves, then raises Preempted.
+    A signal that repeats within REPEAT_S seconds is the same request (torchrun passes on to its processes the
+    signal that the scheduler or the terminal also sent them); a second SIGINT after that raises KeyboardInterrupt
+    at once, in any scope (nothing more is saved). DataLoader workers ignore all three (worker_ignores_signals):
+    their main process decides when to stop and stops them."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption notices
+    HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    REPEAT_S = 1.0
 
     def __init__(self):
-        self.received = None  # the signal's name, once one arrived
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                signal.signal(s, self._handler)
+        self.received = None  # the first signal's name, once one arrived
+        self.received_at = 0.0
+        self.agreed = None  # the exit status every rank agreed on in requested() (a signal on any rank)
+        self.scopes = []  # innermost last: an interruptible scope's `when` (what its Stop says), None: deferred
+        self.previous = {}  # signal -> the handler before install()
+
+    def start(self):
+        """A run starts: no signal received yet, no scope; the handlers installed (run_main)."""
+        self.restore()
+        self.__init__()
+        self.install()
+
+    def install(self):
+        """Handle SIGTERM, SIGUSR1 and SIGINT in this process (the main thread alone may) until restore()."""
+        if threading.current_thread() is threading.main_thread() and not self.previous:
+            self.previous = {s: signal.signal(s, self._handler) for s in self.HANDLED}
+
+    def restore(self):
+        """The handlers from before install()."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    @property
+    def status(self):
+        if self.agreed is not None:
+            return self.agreed
+        return INTERRUPTED if self.received == "SIGINT" else PREEMPTED
+
+    def stop(self, when):
+        """The Stop to raise for the signal received (status and a line saying `when`)."""
+        what = "interrupted" if self.status == INTERRUPTED else "preempted"
+        return Stop(f"{what} ({self.received or 'signal to another process'}) {when}; rerun the same command "
+                    f"(exit status {self.status})", self.status)
 
     def _handler(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self.received_at = signal.Signals(signum).name, now
+        elif now - self.received_at < self.REPEAT_S:
+            return  # the same request, delivered twice (the scheduler or terminal, and torchrun)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self.scopes and self.scopes[-1] is not None:
+            raise self.stop(self.scopes[-1])
+
+    @contextlib.contextmanager
+    def interruptible(self, when):
+        """A scope in which a signal stops the work at once (Stop, its message ending with `when`), as does one
+        that arrived before it. Outside run_main (a test calling a script's main) it installs the handlers for
+        itself and restores them after."""
+        if self.received is not None:
+            raise self.stop(when)
+        own = not self.previous
+        if own:
+            self.install()
+        self.scopes.append(when)
+        try:
+            yield
+        finally:
+            self.scopes.pop()
+            if own:
+                self.restore()
+
+    def defer(self, deferred=True):
+        """Enter (or, deferred=False, leave) a deferred scope: signals only set the flag until it is left."""
+        if deferred:
+            self.scopes.append(None)
+        elif self.deferred:
+            self.scopes.pop()
+
+    @property
+    def deferred(self):
+        """Inside a deferred scope (and no interruptible one within it)."""
+        return bool(self.scopes) and self.scopes[-1] is None
+
+    def check(self, when):
+        """Raise Stop if a signal arrived (work that a deferred scope finished, with nothing left to save)."""
+        if self.received is not None:
+            raise self.stop(when)
 
     def requested(self, dist):
-        """True on every rank as soon as any rank has received a signal (a collective: call it on all ranks)."""
-        flag = torch.tensor([self.received is not None], dtype=torch.int32)
+        """True on every rank as soon as any rank has received a signal (a collective: call it on all ranks); the
+        exit status then agreed is INTERRUPTED if any rank had SIGINT, else PREEMPTED."""
+        flag = torch.tensor([0 if self.received is None else self.status], dtype=torch.int32)
         if dist.world > 1:
             torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=dist.cpu_group)
+        if flag.item():
+            self.agreed = int(flag.item())
         return bool(flag.item())
 
 
-def ignore_preemption_signals(worker_id=None):
-    """DataLoader workers' worker_init_fn: a cluster signals every process of the job, and a worker killed by SIGTERM
-    would fail the main process's next batch; the main process decides when to stop, and shuts its workers down."""
-    for s in Preemption.SIGNALS:
+SIGNALS = Preemption()  # this process's: installed by run_main
+
+
+def worker_ignores_signals(worker_id=None):
+    """DataLoader workers' worker_init_fn: a cluster signals every process of the job and Ctrl-C every process of
+    the terminal's group, and a worker that died of it would fail its main process's next batch before that could
+    save; the main process decides when to stop, and stops its workers (stop_loaders)."""
+    for s in Preemption.HANDLED:
         signal.signal(s, signal.SIG_IGN)
 
 
@@ -924,12 +1081,51 @@ def usable_workers(workers):
     return min(workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose iterators (and so worker processes) stop_loaders can find and stop."""
+
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        _LIVE_ITERATORS.add(iterator)
+        return iterator
+
+
+_LIVE_ITERATORS = weakref.WeakSet()
+
+
+def stop_loaders():
+    """Stop the worker processes of every Loader iterator still alive: torch's own shutdown (a sentinel to each
+    worker, then join), then SIGKILL for any that did not end (a worker stuck in a read; workers ignore SIGTERM).
+    run_main calls it on every way out: an iterator kept alive by an exception's traceback, or a persistent one,
+    would otherwise leave its workers to Python's exit, which waits for them forever."""
+    for iterator in list(_LIVE_ITERATORS):
+        workers = list(getattr(iterator, "_workers", []))
+        if hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+        _LIVE_ITERATORS.discard(iterator)
+
+
+@atexit.register  # registered after multiprocessing's own exit handler (imported with torch), so it runs first
+def _kill_leftover_workers():
+    """At interpreter exit, workers still alive (stop_loaders was not reached: a script's main called without
+    run_main) are killed rather than joined: they ignore the SIGTERM with which multiprocessing would end them."""
+    children = multiprocessing.active_children()
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as worker failures
+    for p in children:
+        p.kill()
+        p.join(timeout=5)
+
+
 def make_loader(dataset, batch_sampler, workers, device):
-    """DataLoader with workers (at most the usable CPUs), pinned memory and persistent workers on CUDA."""
+    """Loader with workers (at most the usable CPUs), pinned memory and persistent workers on CUDA."""
     cuda, workers = device.type == "cuda", usable_workers(workers)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=cuda,
-                                       persistent_workers=cuda and workers > 0,
-                                       worker_init_fn=ignore_preemption_signals)
+    return Loader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=cuda,
+                  persistent_workers=cuda and workers > 0, worker_init_fn=worker_ignores_signals)
 
 
 # caption data (AdvFLYP: web image-caption pairs). Every caption dataset yields (image in [0, 1], caption,
@@ -1511,9 +1707,24 @@ class Indexed(torch.utils.data.Dataset):
         try:
             image, label = self.dataset[i]
         except UNREADABLE_IMAGE_ERRORS as e:
-            raise UnreadableImage(f"image {i} cannot be read ({type(e).__name__}: {e}); replace it with a readable "
-                                  "copy and rerun the same command: the evaluation continues where it stopped")
+            path = image_file(self.dataset, i)
+            where = f": {path}" if path and path not in str(e) else ""
+            raise UnreadableImage(f"image {i} cannot be read ({type(e).__name__}: {e}{where}); replace it with a "
+                                  "readable copy and rerun the same command: the evaluation continues where it stopped")
         return image, label, i
+
+
+def image_file(dataset, i):
+    """The file of image i where the dataset keeps a list of its files (ImageFolder's and FileList's samples,
+    torchvision's _image_files, ...), through Subsets; else None."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset, i = dataset.dataset, dataset.indices[i]
+    for name in ("samples", "imgs", "_samples", "_image_files", "_images", "files"):
+        files = getattr(dataset, name, None)
+        if isinstance(files, (list, tuple)) and len(files) == len(dataset):
+            entry = files[i][0] if isinstance(files[i], (list, tuple)) else files[i]
+            return str(entry) if isinstance(entry, (str, os.PathLike)) else None
+    return None
 
 
 def eval_batches(loader):
@@ -1533,8 +1744,8 @@ def eval_loader(dataset, batch_size, dist, workers=0, indices=None):
     a float) do not depend on it. Items are (image, label, index in `dataset`)."""
     indices = list(range(len(dataset)) if indices is None else indices)
     batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)][dist.rank::dist.world]
-    return torch.utils.data.DataLoader(Indexed(dataset), batch_sampler=batches, num_workers=usable_workers(workers),
-                                       pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_preemption_signals)
+    return Loader(Indexed(dataset), batch_sampler=batches, num_workers=usable_workers(workers),
+                  pin_memory=dist.device.type == "cuda", worker_init_fn=worker_ignores_signals)
 
 
 # ---------------------------------------------------------------------------------------------------------------- PGD
@@ -1614,21 +1825,24 @@ def zero_shot_accuracy(encoder, text_feats, dataset, dist, eps, alpha=1 / 255, s
     logits_fn = lambda x: CLIP_LOGIT_SCALE * cosine_sim(encoder(x), text_feats)  # noqa: E731
     counts = torch.zeros(4, dtype=torch.float64, device=dist.device)  # images, correct clean, robust, failed
     error = None
-    try:
-        for x, y, index in progress(eval_batches(eval_loader(dataset, batch_size, dist, workers)), dist, desc=desc,
-                                    leave=False):
-            x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-            with ctx, torch.no_grad():
-                ok = logits_fn(x).argmax(-1) == y  # (B,)
-            robust = torch.zeros_like(ok)
-            if ok.any():
-                with ctx:
-                    x_adv = attack_pgd(logits_fn, x[ok], y[ok], index[ok.cpu()], eps, alpha, steps, seed)
+    # A signal stops it at once (the demo's tables), except inside training (AdvFLYP's validation at an epoch's
+    # end), where the run's deferred scope stands: the step saves first.
+    with nullcontext() if SIGNALS.deferred else SIGNALS.interruptible(f"during the evaluation {desc or ''}".rstrip()):
+        try:
+            for x, y, index in progress(eval_batches(eval_loader(dataset, batch_size, dist, workers)), dist,
+                                        desc=desc, leave=False):
+                x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
                 with ctx, torch.no_grad():
-                    robust[ok] = logits_fn(x_adv).argmax(-1) == y[ok]
-            counts[:3] += torch.stack([torch.tensor(len(y), device=dist.device), ok.sum(), robust.sum()]).double()
-    except UsageError as e:  # an unreadable image: counted as a failure so that no rank waits below for this one
-        error, counts[3] = e, 1
+                    ok = logits_fn(x).argmax(-1) == y  # (B,)
+                robust = torch.zeros_like(ok)
+                if ok.any():
+                    with ctx:
+                        x_adv = attack_pgd(logits_fn, x[ok], y[ok], index[ok.cpu()], eps, alpha, steps, seed)
+                    with ctx, torch.no_grad():
+                        robust[ok] = logits_fn(x_adv).argmax(-1) == y[ok]
+                counts[:3] += torch.stack([torch.tensor(len(y), device=dist.device), ok.sum(), robust.sum()]).double()
+        except UsageError as e:  # an unreadable image: counted as a failure so that no rank waits below for this one
+            error, counts[3] = e, 1
     n, clean, pgd_ok, failed = all_reduce_sum(counts, dist).tolist()
     if failed:
         raise error or UsageError("an image of the evaluation set cannot be read (another process names it)")
@@ -1810,24 +2024,63 @@ def hold_lock(path, what):
     return f
 
 
-def atomic_write(path, write, mode="wb"):
-    """write(file) into a temporary file beside `path` (a name of its own, so writers on several processes or
-    nodes never share one), fsync, rename: a crash never leaves a half-written file under `path`."""
-    import tempfile
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the permissions open() would give (mkstemp's are 0600)
+@contextlib.contextmanager
+def writing(path):
+    """Turn a failure to write `path` (a full or read-only filesystem, a missing permission, a quota) into one line
+    naming the path and the errno, instead of a traceback from inside the writer."""
     try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        yield
+    except OSError as e:
+        reason = f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})" if e.strerror else str(e)
+        raise UsageError(f"cannot write {path}: {reason}; what was saved before is kept") from None
+
+
+class _RecordingFile:
+    """A file object that keeps the OSError its write raised: torch.save reports a failed write as its own
+    RuntimeError ('unexpected pos ...') without the errno."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def atomic_write(path, write, mode="wb"):
+    """write(file) into a temporary file beside `path` (its folder made if need be; a name of its own, so writers
+    on several processes or nodes never share one), fsync, rename: a crash never leaves a half-written file under
+    `path`, and a full or read-only filesystem stops with one line (writing) and leaves `path` as it was."""
+    import tempfile
+    with writing(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=os.path.dirname(path) or ".")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the permissions open() would give (mkstemp's are 0600)
+        try:
+            with os.fdopen(fd, mode) as f:
+                recording = _RecordingFile(f)
+                try:
+                    write(recording)
+                except RuntimeError:
+                    if recording.error is None:
+                        raise
+                    raise recording.error from None
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
 
 def atomic_save(obj, path):
@@ -1896,9 +2149,10 @@ class Run:
         self.data = {"size": dataset_size, "classes": classes}
         self.lock, refused = None, None
         if dist.is_main:  # one run at a time in a run directory: a second one stops here, before it reads or writes
-            os.makedirs(self.dir, exist_ok=True)
             try:
-                self.lock = hold_lock(os.path.join(self.dir, ".lock"), f"--out {self.dir}")
+                with writing(self.dir):
+                    os.makedirs(self.dir, exist_ok=True)
+                    self.lock = hold_lock(os.path.join(self.dir, ".lock"), f"--out {self.dir}")
             except UsageError as e:
                 refused = e
         raise_on_every_rank(refused, dist)  # every rank stops with rank 0, none waits for it in a collective
@@ -1918,7 +2172,7 @@ class Run:
         if args.eps == 0 or args.attack_steps == 0:
             self.print(f"--eps {args.eps:g} --attack-steps {args.attack_steps}: clean fine-tuning, no adversarial "
                        "images (the attack's passes are skipped)")
-        self.preemption = Preemption()  # from here on, SIGTERM/SIGUSR1 stop the run at the end of a step
+        self.preemption = SIGNALS  # from start_timer() to write_model(), a signal stops the run after a step
         self.t_last, self.steps_since = time.time(), 0
 
     def print(self, *a):
@@ -1927,8 +2181,9 @@ class Run:
 
     def log(self, record):
         """Append one JSON object to log.jsonl (rank 0)."""
+        path = os.path.join(self.dir, "log.jsonl")
         if self.dist.is_main:
-            with open(os.path.join(self.dir, "log.jsonl"), "a") as f:
+            with writing(path), open(path, "a") as f:  # a line cut short by a full disk is dropped on resume
                 f.write(json.dumps(record) + "\n")
 
     def load(self):
@@ -2005,10 +2260,12 @@ class Run:
         if saves:
             self.save(step, {"unreadable": 0 if at_epoch_end else unreadable_all, **(extra or {})})
         if preempted:
-            self.log({"step": step, "preempted": self.preemption.received or "signal to another process"})
-            raise Preempted(f"preempted ({self.preemption.received or 'signal to another process'}) after step "
-                            f"{step}/{self.total_steps}: saved {self.ckpt_path}; rerun the same command to resume "
-                            f"(exit status {PREEMPTED})")
+            signal_name = self.preemption.received or "signal to another process"
+            what = "interrupted" if self.preemption.status == INTERRUPTED else "preempted"
+            self.log({"step": step, "preempted": signal_name})
+            raise Preempted(f"{what} ({signal_name}) after step {step}/{self.total_steps}: saved {self.ckpt_path}; "
+                            f"rerun the same command to resume (exit status {self.preemption.status})",
+                            self.preemption.status)
 
     def check_finite(self, step):
         """Stop (one line, on every rank) if any rank's loss was not finite at a step since the start, or if the
@@ -2043,8 +2300,10 @@ class Run:
                 else "no checkpoint was written yet")
 
     def start_timer(self, step):
-        """Start timing at `step`, right before the first training step (setup and resume excluded)."""
+        """Start timing at `step`, right before the first training step (setup and resume excluded). From here to
+        write_model, a signal waits for the end of the step in hand (step_done saves, then stops the run)."""
         self.t_last, self.steps_since = time.time(), step
+        self.preemption.defer()
 
     def throughput(self, step, global_batch, device):
         """images/s and s/step since the last call, and peak memory (MiB) of this process."""
@@ -2074,6 +2333,8 @@ class Run:
             state_dict = {k: (v.float() if v.is_floating_point() else v).detach().cpu().clone()  # own storage each
                           for k, v in clip_model.state_dict().items()}
             atomic_save(state_dict, os.path.join(self.dir, "model_state_dict.pt"))
+        self.preemption.defer(False)  # a signal from here on (the demo's evaluation, results) stops at once
+        self.preemption.check(f"after training: {os.path.join(self.dir, 'model.pt')} is written")
 
     def write_results(self, results):
         if self.dist.is_main:
@@ -2194,35 +2455,12 @@ def demo_clip(steps=None, log=print):
     threads = torch.get_num_threads()
     torch.set_num_threads(DEMO_PRETRAIN_THREADS)  # how a float sum is split changes the model: the same everywhere
     try:
-        with stopped_by_signals("while pretraining the demo CLIP, before anything was cached"):
+        with SIGNALS.interruptible("while pretraining the demo CLIP, before anything was cached"):
             model = _pretrain_demo_clip(steps, log)
     finally:
         torch.set_num_threads(threads)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_save({"model": model.state_dict(), "steps": steps}, path)
     return model
-
-
-@contextlib.contextmanager
-def stopped_by_signals(when):
-    """Within this scope SIGTERM, SIGUSR1 (a preemption notice) and SIGINT stop the work at once: Preempted (exit
-    status PREEMPTED) or KeyboardInterrupt, whatever handler was installed before (Preemption's flag is read between
-    training steps, not inside work that runs before them). The previous handlers come back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        raise Preempted(f"preempted ({signal.Signals(signum).name}) {when}; rerun the same command "
-                        f"(exit status {PREEMPTED})")
-    previous = {s: signal.signal(s, stop) for s in (*Preemption.SIGNALS, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _pretrain_demo_clip(steps, log):

@@ -64,7 +64,8 @@ paired 95% interval (Newcombe's hybrid score interval), by
     python evaluate.py --compare runs/agft-eps1/eval.json runs/tecoa-eps1/eval.json
 Resume: the results are saved after every dataset and every --save-every seconds; rerun the same command (same
 --out) and it continues where it stopped, with the numbers of an uninterrupted run, with any number of processes.
-SIGTERM / SIGUSR1 save and exit with status 75 (common.PREEMPTED).
+SIGTERM / SIGUSR1 save and exit with status 75 (common.PREEMPTED), SIGINT (Ctrl-C) with 130: the batch in hand is
+interrupted between two attack iterations and redone by the rerun (docs/cluster.md).
 
 Sections, in the order data flows (search for the `# ---- name` rule):
     config                      parse_args: datasets, attacks, protocols, metrics
@@ -84,7 +85,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import textwrap
 import time
 from statistics import NormalDist
@@ -525,18 +525,8 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
     n_batches = -(-(-(-len(indices) // batch_size)) // dist.world)  # ⌈⌈N / B⌉ / W⌉, the same on every rank
     seconds, images = [0.0] * (1 + len(attacks)), [0] * (1 + len(attacks))  # for `timing`; clean, then each attack
     tick = (lambda: clock(dist.device)) if timing is not None else (lambda: 0.0)  # no syncs unless timing
-    done = 0
-    batches = iter(common.progress(common.eval_batches(common.eval_loader(dataset, batch_size, dist, workers, indices)),
-                                   dist, desc=desc, leave=False))
-    while True:
-        try:
-            x, y, index = next(batches)
-        except StopIteration:
-            break
-        except common.UsageError as e:  # an unreadable image: the caller stops every rank (common.first_error)
-            yield torch.zeros(0, dtype=torch.long), {"error": str(e)}
-            done += 1
-            break
+
+    def evaluate_batch(x, y, index):  # -> {field: (b,) or (b, D) tensor}
         x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
         t = tick()
         with ctx, torch.no_grad():
@@ -563,7 +553,7 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
                 t = tick()
                 with ctx:
                     x_adv = run_attack(name, logits_fn, x[keep], y[keep], index[keep.cpu()], eps, alpha,
-                                              steps_of(name), seed, memo)
+                                       steps_of(name), seed, memo)
                 with ctx, torch.no_grad():
                     adv_features = encoder(x_adv)
                     adv_sim = common.cosine_sim(adv_features, text_feats)
@@ -576,7 +566,27 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
                     if embeddings:
                         out["embedding.adv"] = adv_features.float()  # (B, D)
             out[name] = correct
-        yield index, {f: v.cpu() for f, v in out.items()}
+        return out
+
+    done = 0
+    batches = iter(common.progress(common.eval_batches(common.eval_loader(dataset, batch_size, dist, workers, indices)),
+                                   dist, desc=desc, leave=False))
+    while True:
+        try:
+            x, y, index = next(batches)
+        except StopIteration:
+            break
+        except common.UsageError as e:  # an unreadable image: the caller stops every rank (common.first_error)
+            yield torch.zeros(0, dtype=torch.long), {"error": str(e)}
+            done += 1
+            break
+        try:  # a signal stops the batch between two attack iterations (a GPU batch of AutoAttack runs for minutes)
+            with common.SIGNALS.interruptible("during an evaluation batch"):
+                out = evaluate_batch(x, y, index)
+        except common.Stop:  # the batch is thrown away (the rerun redoes it); the caller's requested() stops all
+            yield torch.zeros(0, dtype=torch.long), {"stopped": True}
+        else:
+            yield index, {f: v.cpu() for f, v in out.items()}
         done += 1
     for _ in range(done, n_batches):
         yield torch.zeros(0, dtype=torch.long), {}
@@ -598,6 +608,10 @@ def zero_shot_eval(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 /
     n = torch.zeros(1, dtype=torch.float64)
     for index, out in zero_shot_samples(encoder, text_feats, dataset, dist, attacks, eps, alpha, steps, batch_size,
                                         ctx, seed, workers, desc, timing, attack_all):
+        if out.get("stopped"):
+            raise common.SIGNALS.stop("during the evaluation")
+        if "error" in out:
+            raise common.UsageError(out["error"])
         n += len(index)
         correct += torch.tensor([float(out[c].sum()) if c in out else 0.0 for c in columns], dtype=torch.float64)
     both = common.all_reduce_sum(torch.cat([n, correct]).to(dist.device), dist).cpu()
@@ -775,7 +789,6 @@ class SampleStore:
             arrays[f"{k}.index"], arrays[f"{k}.done"] = d["index"], np.packbits(d["done"])
             for f, v in d["values"].items():
                 arrays[f"{k}.{f}"] = np.packbits(v) if is_bit_field(f) else v
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         common.atomic_write(self.path, lambda f: np.savez(f, **arrays))  # a file object: savez adds no .npz
         self.saved_at = time.time()
 
@@ -787,8 +800,9 @@ def open_store(args, settings):
     here."""
     store, there, previous_speed = SampleStore(args.per_sample, settings), None, {}
     # one evaluation at a time per --out: a second one stops here, before it reads the other's partial results
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    store.lock = common.hold_lock(args.out + ".lock", f"--out {args.out}")
+    with common.writing(args.out):
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        store.lock = common.hold_lock(args.out + ".lock", f"--out {args.out}")
     fresh = "; rerun with its settings to continue it, or use another --out (or delete {}) to start afresh"
     if os.path.exists(args.out):
         try:
@@ -1046,6 +1060,9 @@ def save_features(args, encoder, sets, text_of, dist, ctx):
             error = common.first_error(out.pop("error", None), dist)  # an unreadable image on any rank stops all
             if error is not None:
                 raise common.UsageError(f"{name}: {error}")
+            if common.SIGNALS.requested(dist):  # a signal on any rank: every rank stops after the same batch
+                raise common.SIGNALS.stop(f"while computing {args.save_features}, before writing it")
+            out.pop("stopped", None)
             batch = torch.zeros(len(index), width, dtype=torch.float64)  # position, fields, the embeddings
             if len(index):
                 batch[:, 0] = index
@@ -1066,7 +1083,6 @@ def save_features(args, encoder, sets, text_of, dist, ctx):
         meta["datasets"].append({"name": name, "n": len(rows), "classes": list(class_names), "adv": adv})
     if dist.is_main:
         arrays["meta"] = np.array(json.dumps(meta))
-        os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
         common.atomic_write(args.save_features, lambda f: np.savez(f, **arrays))
         print(f"wrote {args.save_features}: the embeddings of {sum(d['n'] for d in meta['datasets'])} images, clean"
               + (f" and at {attack[0]} (ε = {args.eps:g}/255)" if attack else ""), flush=True)
@@ -1078,15 +1094,7 @@ def main(argv=None):
     if args.compare:
         print(compare(*args.compare), flush=True)
         return
-    # From here on SIGTERM / SIGUSR1 ask for a save and exit (PREEMPTED); the caller's handlers come back at the end.
-    saved_handlers = {s: signal.getsignal(s) for s in common.Preemption.SIGNALS}
-    preemption = common.Preemption()
-    try:
-        evaluate(args, preemption)
-    finally:
-        if signal.getsignal(signal.SIGTERM) == preemption._handler:
-            for s, handler in saved_handlers.items():
-                signal.signal(s, handler)
+    evaluate(args, common.SIGNALS)  # the process's signals (installed by common.run_main)
 
 
 def evaluate(args, preemption):
@@ -1139,64 +1147,76 @@ def evaluate(args, preemption):
         f"{', '.join(args.metrics) or 'none'}; {dist.world} process(es), {dist.device}, amp {amp}", flush=True)
 
     class_counts = {name: len(c) for name, _, c, _, _ in sets}
-    for k, (name, dataset, class_names, template, _) in enumerate(sets):
-        fields = sample_fields(args.attacks, args.metrics, len(class_names))
-        done, error = torch.zeros(len(dataset), dtype=torch.uint8), None
-        if dist.is_main:
-            try:
-                done = torch.from_numpy(store.begin(name, dataset_indices(dataset), fields).astype(np.uint8))
-            except common.UsageError as e:
-                error = e
-        common.raise_on_every_rank(error, dist)
-        if dist.world > 1:  # rank 0 alone reads the state; every rank needs to know which images are left
-            torch_dist.broadcast(done, 0, group=dist.cpu_group)
-        todo = (done == 0).nonzero()[:, 0].tolist()
-        if todo and len(todo) < len(dataset):
-            log(f"{name}: continuing, {len(dataset) - len(todo)} of {len(dataset)} images already evaluated "
-                f"({args.per_sample})", flush=True)
-        elif not todo:
-            log(f"{name}: already evaluated ({args.per_sample})", flush=True)
-        if todo:
-            t0, timing = time.time(), {}
-            text = common.text_features(model, prompts[name], dist.device)  # (C, D), once per dataset
-            ref_logits = None
-            if ref_encoder is not None and "top5-iou" in args.metrics:
-                ref_text = common.text_features(reference, prompts[name], dist.device)  # the reference's own prompts
-                ref_logits = lambda x: (common.CLIP_LOGIT_SCALE  # noqa: E731
-                                        * common.cosine_sim(ref_encoder(x), ref_text))
-            for index, out in zero_shot_samples(
-                    encoder, text, dataset, dist, tuple(args.attacks), eps, alpha, steps, args.batch_size, ctx,
-                    args.seed, args.workers, desc=name, timing=timing, attack_all=args.attack_all,
-                    metrics=tuple(args.metrics), reference=ref_logits, indices=todo):
-                error = out.pop("error", None)
-                rows = gather_rows(pack_rows(index, out, fields), dist)
-                if dist.is_main:
-                    store.record(name, rows)
-                error = common.first_error(error, dist)  # an unreadable image on any rank: save what is done, stop
-                if error is not None:
-                    if dist.is_main:
-                        store.save()
-                    raise common.UsageError(f"{name}: {error}")
-                if preemption.requested(dist):  # every rank stops after the same batch
-                    message = f"preempted ({preemption.received or 'signal on another rank'})"
-                    if dist.is_main:
-                        store.save()
-                        message += (f": the per-image results of {int(store.sets[name]['done'].sum())} of "
-                                    f"{len(dataset)} images of {name}" + (" and of every earlier dataset" if k else "")
-                                    + f" are saved in {args.per_sample}; rerun the same command to continue")
-                    raise common.Preempted(message)
-                if dist.is_main and time.time() - store.saved_at >= args.save_every:
-                    store.save()
-            throughput[name] = timing
-        if dist.is_main:
-            store.sets[name]["complete"] = True
-            store.save()
-            report, table = build_report(args, settings, store, class_counts, throughput)
-            write_report(args, report, table)
+    preemption.defer()  # from here on a signal is honoured after the batch in hand, whose attacks it interrupts
+    try:
+        for k, (name, dataset, class_names, template, _) in enumerate(sets):
+            fields = sample_fields(args.attacks, args.metrics, len(class_names))
+            done, error = torch.zeros(len(dataset), dtype=torch.uint8), None
+            if dist.is_main:
+                try:
+                    done = torch.from_numpy(store.begin(name, dataset_indices(dataset), fields).astype(np.uint8))
+                except common.UsageError as e:
+                    error = e
+            common.raise_on_every_rank(error, dist)
+            if dist.world > 1:  # rank 0 alone reads the state; every rank needs to know which images are left
+                torch_dist.broadcast(done, 0, group=dist.cpu_group)
+            todo = (done == 0).nonzero()[:, 0].tolist()
+            if todo and len(todo) < len(dataset):
+                log(f"{name}: continuing, {len(dataset) - len(todo)} of {len(dataset)} images already evaluated "
+                    f"({args.per_sample})", flush=True)
+            elif not todo:
+                log(f"{name}: already evaluated ({args.per_sample})", flush=True)
             if todo:
-                r = report["datasets"][name]
-                log(f"{name}: {len(class_names)} classes, {r}  ({time.time() - t0:.0f}s; images/s "
-                    f"{throughput[name]})", flush=True)
+                t0, timing = time.time(), {}
+                text = common.text_features(model, prompts[name], dist.device)  # (C, D), once per dataset
+                ref_logits = None
+                if ref_encoder is not None and "top5-iou" in args.metrics:
+                    ref_text = common.text_features(reference, prompts[name], dist.device)  # the reference's prompts
+                    ref_logits = lambda x: (common.CLIP_LOGIT_SCALE  # noqa: E731
+                                            * common.cosine_sim(ref_encoder(x), ref_text))
+                for index, out in zero_shot_samples(
+                        encoder, text, dataset, dist, tuple(args.attacks), eps, alpha, steps, args.batch_size, ctx,
+                        args.seed, args.workers, desc=name, timing=timing, attack_all=args.attack_all,
+                        metrics=tuple(args.metrics), reference=ref_logits, indices=todo):
+                    error = out.pop("error", None)
+                    out.pop("stopped", None)  # a batch a signal interrupted: no rows; requested() stops every rank
+                    rows = gather_rows(pack_rows(index, out, fields), dist)
+                    if dist.is_main:
+                        store.record(name, rows)
+                    error = common.first_error(error, dist)  # an unreadable image on any rank: save what is done, stop
+                    if error is not None:
+                        if dist.is_main:
+                            store.save()
+                        raise common.UsageError(f"{name}: {error}")
+                    if preemption.requested(dist):  # every rank stops after the same batch
+                        what = "interrupted" if preemption.status == common.INTERRUPTED else "preempted"
+                        message = f"{what} ({preemption.received or 'signal on another rank'})"
+                        if dist.is_main:
+                            store.save()
+                            message += (f": the per-image results of {int(store.sets[name]['done'].sum())} of "
+                                        f"{len(dataset)} images of {name}"
+                                        + (" and of every earlier dataset" if k else "")
+                                        + f" are saved in {args.per_sample}; rerun the same command to continue "
+                                        f"(exit status {preemption.status})")
+                        raise common.Preempted(message, preemption.status)
+                    if dist.is_main and time.time() - store.saved_at >= args.save_every:
+                        store.save()
+                throughput[name] = timing
+            if dist.is_main:
+                store.sets[name]["complete"] = True
+                store.save()
+                report, table = build_report(args, settings, store, class_counts, throughput)
+                write_report(args, report, table)
+                if todo:
+                    r = report["datasets"][name]
+                    log(f"{name}: {len(class_names)} classes, {r}  ({time.time() - t0:.0f}s; images/s "
+                        f"{throughput[name]})", flush=True)
+    except BaseException:  # a lost worker or process, a bug: keep every batch evaluated so far
+        if dist.is_main:
+            with contextlib.suppress(Exception):  # (the error in hand is the one to report)
+                store.save()
+        raise
+    preemption.defer(False)
     if dist.is_main:
         print("\n" + table, flush=True)
         print(f"wrote {args.out}, {os.path.splitext(args.out)[0] + '.md'} and {args.per_sample}", flush=True)
