@@ -24,7 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common import STREAMS, attack_pgd, input_grad, per_sample_start, pgd, sample_generator
+from common import (STREAMS, attack_cross_entropy, attack_pgd, cross_entropy_per_sample, input_grad,
+                    per_sample_start, pgd, sample_generator)
 
 # -------------------------------------------------------------------------------------------------------- losses
 def margin_loss(logits, y):
@@ -127,14 +128,6 @@ def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=
     return (x_max if best_loss else x_out).detach()
 
 
-def cross_entropy_per_sample(logits, y):
-    """CE(logits, y) = log(1 + Σ_{j≠y} exp(z_j − z_y)), (B, C), (B,) -> (B,), without the cancellation of
-    logsumexp(z) − z_y: at CLIP's scale 100 a confident sample's CE is below float32's resolution around 1 and
-    F.cross_entropy returns exactly 0, which would hide APGD's progress from its best-point and checkpoint tests."""
-    rest = (logits - logits.gather(1, y[:, None])).scatter(1, y[:, None], float("-inf"))  # z_j − z_y, j ≠ y
-    return F.softplus(torch.logsumexp(rest, dim=1))
-
-
 def attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed):
     """APGD on the cross-entropy at CLIP's logit scale (`apgd-ce`); α is unused (step size 2ε, adaptive)."""
     delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
@@ -192,7 +185,7 @@ def random_target(logits_fn, x, y, index, seed):
 def pgd_targeted(logits_fn, x, target, index, eps, alpha, steps, seed):
     """PGD (same schedule and random start as `pgd`) minimising CE(logits, target), i.e. maximising its negative."""
     delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
-    return pgd(lambda x_adv: -F.cross_entropy(logits_fn(x_adv), target, reduction="sum"), x, eps, alpha, steps, delta)
+    return pgd(lambda x_adv: -attack_cross_entropy(logits_fn(x_adv), target), x, eps, alpha, steps, delta)
 
 
 def attack_pgd_t_rand(logits_fn, x, y, index, eps, alpha, steps, seed):
@@ -216,8 +209,8 @@ def ce_ascent_loss(y, target=None):
     towards targets t (descent on CE to t). Summed, so each sample's gradient does not depend on the batch
     (torchattacks averages over the batch: a constant factor, which sign and ∇/‖∇‖₁ remove)."""
     if target is None:
-        return lambda logits: F.cross_entropy(logits, y, reduction="sum")
-    return lambda logits: -F.cross_entropy(logits, target, reduction="sum")
+        return lambda logits: attack_cross_entropy(logits, y)
+    return lambda logits: -attack_cross_entropy(logits, target)
 
 
 def gaussian_kernel(size, nsig):

@@ -26,7 +26,7 @@ Sections, in the order data flows (search for the `# ---- name` rule):
                          images, non-finite losses), writing / atomic_write (a full or read-only --out: one line),
                          checkpoint_state
     demo                 the procedural task (DemoImages), its tiny pretrained CLIP (demo_clip), demo tables and
-                         the picture (drawn by figures.py)
+                         the picture (draw_demo_figure: figures.py in a process of its own)
 """
 import argparse
 import atexit
@@ -43,6 +43,7 @@ import os
 import re
 import resource
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -146,7 +147,7 @@ def run_main(main):
         status, message, stream = FAILED, f"error (rank {rank}): {failure}", sys.stderr
     finally:
         stop_loaders()
-        SIGNALS.restore()
+        SIGNALS.end()
     if message:
         print(message, file=stream, flush=True)
     if status in (PREEMPTED, INTERRUPTED):
@@ -508,7 +509,10 @@ class _ScaleGradPerSample(torch.autograd.Function):
         if ctx.state.get("scale") is None:  # the first backward through the encoder fixes the factors
             peak = grad.flatten(1).abs().amax(1)  # (B,)
             usable = torch.isfinite(peak) & (peak > 0)
-            ctx.state["scale"] = torch.where(usable, torch.exp2(-torch.floor(torch.log2(peak))), torch.ones_like(peak))
+            # 2^k brings the peak to [1, 2); k ≤ 127 keeps 2^k finite in fp32 (a peak below 2^-127, a margin near 90
+            # logits, then ends at ≥ 2^-22, still an fp16 number, instead of at inf)
+            k = torch.clamp(-torch.floor(torch.log2(peak)), max=127.0)
+            ctx.state["scale"] = torch.where(usable, torch.exp2(k), torch.ones_like(peak))
         scale = ctx.state["scale"].view(-1, *[1] * (grad.dim() - 1))
         return (grad * scale).to(ctx.dtype), None
 
@@ -705,9 +709,13 @@ class Preemption:
 
     def start(self):
         """A run starts: no signal received yet, no scope; the handlers installed (run_main)."""
+        self.end()
+        self.install()
+
+    def end(self):
+        """A run ends: the handlers from before, and nothing of this run's signals left for the next one."""
         self.restore()
         self.__init__()
-        self.install()
 
     def install(self):
         """Handle SIGTERM, SIGUSR1 and SIGINT in this process (the main thread alone may) until restore()."""
@@ -1802,10 +1810,31 @@ def per_sample_start(index, shape, eps, seed, device, restart=0):
     return out
 
 
+def cross_entropy_per_sample(logits, y):
+    """CE(logits, y) = log(1 + Σ_{j≠y} exp(z_j − z_y)), (B, C), (B,) -> (B,), without the cancellation of
+    logsumexp(z) − z_y: at CLIP's scale 100 a confident sample's CE is below float32's resolution around 1, and
+    F.cross_entropy returns exactly 0 with a gradient whose true-class entry p_y − 1 is exactly 0. APGD uses it
+    always (its best-point and checkpoint tests need the progress); the other attacks with evaluate.py --stable-ce."""
+    rest = (logits - logits.gather(1, y[:, None])).scatter(1, y[:, None], float("-inf"))  # z_j − z_y, j ≠ y
+    return F.softplus(torch.logsumexp(rest, dim=1))
+
+
+# evaluate.py --stable-ce: the cross-entropy that PGD, the targeted PGDs and Table 6's attacks ascend, computed
+# without cancellation (docs/attacks.md). Off: F.cross_entropy, as torchattacks and the papers' code compute it.
+STABLE_CE = contextvars.ContextVar("stable_ce", default=False)
+
+
+def attack_cross_entropy(logits, y):
+    """Σ_i CE(z_i, y_i), (B, C), (B,) -> scalar: F.cross_entropy, or cross_entropy_per_sample under STABLE_CE.
+    Summed, so that each sample's gradient does not depend on the batch size."""
+    if STABLE_CE.get():
+        return cross_entropy_per_sample(logits, y).sum()
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
 def ce_attack_loss(logits_fn, y):
-    """Sum over the batch of CE(logits, y): PGD's evaluation loss. Summing keeps each sample's gradient
-    independent of the batch size."""
-    return lambda x_adv: F.cross_entropy(logits_fn(x_adv), y, reduction="sum")
+    """PGD's evaluation loss: Σ_i CE(logits_fn(x_adv)_i, y_i) (attack_cross_entropy)."""
+    return lambda x_adv: attack_cross_entropy(logits_fn(x_adv), y)
 
 
 def attack_pgd(logits_fn, x, y, index, eps, alpha, steps, seed):
@@ -2363,7 +2392,7 @@ def progress(iterable, dist, **kw):
 # --------------------------------------------------------------------------------------------------------------- demo
 # A task that needs no download: coloured shapes on textured backgrounds, 32x32 pixels. A concept is a colour and a
 # shape ("a red ring"). A tiny CLIP is pretrained contrastively on captions of all 64 concepts; fine-tuning sees the
-# 32 "proxy" concepts, and zero-shot evaluation uses the other 32, held out, with their own class prompts.
+# 48 "proxy" concepts, and zero-shot evaluation uses the other 16, held out, with their own class prompts.
 DEMO_COLOURS = {
     "red": (0.90, 0.12, 0.12), "green": (0.12, 0.75, 0.20), "blue": (0.15, 0.30, 0.95), "yellow": (0.95, 0.88, 0.12),
     "purple": (0.60, 0.20, 0.80), "cyan": (0.12, 0.82, 0.88), "orange": (1.00, 0.55, 0.05), "white": (0.94, 0.94, 0.94),
@@ -2521,7 +2550,17 @@ def demo_report(run, args, before, after):
         "held_out_concepts": [f"{c} {s}" for c, s in DEMO_HELD_OUT],
         "proxy_concepts": [f"{c} {s}" for c, s in DEMO_PROXY],
     })
-    if run.dist.is_main:  # a picture of the table (figures.py: the one file that imports matplotlib)
-        import figures
-        picture = figures.demo_figure(os.path.join(run.dir, "results.json"), os.path.join(run.dir, "demo.png"))
-        run.print(f"figure: {picture}")
+    if run.dist.is_main:
+        run.print(draw_demo_figure(os.path.join(run.dir, "results.json"), os.path.join(run.dir, "demo.png")))
+
+
+def draw_demo_figure(results, out):
+    """The demo's picture of its table, drawn by `figures.py demo` in a process of its own: figures.py is the one
+    file that imports matplotlib, and common.py imports no other file of the project. Returns the line to print."""
+    figures = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures.py")
+    r = subprocess.run([sys.executable, figures, "demo", results, "--out", out], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        return f"figure: not drawn ({why}); draw it with: python figures.py demo {results} --out {out}"
+    return f"figure: {out}"

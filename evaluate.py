@@ -6,7 +6,8 @@ an attack only if it is classified correctly clean and at x_adv. Every sample is
 processes; random starts and random targets depend only on the sample's index.
 
 Attacks (ℓ∞, --eps in units of 1/255; ATTACKS):
-    pgd          PGD, 20 steps, α = 1/255, cross-entropy at CLIP's scale 100 (the AGFT protocol)
+    pgd          PGD, 20 steps, α = 1/255, cross-entropy at CLIP's scale 100 (the AGFT protocol; F.cross_entropy as
+                 the papers' code, or without cancellation with --stable-ce: docs/evaluation.md)
     cw           PGD, same schedule, on the C&W margin max_{j≠y} z_j − z_y
     apgd-ce      APGD (Croce & Hein 2020), 100 iterations, cross-entropy
     apgd-dlr     APGD on the DLR loss (not applicable to 2-class sets: reported as n/a)
@@ -180,6 +181,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for random starts, random targets, --samples, random:ARCH")
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per rank")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder (docs/performance.md)")
+    p.add_argument("--stable-ce", action="store_true",
+                   help="the cross-entropy of pgd, pgd-t-*, and Table 6's attacks without cancellation: at logit "
+                        "scale 100 F.cross_entropy (the papers' code, the default) drops a confident image's true "
+                        "class from the gradient (docs/attacks.md); recorded in the results")
     p.add_argument("--attack-all", action="store_true",
                    help="attack every image, also those misclassified clean (same accuracies; for benchmarks with "
                         "random weights, where few images are classified correctly)")
@@ -688,7 +693,7 @@ IDENTITY = {"model_sha256": "--model (its weights)", "reference_sha256": "--refe
             "datasets": "--datasets", "images": "the images (--samples, or the data changed)",
             "prompts_sha256": "the class prompts (--template, --class-names)", "attacks": "--attacks",
             "eps": "--eps", "alpha": "--alpha", "steps": "--steps", "samples": "--samples", "seed": "--seed",
-            "amp": "--amp", "metrics": "--metrics"}
+            "amp": "--amp", "metrics": "--metrics", "stable_ce": "--stable-ce"}
 # Settings that fix the images and the attacks: --compare pairs two evaluations only if they are all equal.
 PAIRED = {"datasets": "--datasets", "images": "the images (--samples, or the data changed)", "samples": "--samples",
           "seed": "--seed", "attacks": "--attacks", "eps": "--eps", "alpha": "--alpha", "steps": "--steps"}
@@ -938,6 +943,7 @@ def build_report(args, settings, store, class_counts, throughput):
     title = (f"Zero-shot accuracy (%) of {args.model}, ℓ∞ ε = {args.eps:g}/255"
              + (f", protocol {args.protocol}" if args.protocol else "")
              + (f", α = {args.alpha:g}/255" if set(args.attacks) & STEP_SIZE_ATTACKS else "")
+             + (", cross-entropy without cancellation (--stable-ce)" if args.stable_ce else "")
              + (f", {args.samples} images per dataset at most" if args.samples else "")
              + ("" if complete else f" (incomplete: {len(names)} of {len(settings['datasets'])} datasets)"))
     table = markdown_table(results, mean, columns, labels, title, report["ci95"] if args.intervals else None)
@@ -1025,7 +1031,7 @@ def compare(path_a, path_b):
             lo, hi = mover_mean(estimates, intervals)
             lines.append(f"| {labels[c]} | **Average** ({len(estimates)}) | | {100 * np.mean(acc_a):.2f} | "
                          f"{100 * np.mean(acc_b):.2f} | {fmt(np.mean(estimates))} | [{fmt(lo)}, {fmt(hi)}] | | |")
-    other = {"amp": "--amp", "prompts_sha256": "the class prompts"}  # allowed to differ, but said
+    other = {"amp": "--amp", "prompts_sha256": "the class prompts", "stable_ce": "--stable-ce"}  # may differ: said
     notes = [f"note: {d}" for d in differences(ra["settings"], rb["settings"], other, ("in A", "in B"))]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
@@ -1045,7 +1051,7 @@ def save_features(args, encoder, sets, text_of, dist, ctx):
     meta = {"format": FEATURES_FORMAT, "model": args.model, "vision_weights": args.vision_weights,
             "attack": attack[0] if attack else None, "eps": args.eps, "alpha": args.alpha,
             "steps": args.steps.get(attack[0]) if attack else None, "samples": args.samples, "seed": args.seed,
-            "datasets": []}
+            "stable_ce": args.stable_ce, "datasets": []}
     arrays = {}
     for k, (name, dataset, class_names, _, _) in enumerate(sets):
         text = text_of(name)  # (C, D)
@@ -1094,7 +1100,11 @@ def main(argv=None):
     if args.compare:
         print(compare(*args.compare), flush=True)
         return
-    evaluate(args, common.SIGNALS)  # the process's signals (installed by common.run_main)
+    token = common.STABLE_CE.set(args.stable_ce)  # the attacks' cross-entropy (--stable-ce)
+    try:
+        evaluate(args, common.SIGNALS)  # the process's signals (installed by common.run_main)
+    finally:
+        common.STABLE_CE.reset(token)
 
 
 def evaluate(args, preemption):
@@ -1129,6 +1139,7 @@ def evaluate(args, preemption):
                 "reference_model": args.reference_model, "reference_sha256": reference_sha,
                 "processes": dist.world, "batch_size": args.batch_size, "compile": args.compile,
                 "attack_all": args.attack_all, "device": device_name(dist.device),
+                **({"stable_ce": True} if args.stable_ce else {}),  # absent: the reference CE (older results too)
                 "templates": {name: template for name, _, _, template, _ in sets},
                 "prompts_sha256": {name: hashlib.sha256("\n".join(p).encode()).hexdigest()
                                    for name, p in prompts.items()}}

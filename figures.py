@@ -300,11 +300,6 @@ def read_demo(path):
     return r
 
 
-def demo_figure(results_path, out):
-    """Draw a demo's figure from its results.json to `out` (the demos call this at their end); returns `out`."""
-    return save(demo(read_demo(results_path)), out)[0]
-
-
 # -------------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)

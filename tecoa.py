@@ -50,12 +50,32 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import advflyp
 import common
 
 
 # ---------------------------------------------------------------------- the method (Eq. 4-5, PMG-AFT, TGA-ZSR)
 REG_NAMES = {"none": "", "logit": " + L_logit", "feat": " + L_feat", "full": " + L_logit + L_feat"}  # --reg
+
+
+# AdvFLYP's two regularisers (the AdvFLYP paper, Eq. 8-12; advflyp.py), over the class prompts here (--reg, its
+# Table 9). A copy of advflyp.py's, so that this file reads alone (tests/test_tecoa.py checks that the two agree).
+def logit_reg(adv_features, orig_adv_features, clean_features, text_features, logit_scale=100.0):
+    """L_logit = mean_i [KL(P_adv,θ ‖ P_adv,orig) + KL(P_adv,θ ‖ P_clean,θ)], each P the softmax over the class
+    prompts at logit_scale. adv/orig_adv/clean features (b, D) raw, orig_adv a constant; text_features (C, D)."""
+    text = F.normalize(text_features.float(), dim=-1)
+    log_p_adv = F.log_softmax(logit_scale * common.cosine_sim(adv_features, text), dim=-1)  # Eq. 9, (b, C)
+    log_p_orig = F.log_softmax(logit_scale * common.cosine_sim(orig_adv_features.detach(), text), dim=-1)  # Eq. 10
+    log_p_clean = F.log_softmax(logit_scale * common.cosine_sim(clean_features, text), dim=-1)  # Eq. 11
+    p_adv = log_p_adv.exp()
+    return ((p_adv * (log_p_adv - log_p_orig)).sum(-1) + (p_adv * (log_p_adv - log_p_clean)).sum(-1)).mean()  # Eq. 12
+
+
+def feature_reg(adv_features, orig_adv_features, clean_features):
+    """L_feat = mean_i ‖x̂_adv,θ − x̂_adv,orig‖₂ + mean_i ‖x̂_adv,θ − x̂_clean,θ‖₂ on L2-normalised features (Eq. 8
+    as in the official code), unsquared; orig_adv a constant."""
+    adv = F.normalize(adv_features.float(), dim=-1)
+    orig = F.normalize(orig_adv_features.detach().float(), dim=-1)
+    return (adv - orig).norm(dim=-1).mean() + (adv - F.normalize(clean_features.float(), dim=-1)).norm(dim=-1).mean()
 
 
 def tecoa_loss(adv_sim, labels, logit_scale=100.0):
@@ -121,7 +141,7 @@ def parse_args(argv=None):
     parser = common.train_parser(__doc__, "tecoa", lr=None, lr_default="1e-5; 4e-5 with --tga")
     parser.add_argument("--pmg", action="store_true",
                         help="PMG-AFT: add KL(p_orig(x_adv)‖p(x_adv)) + KL(p(x)‖p(x_adv)) to TeCoA's loss")
-    parser.add_argument("--reg", choices=advflyp.REGULARISERS, default="none",
+    parser.add_argument("--reg", choices=tuple(REG_NAMES), default="none",
                         help="add AdvFLYP's regularisers to TeCoA's loss (the AdvFLYP paper's Table 9): logit "
                              "(L_logit over the class prompts), feat (L_feat), full (both); not with --pmg or --tga. "
                              "--reg logit is PMG-AFT as the AdvFLYP code computes it: its KLs run the other way "
@@ -222,9 +242,9 @@ def main(argv=None):
                         orig = orig_encoder(x_adv)  # (b, D) original model
                     loss = tecoa_loss(common.cosine_sim(adv, text), labels)
                     if args.reg in ("logit", "full"):
-                        loss = loss + advflyp.logit_reg(adv, orig, clean, text)  # P over the C class prompts
+                        loss = loss + logit_reg(adv, orig, clean, text)  # P over the C class prompts
                     if args.reg in ("feat", "full"):
-                        loss = loss + advflyp.feature_reg(adv, orig, clean)
+                        loss = loss + feature_reg(adv, orig, clean)
                 else:
                     loss = tecoa_loss(common.cosine_sim(train_encoder(x_adv), text), labels)  # (b, C) similarities
             # --------------------------------------------------------------------------------------------------

@@ -122,12 +122,15 @@ def demo_zero_shot(per_class):
     return encoder, text, ds, logits_fn
 
 
-def run_demo_reduced(main, argv, out, monkeypatch):
+def run_demo_reduced(main, argv, out, monkeypatch, figure=False):
     """A script's demo in this process, shortened for the tests: its --max-steps from argv and every 32nd of the demo's
-    test images in the before/after evaluation (the full demo's numbers: docs/demo.md). Returns results.json."""
+    test images in the before/after evaluation (the full demo's numbers: docs/demo.md), and its picture drawn only
+    with figure=True (figures.py in a process of its own: seconds). Returns results.json."""
     accuracy = common.zero_shot_accuracy
     monkeypatch.setattr(common, "zero_shot_accuracy", lambda encoder, text, ds, *a, **k: accuracy(
         encoder, text, torch.utils.data.Subset(ds, range(0, len(ds), 32)), *a, **k))
+    if not figure:
+        monkeypatch.setattr(common, "draw_demo_figure", lambda results, out: f"figure: (not drawn) {out}")
     main(["--demo", *argv, "--out", str(out)])
     with open(os.path.join(str(out), "results.json")) as f:
         return json.load(f)

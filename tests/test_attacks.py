@@ -315,6 +315,33 @@ def test_apgd_ce_x5_restarts_on_the_survivors_from_fresh_starts(demo):
                            common.per_sample_start(index, x.shape[1:], eps, 0, CPU))
 
 
+def test_stable_ce_keeps_the_true_class_in_the_gradient(demo):
+    """--stable-ce (common.STABLE_CE): the same cross-entropy where float32 resolves it, and, for a confident image
+    at scale 100, a gradient whose true-class entry is e^-margin instead of the reference's exact 0 (p_y rounds to
+    1), so that PGD pushes the true class down as well as the others up. Off, attack_cross_entropy is
+    F.cross_entropy exactly (the papers' numbers)."""
+    logits_fn, x, y, index, clean = demo
+    logits = clean.clone().requires_grad_(True)
+    reference = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    confident = reference == 0
+    assert confident.float().mean() > 0.5
+    assert torch.equal(common.attack_cross_entropy(logits, y),
+                       torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+    grad_ref, = torch.autograd.grad(common.attack_cross_entropy(logits, y), logits)
+    token = common.STABLE_CE.set(True)
+    try:
+        value = common.attack_cross_entropy(logits, y)
+        grad, = torch.autograd.grad(value, logits)
+    finally:
+        common.STABLE_CE.reset(token)
+    torch.testing.assert_close(value, common.cross_entropy_per_sample(clean, y).sum())
+    true_ref, true = grad_ref.gather(1, y[:, None])[:, 0], grad.gather(1, y[:, None])[:, 0]  # ∂/∂z_y
+    assert (true_ref[confident] == 0).all() and (true[confident] < 0).all()
+    margin = clean.gather(1, y[:, None])[:, 0] - clean.scatter(1, y[:, None], float("-inf")).amax(1)
+    c = confident & (margin < 80)  # e^-margin in float32's normal range
+    assert ((true[c].abs().log() + margin[c]).abs() < 0.7 + math.log(clean.shape[1])).all()  # e^-margin up to C
+
+
 def test_two_classes_dlr_not_applicable_and_aa_is_apgd_ce():
     model = tiny_clip(1)
     encoder, text, logits_fn = classifier(model, ["cat", "dog"])

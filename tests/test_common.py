@@ -830,3 +830,16 @@ def test_a_folder_without_one_readable_image_is_refused_before_anything_is_writt
                                                   "0", "--out", str(out)], capsys)
         assert code == 2 and err == f"error: --data {tmp_path / 'data'}: none of its 4 images can be read\n", err
         assert not out.exists()
+
+
+def test_the_fp16_guard_scales_even_the_smallest_gradients_to_a_finite_number():
+    """The per-image factor 2^k of the fp16 attack guard (common._ScaleGradPerSample) brings each image's peak to
+    [1, 2); for a peak below 2^-127 (an image about 90 logits from the boundary) 2^k would be inf in fp32 and the
+    image's fp16 gradient NaN, so k stops at 127: the image still moves, and dividing by the same factor is exact."""
+    state = {}
+    features = torch.zeros(3, 4, dtype=torch.float16, requires_grad=True)
+    out = common._ScaleGradPerSample.apply(features, state)
+    grad = torch.tensor([[2.0 ** -140, 0, 0, 0], [3.0 * 2.0 ** -10, 0, 0, 0], [0, 0, 0, 0]])  # fp32, a subnormal peak
+    back, = torch.autograd.grad(out, features, grad)
+    assert torch.isfinite(state["scale"]).all() and state["scale"].tolist() == [2.0 ** 127, 2.0 ** 9, 1.0]
+    assert back[0, 0] == 2.0 ** -13 and back[1, 0] == 1.5 and back.dtype == torch.float16

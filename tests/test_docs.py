@@ -141,3 +141,29 @@ def test_reproduce_commands_parse_with_each_scripts_own_parser(page, tmp_path, m
             pytest.fail(f"{script} {' '.join(argv)}: argparse exit {e.code}")
         except Exception as e:
             pytest.fail(f"{script} {' '.join(argv)}: {type(e).__name__}: {e}")
+
+
+def project_imports(path):
+    """The project files that `path` imports (any import statement, at any depth of the file)."""
+    import ast
+    project = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "*.py"))}
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names & project
+
+
+def test_the_layout_of_imports():
+    """common.py imports no other file of the project (the ground floor reaches up to nothing: the demo's picture is
+    figures.py in a process of its own); each method script imports common.py alone; figures.py is the only importer
+    of matplotlib and scikit-learn."""
+    assert project_imports(os.path.join(ROOT, "common.py")) == set()
+    for script in ("agft.py", "tecoa.py", "advflyp.py", "fare.py"):
+        assert project_imports(os.path.join(ROOT, script)) == {"common"}, script
+    for path in glob.glob(os.path.join(ROOT, "*.py")):
+        if os.path.basename(path) != "figures.py":
+            text = open(path).read()
+            assert not re.search(r"^\s*(import|from)\s+(matplotlib|sklearn)", text, re.M), path

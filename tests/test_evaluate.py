@@ -693,3 +693,21 @@ def test_an_unreadable_image_stops_with_its_name_and_the_rerun_continues(nproc, 
     code, stdout, err = run_in_process(argv, capsys)
     done = 4 if nproc == 1 else 5  # 2 processes: rank 1 had evaluated image 5 in the same step
     assert code == 0 and f"continuing, {done} of 6 images already evaluated" in stdout, err
+
+
+def test_stable_ce_is_recorded_and_compared(tiny_ckpt, tmp_path, capsys):
+    """--stable-ce is part of the evaluation's identity (a rerun without it is refused), said in the table's title,
+    and --compare pairs it with the reference loss's evaluation of the same images, saying the difference."""
+    folder = make_folder(tmp_path / "data", {"cat": 2, "dog": 2})
+    argv = ["--model", tiny_ckpt, "--datasets", f"folder:{folder}", "--attacks", "pgd", "--steps", "2",
+            "--workers", "0", "--attack-all"]
+    stable, plain = tmp_path / "stable.json", tmp_path / "plain.json"
+    assert run_in_process([*argv, "--stable-ce", "--out", str(stable)], capsys)[0] == 0
+    assert run_in_process([*argv, "--out", str(plain)], capsys)[0] == 0
+    assert json.loads(stable.read_text())["settings"]["stable_ce"] is True
+    assert "stable_ce" not in json.loads(plain.read_text())["settings"]  # as in results written before the flag
+    assert "(--stable-ce)" in stable.with_suffix(".md").read_text().splitlines()[0]
+    code, _, err = run_in_process([*argv, "--out", str(stable)], capsys)
+    assert code == 2 and "--stable-ce: null here, true there" in err, err
+    code, out, _ = run_in_process(["--compare", str(stable), str(plain)], capsys)
+    assert code == 0 and "note: --stable-ce: true in A" in out, out

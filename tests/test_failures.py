@@ -81,7 +81,9 @@ class Launched:
         try:
             stdout, stderr = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            for p in {*self.processes(), *getattr(self, "seen", [])}:  # torchrun's ranks are in sessions of their own
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
             stdout, stderr = self.proc.communicate()
             pytest.fail(f"still running {timeout} s later (a hang): {stdout[-1500:]} {stderr[-1500:]}")
         seconds = time.time() - self.since
@@ -184,6 +186,7 @@ def test_run_main_honours_a_signal_in_every_phase(sig, when, capsys):
     phase = "during setup, with nothing new to save" if when == "setup" else "after finishing its work"
     assert exit_.value.code == status and f"{what} ({signal.Signals(sig).name}) {phase}" in capsys.readouterr().out
     assert signal.getsignal(sig) == before
+    assert common.SIGNALS.received is None and common.SIGNALS.scopes == []  # nothing left for the next run
 
 
 def test_stop_loaders_ends_workers_that_a_reference_keeps_alive():
@@ -416,9 +419,11 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_partial_file(npro
     assert code == (2 if nproc == 1 else 1), stderr[-3000:]
     assert lines[0] == f"error: cannot write {out}/last.pt: No space left on device (ENOSPC); what was saved before " \
         "is kept", stderr[-3000:]
-    assert lines[1:] == ([] if nproc == 1 else [lines[1]]) and "Traceback" not in ours(stderr)
-    if nproc == 2:
-        assert lines[1].startswith("error (rank 1): another process of this job ended"), lines
+    assert "Traceback" not in ours(stderr)
+    if nproc == 1:
+        assert len(lines) == 1
+    else:  # rank 1 says it lost rank 0, unless torchrun's SIGTERM ended it first
+        assert all(line.startswith("error (rank 1): another process of this job ended") for line in lines[1:]), lines
 
 
 @pytest.mark.slow

@@ -144,7 +144,8 @@ def test_demo_reduced(name, tmp_path, capsys, monkeypatch):
     """`SCRIPT --demo` with 2 training steps and every 32nd test image: the demo CLIP, the demo's settings (the same
     learning rate for every method), the before/after table, results.json and the picture."""
     script, flags, method, label, _ = SCRIPTS[name]
-    results = run_demo_reduced(MAINS[script], [*flags, "--max-steps", "2"], tmp_path / "demo", monkeypatch)
+    results = run_demo_reduced(MAINS[script], [*flags, "--max-steps", "2"], tmp_path / "demo", monkeypatch,
+                               figure=name == "agft")  # figures.py's process once: the others check the line
     stdout = capsys.readouterr().out
     assert f"after ({label})" in stdout and "before (original CLIP)" in stdout
     assert any(line.startswith((f"{label}:", f"{label} (")) and "2 steps of global batch 64" in line
@@ -155,8 +156,12 @@ def test_demo_reduced(name, tmp_path, capsys, monkeypatch):
     for row in (results["before"], results["after"], results["proxy"]["before"], results["proxy"]["after"]):
         assert set(row) == {"n", "clean", "pgd"} and 0 <= row["pgd"] <= row["clean"] <= 100
     assert json.load(open(tmp_path / "demo" / "args.json"))["lr"] == 1e-3
-    picture = tmp_path / "demo" / "demo.png"  # the demo's last line: the picture of its table (figures.demo)
-    assert stdout.rstrip().splitlines()[-2] == f"figure: {picture}" and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    picture = tmp_path / "demo" / "demo.png"  # the demo's last line: the picture of its table (figures.py demo)
+    if name == "agft":
+        assert stdout.rstrip().splitlines()[-2] == f"figure: {picture}"
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert stdout.rstrip().splitlines()[-2] == f"figure: (not drawn) {picture}"
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -94,19 +94,34 @@ def test_reg_logit_is_pmg_with_its_kls_reversed():
     """tecoa.py --reg logit (the AdvFLYP paper's Table 9: TeCoA + L_logit over the class prompts, which that paper
     calls PMG-AFT, as its code computes it) against --pmg (PMG-AFT as its authors write it): the same three
     distributions, the KL directions swapped. Both from the same similarities, against independent computations."""
-    import advflyp
     g = torch.Generator().manual_seed(7)
     text = torch.nn.functional.normalize(torch.randn(4, 6, generator=g, dtype=torch.float64), dim=-1)
     adv, orig, clean = (torch.randn(5, 6, generator=g, dtype=torch.float64) for _ in range(3))
     s = lambda f: torch.nn.functional.normalize(f, dim=-1) @ text.t()  # noqa: E731  (5, 4) cosine similarities
     p = lambda f: torch.softmax(100.0 * s(f), dim=-1)  # noqa: E731
-    reg_logit = tecoa.tecoa_loss(s(adv), LABELS) + advflyp.logit_reg(adv, orig, clean, text)
+    reg_logit = tecoa.tecoa_loss(s(adv), LABELS) + tecoa.logit_reg(adv, orig, clean, text)
     assert torch.allclose(reg_logit.double(), reference_ce(s(adv), LABELS) + reference_kl(p(adv), p(orig))
                           + reference_kl(p(adv), p(clean)), rtol=1e-4)
     pmg = tecoa.pmg_loss(s(adv), s(orig), s(clean), LABELS)
     assert torch.allclose(pmg.double(), reference_ce(s(adv), LABELS) + reference_kl(p(orig), p(adv))
                           + reference_kl(p(clean), p(adv)), rtol=1e-4)
     assert abs(reg_logit.item() - pmg.item()) > 1e-3  # not the same loss
+
+
+def test_the_regularisers_are_advflyps_own():
+    """tecoa.py keeps its own copy of AdvFLYP's L_logit and L_feat (so that it reads alone): the same values and the
+    same gradients as advflyp.py's (the same operations in the same order, so exactly)."""
+    import advflyp
+    g = torch.Generator().manual_seed(3)
+    text = torch.randn(7, 6, generator=g)
+    adv, orig, clean = (torch.randn(5, 6, generator=g, requires_grad=True) for _ in range(3))
+    for mine, theirs in ((lambda: tecoa.logit_reg(adv, orig, clean, text, 30.0),
+                          lambda: advflyp.logit_reg(adv, orig, clean, text, 30.0)),
+                         (lambda: tecoa.feature_reg(adv, orig, clean), lambda: advflyp.feature_reg(adv, orig, clean))):
+        a, b = mine(), theirs()
+        assert torch.equal(a, b)
+        assert all(torch.equal(x, y) for x, y in zip(torch.autograd.grad(a, [adv, clean]),
+                                                     torch.autograd.grad(b, [adv, clean])))
 
 
 @pytest.mark.slow
