@@ -21,7 +21,8 @@ Reproduce the paper's main row (ViT-B/32, 1M LAION pairs, ε = 1/255, AdvFLYP_fu
     (the paper early-stops on TinyImageNet robust accuracy: add --patience 10 --val-data TinyImageNet --val-root ./data)
 The paper's ablations (every table's commands: docs/reproduce.md):
     --train text | all          fine-tune the text encoder too, or every parameter (Table 6)
-    --reg-terms orig            each regulariser's deviation from the original model alone (Table 7)
+    --reg-terms orig | clean    each regulariser's deviation from the original model, or from the clean image,
+                                alone (Table 7's AdvFLYP_2nd, in its two readings)
     --class-captions            'naive FLYP': a labelled image tree, class prompts as captions (Table 8)
     --subset N, --eps 0         part of the data (Figure 3, Tables 7, 12, 13); clean fine-tuning (Table 13)
 The demo (no download, a few minutes on a CPU):
@@ -59,13 +60,16 @@ def logit_reg(adv_features, orig_adv_features, clean_features, text_features, lo
     """L_logit (Eq. 9-12): mean_i [KL(P_adv,θ ‖ P_adv,orig) + KL(P_adv,θ ‖ P_clean,θ)], each P the row softmax over
     the text features' rows (the batch's captions; tecoa.py --reg: the class prompts) at logit_scale.
     adv_features, orig_adv_features, clean_features: (N, D) raw; text_features: (M, D). The frozen model's
-    orig_adv_features are a constant; the clean branch keeps its gradient (official code). clean_features=None drops
-    the second term, (i) in the paper's Table 7 (--reg-terms orig: the deviation from the original model only)."""
+    orig_adv_features are a constant; the clean branch keeps its gradient (official code). None drops a term (the
+    paper's Table 7): clean_features=None the second, (i) (--reg-terms orig), orig_adv_features=None the first, (ii)
+    (--reg-terms clean)."""
     text = F.normalize(text_features.float(), dim=-1)
     log_p_adv = F.log_softmax(logit_scale * common.cosine_sim(adv_features, text), dim=-1)  # Eq. 9, (N, M)
-    log_p_orig = F.log_softmax(logit_scale * common.cosine_sim(orig_adv_features.detach(), text), dim=-1)  # Eq. 10
     p_adv = log_p_adv.exp()
-    kl = (p_adv * (log_p_adv - log_p_orig)).sum(-1)  # (N,) KL(P_adv,θ ‖ P_adv,orig), term (ii)
+    kl = torch.zeros(len(adv_features), device=adv_features.device)  # (N,)
+    if orig_adv_features is not None:
+        log_p_orig = F.log_softmax(logit_scale * common.cosine_sim(orig_adv_features.detach(), text), dim=-1)  # Eq. 10
+        kl = kl + (p_adv * (log_p_adv - log_p_orig)).sum(-1)  # (N,) KL(P_adv,θ ‖ P_adv,orig), term (ii)
     if clean_features is not None:
         log_p_clean = F.log_softmax(logit_scale * common.cosine_sim(clean_features, text), dim=-1)  # Eq. 11
         kl = kl + (p_adv * (log_p_adv - log_p_clean)).sum(-1)  # (N,) + KL(P_adv,θ ‖ P_clean,θ), term (i)
@@ -74,11 +78,14 @@ def logit_reg(adv_features, orig_adv_features, clean_features, text_features, lo
 
 def feature_reg(adv_features, orig_adv_features, clean_features):
     """L_feat (Eq. 8 as in the official code): mean_i ‖x̂_adv,θ − x̂_adv,orig‖₂ + mean_i ‖x̂_adv,θ − x̂_clean,θ‖₂ on
-    L2-normalised features, unsquared. All (N, D) raw; orig_adv_features is a constant. clean_features=None drops
-    the second term ((i) in the paper's Table 7; --reg-terms orig)."""
+    L2-normalised features, unsquared. All (N, D) raw; orig_adv_features is a constant. None drops a term, as in
+    logit_reg: clean_features=None the second ((i); --reg-terms orig), orig_adv_features=None the first ((ii);
+    --reg-terms clean)."""
     adv = F.normalize(adv_features.float(), dim=-1)
-    orig = F.normalize(orig_adv_features.detach().float(), dim=-1)
-    loss = (adv - orig).norm(dim=-1).mean()  # term (ii): the deviation from the original model
+    loss = torch.zeros((), device=adv.device)
+    if orig_adv_features is not None:
+        orig = F.normalize(orig_adv_features.detach().float(), dim=-1)
+        loss = loss + (adv - orig).norm(dim=-1).mean()  # term (ii): the deviation from the original model
     if clean_features is not None:
         loss = loss + (adv - F.normalize(clean_features.float(), dim=-1)).norm(dim=-1).mean()  # term (i)
     return loss
@@ -108,9 +115,11 @@ def parse_args(argv=None):
         "{image, caption} records, a CSV/TSV of image paths and captions, an img2dataset output folder ('files' "
         "format), 'synthetic' or 'demo'; with --class-captions an ImageNet root or ImageFolder"))
     parser.add_argument("--reg", default="full", help="regulariser of Eq. 13: none | logit | feat | full (both)")
-    parser.add_argument("--reg-terms", choices=["both", "orig"], default="both",
-                        help="terms of each regulariser: both, or orig, the deviation from the original model alone "
-                             "(term (ii) of Eq. 8 and Eq. 12; the paper's Table 7)")
+    parser.add_argument("--reg-terms", choices=["both", "orig", "clean"], default="both",
+                        help="terms of each regulariser: both; orig, the deviation from the original model alone "
+                             "(what the paper defines as term (ii) of Eq. 8 and Eq. 12: its Table 7's AdvFLYP_2nd); "
+                             "clean, the adversarial-vs-clean deviation alone (the second term by position: the other "
+                             "reading of Table 7, docs/advflyp.md)")
     parser.add_argument("--train", choices=TRAINED, default="image",
                         help="what is fine-tuned: image (f_θ, the paper's method), text (f_θ and the text encoder) or "
                              "all (every parameter, logit_scale too, clamped to ln 100 as the official code does); "
@@ -214,7 +223,8 @@ def main(argv=None):
     train_text = DDP(text_encoder) if text_encoder is not None and dist.world > 1 else text_encoder
     loader = common.make_loader(dataset, sampler, args.workers, device)
     gather = lambda f: common.all_gather_with_grad(f.float(), dist)  # noqa: E731  (b, D) -> (B, D), the global batch
-    run.print(f"AdvFLYP (reg {args.reg}" + (", term (ii) only" if args.reg_terms == "orig" else "")
+    run.print(f"AdvFLYP (reg {args.reg}" + {"both": "", "orig": ", term (ii) only: the deviation from the original",
+                                            "clean": ", the adversarial-vs-clean term only"}[args.reg_terms]
               + f", training {TRAINED_WHAT[args.train]}): {len(dataset)} image-caption pairs"
               + (" (class prompts as captions)" if args.class_captions else "")
               + f", {common.count(total_steps, 'step')} of global batch {args.batch_size} on {dist.world} "
@@ -269,9 +279,9 @@ def main(argv=None):
                 loss = contrastive_loss(adv, text, scale)  # Eq. 7
                 if args.reg != "none":
                     # (B, D) f_θ(x), not detached (official code); not needed without term (i)
-                    clean = gather(train_encoder(images)) if args.reg_terms == "both" else None
-                    with torch.no_grad():
-                        orig = gather(orig_encoder(x_adv))  # (B, D) f_θorig(x + δ)
+                    clean = gather(train_encoder(images)) if args.reg_terms != "orig" else None
+                    with torch.no_grad():  # (B, D) f_θorig(x + δ); not needed without term (ii)
+                        orig = gather(orig_encoder(x_adv)) if args.reg_terms != "clean" else None
                     if args.reg in ("logit", "full"):
                         loss = loss + logit_reg(adv, orig, clean, text, scale)  # Eq. 9-12
                     if args.reg in ("feat", "full"):

@@ -1881,8 +1881,27 @@ def zero_shot_accuracy(encoder, text_feats, dataset, dist, eps, alpha=1 / 255, s
 
 
 # --------------------------------------------------------------------------------------------------- training harness
+def warmup_steps(warmup, total):
+    """--warmup in steps: a whole number is steps, a number in (0, 1) that share of the run's `total` steps (so that a
+    short run, AdvFLYP's Figure 3 at 10,000 pairs, still reaches its peak learning rate)."""
+    return round(warmup * total) if 0 < warmup < 1 else int(warmup)
+
+
+def parse_warmup(text):
+    """--warmup's type: steps (an integer ≥ 0) or a share of the run (a number in (0, 1))."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and (value < 1 or value == int(value))):
+        raise argparse.ArgumentTypeError(f"{text}: give steps (an integer >= 0) or a share of the run in (0, 1)")
+    return value if value < 1 else int(value)
+
+
 def cosine_lr(step, base_lr, warmup, total):
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    """Linear warm-up over `warmup` steps (or that share of `total`: warmup_steps), then cosine decay to 0 at
+    `total`."""
+    warmup = warmup_steps(warmup, total)
     if step < warmup:
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -1936,7 +1955,8 @@ def train_parser(doc, method, class_names=True, lr_default=None, **defaults):
     if optimizer == "SGD":
         p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=0.0, help=f"{optimizer} weight decay")
-    p.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps before cosine decay")
+    p.add_argument("--warmup", type=parse_warmup, default=1000,
+                   help="linear warm-up before cosine decay: steps, or a share of the run's steps if below 1 (0.1)")
     p.add_argument("--eps", type=float, default=1.0, help="training ε, in units of 1/255 (ℓ∞)")
     alpha = "= eps" if defaults.get("alpha") is None else f"{defaults['alpha']:g}"
     p.add_argument("--alpha", type=float, default=None, help=f"PGD step size in units of 1/255 (default: {alpha})")
@@ -2132,7 +2152,7 @@ RESUME_MAY_CHANGE = {"out", "data", "class_names", "val_root", "workers", "log_e
 # Flags added after runs were written with the scripts, and the value that stands for their absence from an older
 # last.pt (the behaviour before the flag existed): such a run resumes under a command that leaves them at that value.
 ADDED_FLAGS = {"subset": None, "subset_per_class": None, "subset_order": "random", "train": "image",
-               "reg_terms": "both", "class_captions": False, "reg": "none"}
+               "reg_terms": "both", "class_captions": False, "reg": "none", "tga_form": "official"}
 
 
 def resume_mismatch(saved_args, args, saved_data, data):
@@ -2230,9 +2250,10 @@ class Run:
         for a new run). Method state saved with step_done(extra=...) is in run.checkpoint."""
         self.model, self.optimizer, self.scaler = clip_model, optimizer, scaler
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
-        if self.args.warmup >= total_steps:  # e.g. a short benchmark at the paper's 1000 warm-up steps
+        if warmup_steps(self.args.warmup, total_steps) >= total_steps:  # a short run at the paper's 1000 steps
             self.print(f"--warmup {self.args.warmup} is not below the run's {count(total_steps, 'step')}: the learning "
-                       "rate rises for the whole run, never reaching --lr or decaying (give a shorter --warmup)")
+                       "rate rises for the whole run, never reaching --lr or decaying (give a shorter --warmup, or a "
+                       "share of the run such as 0.1)")
         self.unreadable = 0  # unreadable images this rank met in the current epoch (rank 0: plus the saved count)
         self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=self.dist.device)  # step, on the device
         step = 0

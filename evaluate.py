@@ -29,9 +29,10 @@ Attacks (ℓ∞, --eps in units of 1/255; ATTACKS):
   Groups: table6 (the 15 columns of the AGFT paper's Table 6, in its order), autoattack. An attack that others are
   made of (apgd-ce in aa and aa-ce-t) runs once per image when several of them are asked for.
 
-Protocols (--protocol; explicit --attacks, --steps, --alpha, --samples override them; docs/evaluation.md):
+Protocols (--protocol; explicit --attacks, --steps, --alpha, --samples, --template override them; docs/evaluation.md):
     agft         pgd, cw (20 steps, α = 1/255) and aa with 10 iterations (the AGFT code's torchattacks AutoAttack)
-    advflyp      pgd, cw (10 steps, α = 1/255) and aa with 100 iterations (the AdvFLYP code's autoattack package)
+    advflyp      pgd, cw (10 steps, α = 1/255) and aa with 100 iterations (the AdvFLYP code's autoattack package);
+                 ImageNet-R and ImageNet-Sketch with the AdvFLYP paper's prompts (its appendix)
     robustvlm    aa-ce-t (APGD-CE with 5 restarts + APGD-T, 100 iterations) on 1000 images per dataset (RobustVLM's)
 
 Reproduce the AGFT paper's evaluation rows (ViT-B/32, ε = 1/255, the 15 datasets; Tables 1, 2, 12, 13), and its
@@ -129,9 +130,11 @@ PROTOCOLS = {
              "attacks": ["pgd", "cw", "aa"], "steps": {**dict.fromkeys(ATTACK_GROUPS["table6"], 20), "aa": 10},
              "alpha": 1.0, "samples": None},
     "advflyp": {"about": "the AdvFLYP code: PGD-10 and C&W-10 at α = 1/255; AA = the autoattack package's APGD-CE + "
-                         "APGD-DLR with 100 iterations",
+                         "APGD-DLR with 100 iterations; its appendix's prompts for ImageNet-R and ImageNet-Sketch",
                 "attacks": ["pgd", "cw", "aa"], "steps": {"pgd": 10, "cw": 10, "aa": 100}, "alpha": 1.0,
-                "samples": None},
+                "samples": None,
+                "templates": {"ImageNet-R": "This is an artistic rendering of {}.",  # the AdvFLYP paper's appendix
+                              "ImageNet-Sketch": "This is a sketch of a {}."}},
     "robustvlm": {"about": "RobustVLM (FARE) with CLIP_benchmark: AutoAttack of APGD-CE (5 restarts, on the images "
                            "no earlier restart fooled) + APGD-T (9 targets, 1 restart), 100 iterations, 1000 images "
                            "per dataset",
@@ -1120,7 +1123,9 @@ def evaluate(args, preemption):
         reference = common.load_clip(args.reference_model, args.seed, dist=dist).requires_grad_(False).eval()
         reference_sha = weights_sha256(reference)
         reference = None if reference_sha == model_sha else reference.to(dist.device)
-    sets = [(name, fixed_subset(ds, args.samples, args.seed), class_names, args.template or template, len(ds))
+    protocol_templates = PROTOCOLS[args.protocol].get("templates", {}) if args.protocol else {}
+    sets = [(name, fixed_subset(ds, args.samples, args.seed), class_names,
+             args.template or protocol_templates.get(name, template), len(ds))  # --template, the protocol's, the tsv's
             for name, ds, class_names, template in load_datasets(args, dist, model.visual.input_resolution)]
     encoder = common.compile_encoder(common.ImageEncoder(model.visual).to(dist.device).eval(), args.compile)
     ref_encoder = None if reference is None else common.ImageEncoder(reference.visual).to(dist.device).eval()

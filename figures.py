@@ -229,12 +229,16 @@ def scaling(results, attack, xs, groups, x_name, by_name):
 
 
 def tsne(features, labels, classes=None, num_classes=10, seed=0):
-    """AGFT Figure 4 / AdvFLYP Figure 5: the 2-D t-SNE of the L2-normalised embeddings of the chosen classes' images,
-    clean (o) and adversarial (x) together, one panel per model; each panel says its mean cosine deviation φ."""
+    """AGFT Figure 4 / AdvFLYP Figure 5: the 2-D t-SNE of the L2-normalised embeddings of the chosen classes' images
+    (num_classes 0: every image of the file), clean (o) and adversarial (x) together, one panel per model; each
+    panel says its mean cosine deviation φ over every image of the file (the evaluated sample, e.g. AdvFLYP's 256),
+    whatever classes are drawn."""
     from sklearn.manifold import TSNE
     meta, first = features[0]
     names = meta["dataset"]["classes"]
-    if classes is None:
+    if classes is None and num_classes == 0:
+        chosen = [int(c) for c in np.unique(first["label"])]
+    elif classes is None:
         present, counts = np.unique(first["label"], return_counts=True)
         chosen = [int(c) for c in present[np.argsort(-counts, kind="stable")][:num_classes]]  # the largest classes
     else:
@@ -250,6 +254,8 @@ def tsne(features, labels, classes=None, num_classes=10, seed=0):
     fig, axes = plt.subplots(1, len(features), figsize=(4.6 * len(features), 4.4), squeeze=False)
     colours = plt.get_cmap("tab10" if len(chosen) <= 10 else "tab20")
     for ax, (meta_, arrays), label in zip(axes[0], features, labels):
+        phi = math.radians(evaluate.cosine_deviation(torch.from_numpy(arrays["clean"]),
+                                                     torch.from_numpy(arrays["adv"])).double().mean())  # every image
         clean, adv, y = arrays["clean"][keep], arrays["adv"][keep], arrays["label"][keep]
         points = np.concatenate([clean, adv])
         points = points / np.linalg.norm(points, axis=1, keepdims=True)
@@ -257,11 +263,11 @@ def tsne(features, labels, classes=None, num_classes=10, seed=0):
         xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
         n = len(clean)
         for j, c in enumerate(chosen):
-            ax.scatter(*xy[:n][y == c].T, s=12, marker="o", color=colours(j % colours.N), label=names[c])
+            ax.scatter(*xy[:n][y == c].T, s=12, marker="o", color=colours(j % colours.N),
+                       label=names[c] if len(chosen) <= 20 else None)
             ax.scatter(*xy[n:][y == c].T, s=14, marker="x", color=colours(j % colours.N))
-        phi = math.radians(evaluate.cosine_deviation(torch.from_numpy(clean), torch.from_numpy(adv)).double().mean())
-        ax.set_title(f"{label}\nφ = {phi:.4f} rad ({math.degrees(phi):.1f}°), {meta_['attack']} "
-                     f"ε = {meta_['eps']:g}/255", fontsize=9)
+        ax.set_title(f"{label}\nφ = {phi:.4f} rad ({math.degrees(phi):.1f}°) over {len(arrays['label'])} images, "
+                     f"{meta_['attack']} ε = {meta_['eps']:g}/255", fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), title="o clean, x adversarial",
                        title_fontsize=7)  # outside the last panel: no point hidden
@@ -319,14 +325,15 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default=None, help="tsne: the dataset of the features files (default: their first)")
     p.add_argument("--classes", default=None, help="tsne: comma-separated class names (default: --num-classes of "
                                                    "the largest classes)")
-    p.add_argument("--num-classes", type=int, default=10, help="tsne: how many classes without --classes")
+    p.add_argument("--num-classes", type=int, default=10,
+                   help="tsne: how many classes without --classes (the largest; 0: every image of the file)")
     p.add_argument("--seed", type=int, default=0, help="tsne: t-SNE's random state")
     args = p.parse_args(argv)
     args.out = args.out or f"{args.figure}.png"
     if not args.out.lower().endswith(".png"):
         raise common.UsageError(f"--out {args.out}: expected a .png file name (--pdf adds the .pdf beside it)")
-    if args.num_classes < 1:
-        raise common.UsageError(f"--num-classes {args.num_classes}: must be >= 1")
+    if args.num_classes < 0:
+        raise common.UsageError(f"--num-classes {args.num_classes}: must be >= 0 (0: every image)")
     return args
 
 

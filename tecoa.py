@@ -122,17 +122,25 @@ def text_guided_attention(token_features, text_features, labels, size):
     return F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False).flatten(1)  # (B, R·R)
 
 
-def tga_loss(adv_sim, labels, att_adv, att_clean, att_orig, alpha=0.08, beta=0.05, logit_scale=100.0):
-    """TGA-ZSR: TeCoA's cross-entropy + alpha · mean_i ‖A_θ(x_adv) − A_orig(x)‖₂ + beta · mean_i ‖A_θ(x) − A_orig(x)‖₂.
+TGA_FORMS = {  # --tga-form: the weights of L_AR and L_AMC, and each image's distance between two (B, R·R) maps
+    "official": (0.08, 0.05, lambda a, b: (a - b).norm(dim=1)),  # the TGA-ZSR code: the L2 norm of the whole map
+    "agft": (0.05, 0.08, lambda a, b: (a - b).abs().mean(dim=1)),  # the AGFT code: swapped, |a − b| per pixel, mean
+}
+
+
+def tga_loss(adv_sim, labels, att_adv, att_clean, att_orig, alpha=0.08, beta=0.05, logit_scale=100.0,
+             distance=TGA_FORMS["official"][2]):
+    """TGA-ZSR: TeCoA's cross-entropy + alpha · mean_i d(A_θ(x_adv), A_orig(x)) + beta · mean_i d(A_θ(x), A_orig(x)),
+    d the L2 norm of the difference by default (--tga-form official; TGA_FORMS["agft"]: the AGFT authors' form).
 
     adv_sim:   (B, C) s(f_θ(x_adv), T) of the model being trained; labels: (B,) class indices.
     att_adv:   (B, R·R) A_θ(x_adv), the trained model's map of the adversarial image (text_guided_attention).
     att_clean: (B, R·R) A_θ(x), the trained model's map of the clean image (gradients flow through it).
     att_orig:  (B, R·R) A_orig(x), the frozen original model's map of the clean image (a constant).
-    Each distance is the L2 norm over the whole flattened map, averaged over the batch (official code, 'l2')."""
+    distance(a, b): (B,) per image; the official code's 'l2' is the L2 norm over the whole flattened map."""
     att_orig = att_orig.detach()
-    refine = (att_adv - att_orig).norm(dim=1).mean()  # L_AR (Eq. 6): adversarial vs original attention
-    constrain = (att_clean - att_orig).norm(dim=1).mean()  # L_AMC (Eq. 7): clean vs original attention
+    refine = distance(att_adv, att_orig).mean()  # L_AR (Eq. 6): adversarial vs original attention
+    constrain = distance(att_clean, att_orig).mean()  # L_AMC (Eq. 7): clean vs original attention
     return tecoa_loss(adv_sim, labels, logit_scale) + alpha * refine + beta * constrain
 
 
@@ -149,11 +157,17 @@ def parse_args(argv=None):
     parser.add_argument("--tga", action="store_true",
                         help="TGA-ZSR (ViT only): add 0.08·‖A(x_adv)−A_orig(x)‖ + 0.05·‖A(x)−A_orig(x)‖ on text-guided "
                              "attention maps to TeCoA's loss; default lr 4e-5")
+    parser.add_argument("--tga-form", choices=tuple(TGA_FORMS), default="official",
+                        help="--tga's terms: official (the TGA-ZSR code, above) or agft (the AGFT authors' code, whose "
+                             "numbers the AGFT paper reports: weights swapped, 0.05 on the adversarial and 0.08 on the "
+                             "clean term, each distance the mean |difference| per pixel; docs/tecoa.md)")
 
     def derive(args):
         if args.pmg + args.tga + (args.reg != "none") > 1:
             raise common.UsageError("--pmg, --tga and --reg: choose one (PMG-AFT, TGA-ZSR or TeCoA with AdvFLYP's "
                                     "regularisers)")
+        if args.tga_form != "official" and not args.tga:
+            raise common.UsageError(f"--tga-form {args.tga_form}: only with --tga")
         args.method = "pmg-aft" if args.pmg else "tga-zsr" if args.tga else "tecoa"  # names runs, the demo's table
         if args.lr is None:
             args.lr = 4e-5 if args.tga else 1e-5  # TGA-ZSR: AGFT Table 11
@@ -228,7 +242,9 @@ def main(argv=None):
                         att_orig = text_guided_attention(orig_encoder(images, tokens=True), text, labels, resolution)
                     att_adv = text_guided_attention(adv_tokens, text, labels, resolution)  # (b, R·R)
                     att_clean = text_guided_attention(clean_tokens, text, labels, resolution)  # (b, R·R)
-                    loss = tga_loss(common.cosine_sim(adv_tokens[:, 0], text), labels, att_adv, att_clean, att_orig)
+                    weight_adv, weight_clean, distance = TGA_FORMS[args.tga_form]
+                    loss = tga_loss(common.cosine_sim(adv_tokens[:, 0], text), labels, att_adv, att_clean, att_orig,
+                                    weight_adv, weight_clean, distance=distance)
                 elif args.pmg:
                     adv_sim = common.cosine_sim(train_encoder(x_adv), text)  # (b, C)
                     with torch.no_grad():

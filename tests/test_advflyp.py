@@ -311,6 +311,23 @@ def test_class_captions_caption_each_image_with_its_class_prompt(tiny_ckpt, tmp_
     assert code == 2 and "--class-captions --data" in stderr and "no such directory" in stderr
 
 
+def test_reg_terms_clean_keeps_the_adversarial_vs_clean_terms_alone():
+    """--reg-terms clean (Table 7's other reading: the second term of Eq. 8 and Eq. 12 by position):
+    orig_adv_features=None leaves KL(P_adv,θ ‖ P_clean,θ) and mean ‖x̂_adv,θ − x̂_clean,θ‖, against independent
+    computations; with orig the sum is the full regulariser."""
+    adv, orig, clean, text = features(50), features(51), features(52), features(53)
+    softmax = lambda f: torch.softmax(100.0 * unit_rows(f) @ unit_rows(text).t(), dim=-1)  # noqa: E731
+    term_i = reference_kl(softmax(adv), softmax(clean)).mean()
+    assert torch.allclose(advflyp.logit_reg(adv, None, clean, text).double(), term_i, rtol=1e-4)
+    mine = grads(lambda a: advflyp.logit_reg(a, None, clean, text), adv)
+    assert close(mine[0], grads(lambda a: reference_kl(softmax(a), softmax(clean)).mean(), adv)[0])
+    distance = lambda a, b: torch.sqrt(((unit_rows(a) - unit_rows(b)) ** 2).sum(-1)).mean()  # noqa: E731
+    assert torch.allclose(advflyp.feature_reg(adv, None, clean).double(), distance(adv, clean), rtol=1e-5)
+    total = advflyp.logit_reg(adv, orig, None, text) + advflyp.logit_reg(adv, None, clean, text)
+    assert torch.allclose(advflyp.logit_reg(adv, orig, clean, text), total, rtol=1e-6)
+    assert advflyp.parse_args(["--data", "synthetic", "--reg-terms", "clean"]).reg_terms == "clean"
+
+
 def test_reg_terms_without_a_regulariser_is_refused(tiny_ckpt, csv_data, tmp_path, capsys):
     out = tmp_path / "out"
     code, _, stderr = run_main_in_process(advflyp.main, train_args(

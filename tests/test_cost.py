@@ -28,6 +28,7 @@ PASSES_PER_STEP = {
     "advflyp-none": (advflyp.main, ["--reg", "none"], lambda k: (k, 0, 1)),  # f_θ(x_adv)
     "advflyp-full": (advflyp.main, ["--reg", "full"], lambda k: (k, 1, 2)),  # f_orig(x_adv); f_θ(x_adv), f_θ(x)
     "advflyp-orig": (advflyp.main, ["--reg-terms", "orig"], lambda k: (k, 1, 1)),  # term (ii) alone: no f_θ(x)
+    "advflyp-clean": (advflyp.main, ["--reg-terms", "clean"], lambda k: (k, 0, 2)),  # term (i) alone: no f_orig
     "advflyp-text": (advflyp.main, ["--train", "text"], lambda k: (k, 1, 2)),  # as full; the text pass is trained
     "advflyp-all": (advflyp.main, ["--train", "all"], lambda k: (k, 1, 2)),
     "tecoa-reg": (tecoa.main, ["--reg", "full"], lambda k: (k, 1, 2)),  # f_orig(x_adv); f_θ(x_adv), f_θ(x)
@@ -74,7 +75,7 @@ def train_counts(main, extra, steps, attack_steps, out, counts):
 
 
 # the ablations' variants count the same kinds of pass: the inner loop leaves them to the whole suite
-ABLATIONS = ("advflyp-orig", "advflyp-text", "advflyp-all", "tecoa-reg")
+ABLATIONS = ("advflyp-orig", "advflyp-clean", "advflyp-text", "advflyp-all", "tecoa-reg")
 
 
 @pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in ABLATIONS else m

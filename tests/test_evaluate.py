@@ -637,6 +637,27 @@ def test_protocol_is_in_the_results_and_the_title(tmp_path, capsys):
     assert "protocol agft" in table.splitlines()[0] and "AA (APGD-CE + APGD-DLR, 2 it.)" in table
 
 
+def test_the_advflyp_protocol_prompts_imagenet_r_and_sketch_as_its_paper(tiny_ckpt, tmp_path, capsys):
+    """--protocol advflyp: ImageNet-R with 'This is an artistic rendering of {}.' and ImageNet-Sketch with 'This is a
+    sketch of a {}.' (the AdvFLYP paper's appendix); other datasets and other protocols keep data_lists/templates.tsv,
+    and --template still overrides every dataset."""
+    fake_files(tmp_path)
+    argv = ["--model", tiny_ckpt, "--datasets", "ImageNet-R,ImageNet-Sketch,ImageNet-A", "--data-root", str(tmp_path),
+            "--attacks", "none", "--workers", "0"]
+    templates = {}
+    for protocol in ("advflyp", "agft"):
+        out = tmp_path / f"{protocol}.json"
+        assert run_in_process([*argv, "--protocol", protocol, "--out", str(out)], capsys)[0] == 0
+        templates[protocol] = json.loads(out.read_text())["settings"]["templates"]
+    assert templates["advflyp"] == {"ImageNet-R": "This is an artistic rendering of {}.",
+                                    "ImageNet-Sketch": "This is a sketch of a {}.",
+                                    "ImageNet-A": "This is a photo of a {}."}
+    assert set(templates["agft"].values()) == {"This is a photo of a {}."}
+    out = tmp_path / "mine.json"
+    assert run_in_process([*argv, "--protocol", "advflyp", "--template", "a {}.", "--out", str(out)], capsys)[0] == 0
+    assert set(json.loads(out.read_text())["settings"]["templates"].values()) == {"a {}."}
+
+
 @pytest.fixture(scope="module")
 def demo64():
     """The demo CLIP and 64 held-out images (4 per class) as zero_shot_samples sees them."""

@@ -275,7 +275,8 @@ def test_an_unreadable_validation_image_stops_advflyp_with_workers(csv_data, tin
     (folder / "cat" / "1.png").write_bytes(b"broken")
     run = Launched([sys.executable, "advflyp.py", "--model", tiny_ckpt, "--data", csv_data, "--batch-size", "4",
                     "--epochs", "1", "--warmup", "1", "--eps", "1", "--amp", "off", "--patience", "1",
-                    "--val-data", str(folder), "--val-size", "6", "--val-steps", "1", "--max-unreadable", "0.5", *WORKERS,
+                    "--val-data", str(folder), "--val-size", "6", "--val-steps", "1", "--max-unreadable", "0.5",
+                    *WORKERS,
                     "--out", str(tmp_path / "run")])
     run.disturb(lambda: None)
     code, _, stderr, _ = run.end(timeout=90)
@@ -334,7 +335,8 @@ def test_ctrl_c_in_training_with_workers_saves_the_current_step_and_exits_130(ti
     assert code == common.INTERRUPTED == 130, stderr[-3000:]
     step = torch.load(out / "last.pt", weights_only=True)["step"]
     assert f"interrupted (SIGINT) after step {step}/400" in stdout and seconds < 10
-    assert [r for r in log.read_text().splitlines() if "preempted" in r] == [f'{{"step": {step}, "preempted": "SIGINT"}}']
+    records = [r for r in log.read_text().splitlines() if "preempted" in r]
+    assert records == [f'{{"step": {step}, "preempted": "SIGINT"}}']
 
 
 @pytest.mark.slow

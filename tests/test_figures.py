@@ -113,6 +113,19 @@ def test_pareto_eps_and_tsne_are_drawn_from_real_outputs(outputs, tmp_path, caps
         assert f.read(5) == b"%PDF-"
 
 
+def test_tsne_phi_is_over_every_image_whatever_the_classes_drawn(outputs):
+    """AdvFLYP Figure 5 prints φ beside the paper's 0.5859 / 0.1191 / 0.0983, which are over its 256 images: φ is the
+    mean over every image of the features file, whichever classes the panel draws (--num-classes 0: all of them)."""
+    features = figures.read_features([outputs["features"]], None)
+    n = len(features[0][1]["label"])
+    titles = [figures.tsne(features, ["m"], classes, k).axes[0].get_title()
+              for classes, k in ((None, 0), ("red circle,blue diamond", 10), (None, 3))]
+    assert len({t.split("φ = ")[1].split(" rad")[0] for t in titles}) == 1
+    assert all(f"over {n} images" in t for t in titles)
+    plt = figures.plt
+    plt.close("all")
+
+
 @pytest.mark.slow
 def test_scaling_reads_the_training_runs_settings(outputs, tmp_path, capsys):
     """AdvFLYP Figure 3's axes from real runs: each evaluated model.pt's run folder says its --subset and batch."""

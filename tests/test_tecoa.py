@@ -286,6 +286,29 @@ def test_tga_loss_matches_the_reference_value_and_gradient():
     assert torch.equal(g_same, torch.zeros_like(same))
 
 
+def test_tga_form_agft_is_the_agft_authors_loss():
+    """--tga-form agft: the AGFT authors' TGA-ZSR (their train.py): 0.05 on the adversarial term, 0.08 on the clean
+    one, each the norm over dim 1 of (B, 1, R, R) maps, i.e. |a − b| per pixel, averaged over pixels and images;
+    against that computation written out, value and gradient. A flag of --tga alone; older runs resume as official."""
+    g = torch.Generator().manual_seed(1)
+    adv_sim = (0.15 + 0.2 * torch.rand(3, 4, generator=g, dtype=torch.float64)).requires_grad_(True)
+    att_adv, att_clean, att_orig = (torch.rand(3, 25, generator=g, dtype=torch.float64).requires_grad_(True)
+                                    for _ in range(3))
+    alpha, beta, distance = tecoa.TGA_FORMS["agft"]
+    loss = tecoa.tga_loss(adv_sim, ATT_LABELS, att_adv, att_clean, att_orig, alpha, beta, distance=distance)
+    maps = lambda a: a.view(3, 1, 5, 5)  # noqa: E731
+    orig = maps(att_orig.detach())
+    ref = (tecoa.tecoa_loss(adv_sim, ATT_LABELS) + 0.05 * torch.norm(maps(att_adv) - orig, dim=1).mean()
+           + 0.08 * torch.norm(maps(att_clean) - orig, dim=1).mean())
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(loss, [att_adv, att_clean]), torch.autograd.grad(ref, [att_adv, att_clean])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert tecoa.parse_args(["--data", "synthetic", "--tga", "--tga-form", "agft"]).tga_form == "agft"
+    with pytest.raises(common.UsageError, match="--tga-form agft: only with --tga"):
+        tecoa.parse_args(["--data", "synthetic", "--tga-form", "agft"])
+    assert common.ADDED_FLAGS["tga_form"] == "official"
+
+
 def test_tga_flag_names_the_method_and_sets_its_learning_rate():
     args = tecoa.parse_args(["--data", "synthetic", "--tga"])
     assert (args.method, args.lr, args.tga, args.pmg) == ("tga-zsr", 4e-5, True, False)
