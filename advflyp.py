@@ -135,9 +135,11 @@ def parse_args(argv=None):
                         help="early stopping: stop after this many epochs without a better validation PGD accuracy "
                              "and keep the best weights (0: off; the paper uses 10)")
     parser.add_argument("--val-data", default=None,
-                        help="validation set of --patience: a dataset name of evaluate.py (TinyImageNet, as in the "
-                             "paper), an ImageFolder directory, or 'demo' (the default with --data demo)")
-    parser.add_argument("--val-root", default="./data", help="where --val-data by name lies (evaluate.py's layout)")
+                        help="validation set of --patience: TinyImageNet (as in the paper, under --val-root in "
+                             "evaluate.py's layout), an ImageFolder directory, or 'demo' (the default with "
+                             "--data demo)")
+    parser.add_argument("--val-root", default="./data",
+                        help="where --val-data TinyImageNet lies (evaluate.py's layout)")
     parser.add_argument("--val-size", type=int, default=1000, help="validation images (a fixed random subset)")
     parser.add_argument("--val-steps", type=int, default=10, help="PGD steps of the validation attack (α = 1/255)")
     args = common.parse_train_args(parser, argv, check_data=False)
@@ -168,8 +170,7 @@ def validation_set(args, resolution):
     if args.val_data == "demo":
         ds = common.DemoImages(common.DEMO_HELD_OUT, 32, resolution, seed=3)
         return ds, common.prompts_for(ds.classes)
-    spec = f"folder:{args.val_data}" if os.path.isdir(args.val_data) else args.val_data
-    _, ds, names, template = common.eval_dataset(spec, args.val_root, resolution, class_names_file=args.class_names)
+    _, ds, names, template = common.validation_dataset(args.val_data, args.val_root, resolution, args.class_names)
     if len(names) < 2:
         raise common.UsageError(f"--val-data {args.val_data}: has {len(names)} class, zero-shot needs at least 2")
     keep = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.val_size]

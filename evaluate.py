@@ -97,6 +97,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 import common
+import eval_datasets
 from attacks import ATTACK_MIN_CLASSES, ATTACKS, COMBINED_ATTACKS, DEFAULT_ATTACK_STEPS, run_attack
 
 ATTACK_LABELS = {"pgd": "PGD-{n}", "cw": "C&W-{n}", "apgd-ce": "APGD-CE-{n}", "apgd-dlr": "APGD-DLR-{n}",
@@ -110,7 +111,7 @@ ATTACK_LABELS = {"pgd": "PGD-{n}", "cw": "C&W-{n}", "apgd-ce": "APGD-CE-{n}", "a
                  "square": "Square ({n} queries)", "square-aa": "Square, AutoAttack's schedule ({n} queries)"}
 METRIC_LABELS = {"conf": "conf", "smax": "smax", "smean": "smean", "top5-iou": "top-5 IoU (%)", "phi": "φ (°)"}
 # --datasets groups: each paper's evaluation sets (docs/evaluation.md; the AdvFLYP paper's §4.1)
-DATASET_GROUPS = {"all": list(common.AGFT_DATASETS), "agft": list(common.AGFT_DATASETS),
+DATASET_GROUPS = {"all": list(eval_datasets.AGFT_DATASETS), "agft": list(eval_datasets.AGFT_DATASETS),
                   "advflyp": ["CIFAR10", "CIFAR100", "STL10", "Caltech101", "Caltech256", "OxfordIIITPet", "Flowers102",
                               "Food101", "StanfordCars", "SUN397", "Country211", "FGVCAircraft", "EuroSAT", "DTD"],
                   "imagenet-shifts": ["ImageNet-R", "ImageNet-A", "ImageNet-Sketch", "ObjectNet"]}
@@ -217,7 +218,7 @@ def parse_args(argv=None):
 
     specs = [s.strip() for s in args.datasets.split(",") if s.strip()]
     specs = [n for s in specs for n in DATASET_GROUPS.get(s.lower(), [s])]
-    known = {n.lower(): n for n in list(common.EVAL_DATASETS) + ["demo", "synthetic"]}  # case-insensitive
+    known = {n.lower(): n for n in list(eval_datasets.EVAL_DATASETS) + ["demo", "synthetic"]}  # case-insensitive
     for s in specs:
         if not s.startswith("folder:") and s.lower() not in known:
             raise common.UsageError(f"--datasets {s}: unknown dataset (one of {', '.join(known.values())}, "
@@ -295,7 +296,7 @@ def help_lists():
                                          break_on_hyphens=False)  # noqa: E731
     return "\n".join([
         "datasets (--datasets; layout under --data-root: docs/datasets.md):",
-        wrap(", ".join(common.EVAL_DATASETS) + "; demo; synthetic; folder:PATH"),
+        wrap(", ".join(eval_datasets.EVAL_DATASETS) + "; demo; synthetic; folder:PATH"),
         "dataset groups:", *(wrap(f"{g} = {', '.join(d)}") for g, d in DATASET_GROUPS.items()),
         "attacks (--attacks; default iterations in brackets):",
         wrap(", ".join(f"{a} [{n}]" for a, n in DEFAULT_ATTACK_STEPS.items())),
@@ -349,7 +350,7 @@ def load_datasets(args, dist, resolution):
     Rank 0 goes first (it alone downloads or unpacks, however long that takes), then the first rank of each other
     node, then the rest read what they left (common.prepare_files)."""
     def load(may_write):
-        sets = [common.eval_dataset(s, args.data_root, resolution, args.download and may_write, args.class_names)
+        sets = [eval_datasets.eval_dataset(s, args.data_root, resolution, args.download and may_write, args.class_names)
                 for s in args.datasets]
         names = [s[0] for s in sets]
         if len(set(names)) < len(names):

@@ -24,6 +24,7 @@ import clip  # noqa: E402
 import torch.distributed  # noqa: E402
 
 import common  # noqa: E402
+import eval_datasets  # noqa: E402
 
 if "TEST_RELEASE_URL" in os.environ:
     clip.clip._MODELS["ViT-B/32"] = os.environ["TEST_RELEASE_URL"]
@@ -34,13 +35,13 @@ if "TEST_PG_TIMEOUT_S" in os.environ:
         return init_process_group(*args, **kwargs, timeout=timedelta(seconds=float(os.environ["TEST_PG_TIMEOUT_S"])))
     torch.distributed.init_process_group = short_timeout
 if "TEST_SLOW_DATASETS_S" in os.environ:
-    eval_dataset = common.eval_dataset
+    eval_dataset = eval_datasets.eval_dataset
 
     def slow_eval_dataset(*args, **kwargs):
         if os.environ.get("RANK", "0") == "0":
             time.sleep(float(os.environ["TEST_SLOW_DATASETS_S"]))
         return eval_dataset(*args, **kwargs)
-    common.eval_dataset = slow_eval_dataset
+    eval_datasets.eval_dataset = slow_eval_dataset
 if "TEST_DEMO_STEPS" in os.environ:
     common.DEMO_PRETRAIN_STEPS = int(os.environ["TEST_DEMO_STEPS"])
 

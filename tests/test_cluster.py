@@ -22,6 +22,7 @@ from PIL import Image
 
 import agft
 import common
+import eval_datasets
 import evaluate
 import tecoa
 from conftest import ROOT, SCRIPT_THREADS, load_weights, run_and_kill, run_main_in_process, run_script, tiny_clip
@@ -393,8 +394,8 @@ def test_datasets_pickle_for_spawned_dataloader_workers(tmp_path):
     data = str(tmp_path / "data")
     write_folder(data, 2)
     datasets = [common.training_dataset(data, 32)[0], common.training_dataset("synthetic", 32, synthetic_size=8)[0],
-                common.caption_dataset("demo", 32), common.eval_dataset(f"folder:{data}", ".", 32)[1],
-                common.eval_dataset("demo", ".", 32)[1]]
+                common.caption_dataset("demo", 32), eval_datasets.eval_dataset(f"folder:{data}", ".", 32)[1],
+                eval_datasets.eval_dataset("demo", ".", 32)[1]]
     for ds in datasets:
         pickle.loads(pickle.dumps(ds))
     loader = torch.utils.data.DataLoader(datasets[0], batch_size=2, num_workers=1, multiprocessing_context="spawn")
@@ -409,7 +410,7 @@ def test_gif_caption_pairs_and_folders_are_read(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(shard / "000000000.gif")
     (shard / "000000000.txt").write_text("a gif")
     assert common.find_caption_files(str(tmp_path)) == ([str(shard / "000000000.gif")], 0)
-    assert len(common.image_folder(str(tmp_path), common.native_transform())[0]) == 1
+    assert len(common.image_folder(str(tmp_path), eval_datasets.native_transform())[0]) == 1
 
 
 def test_demo_clip_is_the_same_whatever_the_callers_thread_count(tmp_path, monkeypatch):

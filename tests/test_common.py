@@ -18,6 +18,7 @@ from PIL import Image
 
 import agft
 import common
+import eval_datasets
 from conftest import run_main_in_process, run_script, tiny_clip, write_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -276,7 +277,7 @@ def test_evaluate_with_vision_weights(tmp_path, source):
     expected = {}
     for vision_weights in (str(weights), None):
         model = common.load_clip("demo", vision_weights=vision_weights)
-        name, ds, classes, template = common.eval_dataset("demo", ".", 32)
+        name, ds, classes, template = eval_datasets.eval_dataset("demo", ".", 32)
         text = common.text_features(model, common.prompts_for(classes, template), dist.device)
         expected[vision_weights] = zero_shot_eval(common.ImageEncoder(model.visual), text, fixed_subset(ds, 64, 0),
                                                   dist, attacks=())["clean"]
@@ -386,7 +387,7 @@ def objectnet(tmp_path_factory):
 
 def test_objectnet_overlap_classes_names_and_cropped_images(objectnet):
     root, interiors = objectnet
-    name, ds, classes, template = common.eval_dataset("ObjectNet", root, 32)
+    name, ds, classes, template = eval_datasets.eval_dataset("ObjectNet", root, 32)
     assert name == "ObjectNet" and template == "This is a photo of a {}."
     assert classes == ["alarm clock", "banana", "t shirt"]  # sorted folders; names from ObjectNet's labels
     expected = [(interior, label) for label, folder in enumerate(["alarm_clock", "banana", "t-shirt"])
@@ -400,19 +401,19 @@ def test_objectnet_overlap_classes_names_and_cropped_images(objectnet):
 
 def test_objectnet_registry_errors(tmp_path, objectnet):
     with pytest.raises(common.UsageError, match="ObjectNet: not found, expected .*objectnet-1.0"):
-        common.eval_dataset("ObjectNet", str(tmp_path), 32)
+        eval_datasets.eval_dataset("ObjectNet", str(tmp_path), 32)
     base = tmp_path / "objectnet-1.0"
     (base / "mappings").mkdir(parents=True)
     (base / "mappings" / "folder_to_objectnet_label.json").write_text(json.dumps({"banana": "Banana"}))
     with pytest.raises(common.UsageError, match="cannot read .*objectnet_to_imagenet_1k.json"):
-        common.eval_dataset("ObjectNet", str(tmp_path), 32)
+        eval_datasets.eval_dataset("ObjectNet", str(tmp_path), 32)
     (base / "mappings" / "objectnet_to_imagenet_1k.json").write_text(json.dumps({"Banana": "banana",
                                                                                 "Pen": "ballpoint"}))
     with pytest.raises(common.UsageError, match="1 label.*no folder.*'Pen'"):
-        common.eval_dataset("ObjectNet", str(tmp_path), 32)
+        eval_datasets.eval_dataset("ObjectNet", str(tmp_path), 32)
     (base / "mappings" / "objectnet_to_imagenet_1k.json").write_text(json.dumps({"Banana": "banana"}))
     with pytest.raises(common.UsageError, match="no images in .*banana"):
-        common.eval_dataset("ObjectNet", str(tmp_path), 32)
+        eval_datasets.eval_dataset("ObjectNet", str(tmp_path), 32)
 
 
 # ------------------------------------------------------------------------------------ PGD, random starts, the schedule
@@ -775,7 +776,7 @@ def test_a_single_class_is_refused_for_training_and_evaluation(tmp_path, tiny_ck
     with pytest.raises(common.UsageError, match="has 1 class .cat.; zero-shot classification needs at least two"):
         common.training_dataset(str(tmp_path / "one"), 32)
     with pytest.raises(common.UsageError, match="one: has 1 class"):
-        common.eval_dataset(f"folder:{tmp_path / 'one'}", ".", 32)
+        eval_datasets.eval_dataset(f"folder:{tmp_path / 'one'}", ".", 32)
     out = tmp_path / "run"
     code, _, err = run_main_in_process(agft.main, ["--model", tiny_ckpt, "--data", str(tmp_path / "one"), "--workers",
                                                    "0", "--out", str(out)], capsys)

@@ -14,6 +14,7 @@ from PIL import Image
 
 import attacks
 import common
+import eval_datasets
 import evaluate
 from conftest import demo_zero_shot, run_main_in_process, run_script, tiny_clip
 
@@ -214,7 +215,7 @@ def test_samples_is_a_fixed_subset(tiny_ckpt, folders, tmp_path, capsys):
 
 
 def test_demo_dataset_is_the_demo_held_out_set():
-    name, ds, names, template = common.eval_dataset("demo", "unused", 32)
+    name, ds, names, template = eval_datasets.eval_dataset("demo", "unused", 32)
     assert name == "demo" and len(ds) == 512 and len(names) == 16 and template == "This is a photo of a {}."
     assert names == [f"{c} {s}" for c, s in common.DEMO_HELD_OUT]
     assert torch.equal(ds[5][0], common.DemoImages(common.DEMO_HELD_OUT, 32, 32, seed=2)[5][0])
@@ -222,11 +223,11 @@ def test_demo_dataset_is_the_demo_held_out_set():
 
 # --------------------------------------------------------------------------------------------------- registry
 def test_registry_names_templates_and_the_paper_set():
-    assert set(common.EVAL_DATASETS) == set(SPEC_TEMPLATES)
+    assert set(eval_datasets.EVAL_DATASETS) == set(SPEC_TEMPLATES)
     templates = common.read_data_list("templates.tsv")
     for name, template in SPEC_TEMPLATES.items():
         assert templates[name] == template
-    assert common.AGFT_DATASETS == ("Caltech101", "Caltech256", "CIFAR10", "CIFAR100", "DTD", "EuroSAT",
+    assert eval_datasets.AGFT_DATASETS == ("Caltech101", "Caltech256", "CIFAR10", "CIFAR100", "DTD", "EuroSAT",
                                     "FGVCAircraft", "Flowers102", "Food101", "ImageNet", "OxfordIIITPet", "PCAM",
                                     "StanfordCars", "STL10", "SUN397")
     iso = common.read_data_list("iso3166.tsv")
@@ -236,10 +237,10 @@ def test_registry_names_templates_and_the_paper_set():
 @pytest.mark.parametrize("name", list(SPEC_TEMPLATES))
 def test_missing_dataset_says_what_to_put_where(name, tmp_path):
     with pytest.raises(common.UsageError) as e:
-        common.eval_dataset(name, str(tmp_path), 32)
+        eval_datasets.eval_dataset(name, str(tmp_path), 32)
     message = str(e.value)
     assert "\n" not in message and name in message and str(tmp_path) in message
-    assert ("--download" in message) == common.EVAL_DATASETS[name][3]
+    assert ("--download" in message) == eval_datasets.EVAL_DATASETS[name][3]
     assert not any(tmp_path.iterdir())  # nothing created in the user's data root
 
 
@@ -354,7 +355,7 @@ def test_registry_reads_each_format(tmp_path, monkeypatch):
     fake_stl10(tmp_path, monkeypatch)
     fake_files(tmp_path)
     for name, (names, n) in EXPECTED.items():
-        got_name, ds, got_names, template = common.eval_dataset(name, str(tmp_path), 32)
+        got_name, ds, got_names, template = eval_datasets.eval_dataset(name, str(tmp_path), 32)
         assert (got_name, got_names, len(ds), template) == (name, names, n, SPEC_TEMPLATES[name]), name
         labels = []
         for i in range(len(ds)):
@@ -365,29 +366,29 @@ def test_registry_reads_each_format(tmp_path, monkeypatch):
             assert 0 <= image.min() and image.max() <= 1
         assert all(0 <= label < len(names) for label in labels), name
     # labels follow the files: TinyImageNet's val_1 is a tench (class 0 in sorted wnid order)
-    assert [common.eval_dataset("TinyImageNet", str(tmp_path), 32)[1][i][1] for i in (0, 1)] == [1, 0]
-    assert [common.eval_dataset("FGVCAircraft", str(tmp_path), 32)[1][i][1] for i in (0, 1)] == [1, 0]
+    assert [eval_datasets.eval_dataset("TinyImageNet", str(tmp_path), 32)[1][i][1] for i in (0, 1)] == [1, 0]
+    assert [eval_datasets.eval_dataset("FGVCAircraft", str(tmp_path), 32)[1][i][1] for i in (0, 1)] == [1, 0]
 
 
 def test_wordnet_ids_need_the_devkit_or_a_class_name_file(tmp_path):
     fake_files(tmp_path)
     os.remove(tmp_path / "imagenet" / "meta.bin")
     with pytest.raises(common.UsageError, match="ILSVRC2012_devkit_t12.tar.gz"):
-        common.eval_dataset("ImageNet-R", str(tmp_path), 32)
+        eval_datasets.eval_dataset("ImageNet-R", str(tmp_path), 32)
     table = tmp_path / "names.txt"
     table.write_text("n01443537 gold fish\nn02085620 chihuahua dog\n")
-    assert common.eval_dataset("ImageNet-R", str(tmp_path), 32, class_names_file=str(table))[2] == \
+    assert eval_datasets.eval_dataset("ImageNet-R", str(tmp_path), 32, class_names_file=str(table))[2] == \
         ["gold fish", "chihuahua dog"]
     plain = tmp_path / "plain.txt"
     plain.write_text("first\nsecond\n")
-    assert common.eval_dataset("ImageNet-A", str(tmp_path), 32, class_names_file=str(plain))[2] == ["first", "second"]
+    assert eval_datasets.eval_dataset("ImageNet-A", str(tmp_path), 32, class_names_file=str(plain))[2] == ["first", "second"]
     with pytest.raises(common.UsageError, match="has 2 names"):  # ImageNet/val has 3 classes
-        common.eval_dataset("ImageNet", str(tmp_path), 32, class_names_file=str(plain))
+        eval_datasets.eval_dataset("ImageNet", str(tmp_path), 32, class_names_file=str(plain))
     table.write_text("n01443537 gold fish\n")
     with pytest.raises(common.UsageError, match="n02085620"):
-        common.eval_dataset("ImageNet-A", str(tmp_path), 32, class_names_file=str(table))
+        eval_datasets.eval_dataset("ImageNet-A", str(tmp_path), 32, class_names_file=str(table))
     # folder:PATH with WordNet-id folders goes through the same names
-    assert common.eval_dataset(f"folder:{tmp_path / 'imagenet-r'}", str(tmp_path), 32,
+    assert eval_datasets.eval_dataset(f"folder:{tmp_path / 'imagenet-r'}", str(tmp_path), 32,
                                class_names_file=str(plain))[0] == "imagenet-r"
 
 
@@ -428,13 +429,13 @@ def test_registry_reads_the_mat_and_h5_formats(tmp_path, monkeypatch):
                 "StanfordCars": (["am general hummer suv", "tesla model s sedan"], [1, 0], 32),
                 "PCAM": (["healthy lymph node tissue", "lymph node tumor tissue"], [1, 0, 1], 32)}
     for name, (names, labels, side) in expected.items():
-        got_name, ds, got_names, template = common.eval_dataset(name, str(tmp_path), side)
+        got_name, ds, got_names, template = eval_datasets.eval_dataset(name, str(tmp_path), side)
         assert got_name == name and template == SPEC_TEMPLATES[name]
         assert [got_names[0], got_names[-1]] == names, name
         assert [ds[i][1] for i in range(len(ds))] == labels, name
         assert all(ds[i][0].shape == (3, side, side) and 0 <= ds[i][0].min() and ds[i][0].max() <= 1
                    for i in range(len(ds)))
-    assert len(common.eval_dataset("Flowers102", str(tmp_path), 32)[2]) == 102
+    assert len(eval_datasets.eval_dataset("Flowers102", str(tmp_path), 32)[2]) == 102
 
 
 def fake_devkit(base, monkeypatch):
@@ -467,14 +468,14 @@ def test_imagenet_class_names_from_the_devkit_archive(tmp_path, monkeypatch):
     fake_devkit(tmp_path / "imagenet", monkeypatch)
     files = lambda: sorted(str(p) for p in tmp_path.rglob("*"))  # noqa: E731
     before = files()
-    name, ds, names, _ = common.eval_dataset("ImageNet", str(tmp_path), 32)
+    name, ds, names, _ = eval_datasets.eval_dataset("ImageNet", str(tmp_path), 32)
     assert (name, names, len(ds)) == ("ImageNet", ["tench", "gold fish"], 2)
     ds, names = common.training_dataset(str(tmp_path / "imagenet"), 32)
     assert names == ["tench", "gold fish"] and sorted(ds[i][1] for i in range(len(ds))) == [0, 1]
     assert files() == before, "reading the devkit wrote into the dataset folder"
     for w in ("n01440764", "n01443537"):  # the WordNet-id datasets name their folders through the same devkit
         write_image(str(tmp_path / "imagenet-r" / w / "a.jpg"), 1)
-    assert common.eval_dataset("ImageNet-R", str(tmp_path), 32)[2] == ["tench", "gold fish"]
+    assert eval_datasets.eval_dataset("ImageNet-R", str(tmp_path), 32)[2] == ["tench", "gold fish"]
 
 
 def test_download_fetches_then_reads(tmp_path, monkeypatch):
@@ -493,20 +494,20 @@ def test_download_fetches_then_reads(tmp_path, monkeypatch):
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", fake_download)
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
     with pytest.raises(common.UsageError, match="CIFAR10: not found.*pass --download"):
-        common.eval_dataset("CIFAR10", str(tmp_path), 32)
+        eval_datasets.eval_dataset("CIFAR10", str(tmp_path), 32)
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: bool(fetched))  # absent until fetched
-    name, ds, names, _ = common.eval_dataset("CIFAR10", str(tmp_path), 32, download=True)
+    name, ds, names, _ = eval_datasets.eval_dataset("CIFAR10", str(tmp_path), 32, download=True)
     assert (name, names, len(ds)) == ("CIFAR10", ["airplane", "automobile", "bird"], 3)
     assert len(fetched) == 1 and fetched[0].startswith("https://")
     # TinyImageNet is fetched by the registry itself (torchvision has no class for it)
-    name, ds, names, _ = common.eval_dataset("TinyImageNet", str(tmp_path), 32, download=True)
+    name, ds, names, _ = eval_datasets.eval_dataset("TinyImageNet", str(tmp_path), 32, download=True)
     assert (names, len(ds)) == (["tench", "goldfish"], 2) and fetched[1] == common.TINY_IMAGENET_URL
     # a download that fails is one line naming the dataset
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", lambda *a, **k: (_ for _ in ()).throw(
         OSError("network is unreachable\nsecond line")))
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: False)
     with pytest.raises(common.UsageError) as e:
-        common.eval_dataset("CIFAR100", str(tmp_path / "empty"), 32, download=True)
+        eval_datasets.eval_dataset("CIFAR100", str(tmp_path / "empty"), 32, download=True)
     assert "\n" not in str(e.value) and str(e.value).startswith("CIFAR100: could not download or read")
     assert str(e.value).endswith("check the network, or put the files there yourself")  # not "pass --download" again
     assert "network is unreachable" in str(e.value)
@@ -518,7 +519,7 @@ def test_incomplete_mat_or_h5_copies_fail_in_one_line(name, folder, tmp_path):
     """A broken or incomplete copy of a .mat / .h5 dataset gives a one-line error naming the dataset."""
     os.makedirs(tmp_path / folder)
     with pytest.raises(common.UsageError) as e:
-        common.eval_dataset(name, str(tmp_path), 32)
+        eval_datasets.eval_dataset(name, str(tmp_path), 32)
     assert "\n" not in str(e.value) and str(e.value).startswith(name)
 
 
@@ -621,7 +622,7 @@ def test_help_lists_datasets_attacks_groups_and_protocols(capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--help"])
     text = capsys.readouterr().out
-    for name in [*common.EVAL_DATASETS, *attacks.ATTACKS, *evaluate.ATTACK_GROUPS, *evaluate.PROTOCOLS,
+    for name in [*eval_datasets.EVAL_DATASETS, *attacks.ATTACKS, *evaluate.ATTACK_GROUPS, *evaluate.PROTOCOLS,
                  *evaluate.DATASET_GROUPS]:
         assert name in text, name
 
@@ -635,6 +636,23 @@ def test_protocol_is_in_the_results_and_the_title(tmp_path, capsys):
     assert report["notes"][0].startswith("protocol agft: the AGFT code")
     table = (tmp_path / "r.md").read_text()
     assert "protocol agft" in table.splitlines()[0] and "AA (APGD-CE + APGD-DLR, 2 it.)" in table
+
+
+def test_advflyps_validation_set_is_tinyimagenet_or_a_folder(tmp_path):
+    """advflyp.py --val-data (common.validation_dataset): TinyImageNet under --val-root, the same images, classes and
+    prompt as evaluate.py's TinyImageNet, or an ImageFolder directory; anything else is one line (the other benchmark
+    datasets live in eval_datasets.py, which training does not import)."""
+    fake_files(tmp_path)
+    name, ds, names, template = common.validation_dataset("TinyImageNet", str(tmp_path), 32)
+    same = eval_datasets.eval_dataset("TinyImageNet", str(tmp_path), 32)
+    assert (name, names, template) == same[:1] + same[2:] and [ds[i][1] for i in range(len(ds))] == \
+        [same[1][i][1] for i in range(len(same[1]))]
+    name, ds, names, _ = common.validation_dataset(str(tmp_path / "country211" / "test"), str(tmp_path), 32)
+    assert (name, names) == ("test", ["ad", "us"])  # folder names as they are (no ISO table: not evaluate's Country211)
+    with pytest.raises(common.UsageError, match="--val-data CIFAR10: neither TinyImageNet nor a directory"):
+        common.validation_dataset("CIFAR10", str(tmp_path), 32)
+    with pytest.raises(common.UsageError, match="--val-data TinyImageNet: not found, expected"):
+        common.validation_dataset("TinyImageNet", str(tmp_path / "empty"), 32)
 
 
 def test_the_advflyp_protocol_prompts_imagenet_r_and_sketch_as_its_paper(tiny_ckpt, tmp_path, capsys):

@@ -17,6 +17,7 @@ from PIL import Image
 from scipy.stats import binomtest, multinomial
 
 import common
+import eval_datasets
 import evaluate
 from conftest import ROOT, SCRIPT_THREADS, run_main_in_process, run_script, tiny_clip
 
@@ -89,7 +90,7 @@ def direct_metrics(data):
     """Per-image metrics computed without evaluate.py's code path: clip's encoders, the images as the registry reads
     them, x_adv from the same attack function on all 16 images (one batch, as evaluate.py runs it)."""
     model, ref = tiny_clip(0), tiny_clip(1)
-    _, ds, names, template = common.eval_dataset(f"folder:{data['folder']}", str(data["root"]), 32)
+    _, ds, names, template = eval_datasets.eval_dataset(f"folder:{data['folder']}", str(data["root"]), 32)
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     y = torch.tensor([ds[i][1] for i in range(len(ds))])
     tokens = clip.tokenize([template.format(c) for c in names], context_length=model.context_length)
@@ -272,7 +273,7 @@ def test_per_sample_file_and_intervals_in_the_json(two_models, data, tmp_path, c
     assert common.file_sha256(path) == report["per_sample"]["sha256"]
     meta, arrays = load_samples(path)
     assert meta["settings"] == report["settings"] and meta["datasets"][0]["fields"] == ["label", "clean", "pgd", "cw"]
-    ds = common.eval_dataset(f"folder:{data['folder']}", str(data["root"]), 32)[1]
+    ds = eval_datasets.eval_dataset(f"folder:{data['folder']}", str(data["root"]), 32)[1]
     np.testing.assert_array_equal(arrays["0.index"], evaluate.fixed_subset(ds, 12, 0).indices)  # dataset indices
     assert arrays["0.clean"].dtype == np.uint8 and arrays["0.clean"].shape == (2,)  # 12 bits in 2 bytes
     for c in ("clean", "pgd", "cw"):

@@ -10,6 +10,7 @@ import torch
 
 import agft
 import common
+import eval_datasets
 import evaluate
 import figures
 from conftest import run_main_in_process, run_script
@@ -57,7 +58,7 @@ def test_save_features_are_the_encoders_embeddings(outputs):
     assert meta["format"] == evaluate.FEATURES_FORMAT and meta["attack"] == "pgd" and meta["eps"] == 4
     assert meta["datasets"][0]["n"] == 32 and meta["datasets"][0]["adv"]
     model = common.load_clip("demo").requires_grad_(False)
-    _, ds, names, _ = common.eval_dataset("demo", ".", 32)
+    _, ds, names, _ = eval_datasets.eval_dataset("demo", ".", 32)
     assert meta["datasets"][0]["classes"] == names
     index = arrays["0.index"]
     assert index.tolist() == sorted(index.tolist()) and len(set(index.tolist())) == 32
