@@ -73,7 +73,7 @@ Sections, in the order data flows (search for the `# ---- name` rule):
     config                      parse_args: datasets, attacks, protocols, metrics
     helpers                     load_datasets, fixed_subset (--samples), the Markdown tables
     zero-shot evaluation        zero_shot_samples (per image: clean, each attack, metrics, embeddings),
-                                zero_shot_eval, the structure metrics
+                                the structure metrics
     intervals (95%)             Wilson, MOVER, the paired difference
     per-image results, resume   SampleStore (--per-sample), open_store, gathering rows across processes
     reports                     the results JSON and its table
@@ -604,30 +604,6 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
         work = common.all_reduce_sum(work, dist).tolist()
         timing.update({name: round(im * dist.world / sec, 2) if sec > 0 else None
                        for name, sec, im in zip(["clean", *attacks], *work)})
-
-
-def zero_shot_eval(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
-                   batch_size=256, ctx=contextlib.nullcontext(), seed=0, workers=0, desc=None, timing=None,
-                   attack_all=False):
-    """Zero-shot clean and robust accuracy (%) of `encoder` on `dataset` (zero_shot_samples, counted): returns
-    {"n": int, "clean": %, attack: % or None, ...}, None for an attack that needs more classes than there are
-    (ATTACK_MIN_CLASSES). Counts are summed across processes; every sample is counted once."""
-    columns = ["clean", *attacks]
-    correct = torch.zeros(len(columns), dtype=torch.float64)
-    n = torch.zeros(1, dtype=torch.float64)
-    for index, out in zero_shot_samples(encoder, text_feats, dataset, dist, attacks, eps, alpha, steps, batch_size,
-                                        ctx, seed, workers, desc, timing, attack_all):
-        if out.get("stopped"):
-            raise common.SIGNALS.stop("during the evaluation")
-        if "error" in out:
-            raise common.UsageError(out["error"])
-        n += len(index)
-        correct += torch.tensor([float(out[c].sum()) if c in out else 0.0 for c in columns], dtype=torch.float64)
-    both = common.all_reduce_sum(torch.cat([n, correct]).to(dist.device), dist).cpu()
-    n, acc = int(both[0].item()), (100.0 * both[1:] / max(int(both[0].item()), 1)).tolist()
-    applicable = [len(text_feats) >= ATTACK_MIN_CLASSES.get(name, 2) for name in attacks]
-    return {"n": n, "clean": round(acc[0], 2),
-            **{name: round(a, 2) if ok_ else None for name, a, ok_ in zip(attacks, acc[1:], applicable)}}
 
 
 # ------------------------------------------------------------------------------------------- intervals (95%)

@@ -13,7 +13,7 @@ import torchattacks
 import attacks
 import common
 import evaluate
-from conftest import demo_zero_shot, tiny_clip
+from conftest import demo_zero_shot, tiny_clip, zero_shot_eval
 
 ATTACK_NAMES = list(attacks.ATTACKS)
 CPU = torch.device("cpu")
@@ -347,7 +347,7 @@ def test_two_classes_dlr_not_applicable_and_aa_is_apgd_ce():
     encoder, text, logits_fn = classifier(model, ["cat", "dog"])
     ds = common.SyntheticImages(9, 2, 32, seed=0)
     dist = common.Dist(0, 1, 0, CPU)
-    r = evaluate.zero_shot_eval(encoder, text, ds, dist, ("apgd-ce", "apgd-dlr", "aa"), 8 / 255, 1 / 255, 3,
+    r = zero_shot_eval(encoder, text, ds, dist, ("apgd-ce", "apgd-dlr", "aa"), 8 / 255, 1 / 255, 3,
                               batch_size=4)
     assert r["apgd-dlr"] is None and r["aa"] == r["apgd-ce"] and r["n"] == 9
     x = torch.stack([ds[i][0] for i in range(9)])
@@ -363,7 +363,7 @@ def test_zero_shot_eval_robust_never_above_clean(tiny):
     model, _, _, _, _ = tiny
     encoder, text, _ = classifier(model, [f"thing {i}" for i in range(5)])
     ds = common.SyntheticImages(11, 5, 32, seed=1)
-    r = evaluate.zero_shot_eval(encoder, text, ds, common.Dist(0, 1, 0, CPU), tuple(ATTACK_NAMES), 8 / 255, 2 / 255,
+    r = zero_shot_eval(encoder, text, ds, common.Dist(0, 1, 0, CPU), tuple(ATTACK_NAMES), 8 / 255, 2 / 255,
                               2, batch_size=4)
     assert r["n"] == 11
     assert all(r[name] <= r["clean"] for name in ATTACK_NAMES)
@@ -579,7 +579,7 @@ def test_apgd_t_is_not_applicable_below_4_classes():
     dist = common.Dist(0, 1, 0, CPU)
     for n_classes, expect_none in ((3, True), (4, False)):
         text = common.text_features(model, common.prompts_for([f"thing {i}" for i in range(n_classes)]), CPU)
-        r = evaluate.zero_shot_eval(encoder, text, common.SyntheticImages(6, n_classes, 32, seed=0), dist,
+        r = zero_shot_eval(encoder, text, common.SyntheticImages(6, n_classes, 32, seed=0), dist,
                                   ("apgd-dlr", "apgd-t"), 8 / 255, 1 / 255, 2, batch_size=4, attack_all=True)
         assert (r["apgd-t"] is None) == expect_none and r["apgd-dlr"] is not None
 

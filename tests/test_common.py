@@ -19,7 +19,7 @@ from PIL import Image
 import agft
 import common
 import eval_datasets
-from conftest import run_main_in_process, run_script, tiny_clip, write_images
+from conftest import run_main_in_process, run_script, tiny_clip, write_images, zero_shot_eval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -272,7 +272,7 @@ def test_evaluate_with_vision_weights(tmp_path, source):
     report = json.loads(out.read_text())
     assert report["settings"]["vision_weights"] == str(weights)
 
-    from evaluate import fixed_subset, zero_shot_eval
+    from evaluate import fixed_subset
     dist = common.Dist(0, 1, 0, torch.device("cpu"))
     expected = {}
     for vision_weights in (str(weights), None):

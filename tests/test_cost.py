@@ -13,7 +13,7 @@ import common
 import evaluate
 import fare
 import tecoa
-from conftest import run_script
+from conftest import run_script, zero_shot_eval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -151,7 +151,7 @@ def test_table6_attack_passes_per_batch(counter):
         for s in (1, 3):
             for k in counter:
                 counter[k] = 0
-            evaluate.zero_shot_eval(encoder, text, data, common.Dist(0, 1, 0, torch.device("cpu")), (name,), 0.0,
+            zero_shot_eval(encoder, text, data, common.Dist(0, 1, 0, torch.device("cpu")), (name,), 0.0,
                                   1 / 255, s, batch_size=4, attack_all=True)
             grad, no_grad = passes(s)
             assert (counter["attack"], counter["frozen"]) == (2 * grad, 2 * (1 + no_grad + 1)), (name, s, counter)

@@ -16,7 +16,7 @@ import attacks
 import common
 import eval_datasets
 import evaluate
-from conftest import demo_zero_shot, run_main_in_process, run_script, tiny_clip
+from conftest import demo_zero_shot, run_main_in_process, run_script, tiny_clip, zero_shot_eval
 
 # docs/evaluation.md, written out again here so that a changed data_lists/templates.tsv fails a test
 SPEC_TEMPLATES = {
@@ -125,7 +125,7 @@ def test_training_scripts_accuracy_equals_evaluate_py():
     encoder = common.ImageEncoder(common.load_clip("demo").visual).eval()
     dist = common.Dist(0, 1, 0, torch.device("cpu"))
     mine = common.zero_shot_accuracy(encoder, text, ds, dist, 4 / 255, 1 / 255, 3, batch_size=16, seed=1)
-    full = evaluate.zero_shot_eval(encoder, text, ds, dist, ("pgd",), 4 / 255, 1 / 255, 3, batch_size=16, seed=1)
+    full = zero_shot_eval(encoder, text, ds, dist, ("pgd",), 4 / 255, 1 / 255, 3, batch_size=16, seed=1)
     assert mine == full and 0 < mine["pgd"] < mine["clean"]
 
 
@@ -693,17 +693,17 @@ def test_shared_parts_run_once_and_give_the_same_accuracies(demo64, monkeypatch)
     monkeypatch.setattr(attacks, "apgd", lambda *a, **k: calls.append(len(a[2])) or apgd(*a, **k))
     dist = common.Dist(0, 1, 0, CPU)
     names = ("aa", "apgd-ce", "apgd-ce-x5", "apgd-dlr", "aa-ce-t", "apgd-t")
-    together = evaluate.zero_shot_eval(encoder, text, ds, dist, names, 4 / 255, 1 / 255, 3, batch_size=32)
+    together = zero_shot_eval(encoder, text, ds, dist, names, 4 / 255, 1 / 255, 3, batch_size=32)
     n_together = len(calls)
     alone = {}
     for name in names:
-        alone.update(evaluate.zero_shot_eval(encoder, text, ds, dist, (name,), 4 / 255, 1 / 255, 3, batch_size=32))
+        alone.update(zero_shot_eval(encoder, text, ds, dist, (name,), 4 / 255, 1 / 255, 3, batch_size=32))
     assert together == alone
     n_alone = len(calls) - n_together
     # together: per batch 1 (CE) + 1 (DLR) + up to 9 (APGD-T targets); alone, aa and aa-ce-t repeat CE, DLR and T
     assert n_together < n_alone
     calls.clear()
-    evaluate.zero_shot_eval(encoder, text, ds, dist, ("apgd-ce", "apgd-ce-x5", "apgd-dlr", "apgd-t"), 4 / 255,
+    zero_shot_eval(encoder, text, ds, dist, ("apgd-ce", "apgd-ce-x5", "apgd-dlr", "apgd-t"), 4 / 255,
                             1 / 255, 3, batch_size=32)
     assert n_together == len(calls)  # aa and aa-ce-t added no APGD run
 
