@@ -143,7 +143,7 @@ def run_main(main):
     except Exception as e:
         failure = failure_message(e)
         if failure is None:
-            raise  # a bug: its traceback (stop_loaders still runs, at exit)
+            raise  # a bug: its traceback, printed after the finally below has stopped the workers
         status, message, stream = FAILED, f"error (rank {rank}): {failure}", sys.stderr
     finally:
         stop_loaders()
