@@ -696,8 +696,7 @@ class Preemption:
     signal that the scheduler or the terminal also sent them); a second SIGINT after that raises KeyboardInterrupt
     at once, in any scope (nothing more is saved). DataLoader workers ignore all three (worker_ignores_signals):
     their main process decides when to stop and stops them."""
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption notices
-    HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # two preemption notices and Ctrl-C
     REPEAT_S = 1.0
 
     def __init__(self):

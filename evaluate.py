@@ -1204,8 +1204,8 @@ def evaluate(args, preemption):
                     r = report["datasets"][name]
                     log(f"{name}: {len(class_names)} classes, {r}  ({time.time() - t0:.0f}s; images/s "
                         f"{throughput[name]})", flush=True)
-    except BaseException:  # a lost worker or process, a bug: keep every batch evaluated so far
-        if dist.is_main:
+    except BaseException as e:  # a lost worker or process, a bug: keep every batch evaluated so far
+        if dist.is_main and not isinstance(e, (common.Preempted, common.UsageError)):  # those saved (or failed to)
             with contextlib.suppress(Exception):  # (the error in hand is the one to report)
                 store.save()
         raise
