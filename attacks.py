@@ -19,6 +19,8 @@ Sections, in the order they build on each other (search for the `# ---- name` ru
     combined        attacks_in_turn (AutoAttack's combination), aa, aa-ce-t; the ATTACKS registry, default steps,
                     the classes each attack needs, run_attack (shares the parts of combined attacks)
 """
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -45,6 +47,22 @@ def dlr_loss(logits, y):
 
 
 # -------------------------------------------------------------------------------------------- C&W, APGD
+# APGD's early exit (apgd): on by default. evaluate.py turns it off where the returned point matters beyond whether it
+# fools the model (the structure metrics, --save-features: the highest-loss fooling iterate, as before) and for
+# --no-early-exit; the per-image results are the same either way (tests/test_attacks.py).
+EARLY_EXIT = contextvars.ContextVar("early_exit", default=True)
+
+
+@contextlib.contextmanager
+def early_exit(enabled):
+    """Within this block APGD's early exit is `enabled` (True: a fooled image leaves the batch; see apgd)."""
+    token = EARLY_EXIT.set(bool(enabled))
+    try:
+        yield
+    finally:
+        EARLY_EXIT.reset(token)
+
+
 def attack_cw(logits_fn, x, y, index, eps, alpha, steps, seed):
     """ℓ∞ C&W as in the AGFT/TeCoA evaluations (`cw`): PGD, same schedule as `pgd`, on the margin loss."""
     delta = per_sample_start(index, x.shape[1:], eps, seed, x.device)
@@ -73,45 +91,62 @@ def apgd_conditions(n_up, window, f_max, f_max_ckpt, reduced_ckpt, rho=0.75):
     return (n_up <= rho * window) | (~reduced_ckpt & (f_max_ckpt >= f_max))
 
 
-def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=0.75, best_loss=False):
+def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=0.75, best_loss=False, target=None):
     """APGD (Croce & Hein 2020, Algorithm 1), ℓ∞, as AutoAttack's and torchattacks' code run it: maximise
-    loss_of_logits(logits, y) (per sample, (B,)) over the ε-ball around x inside [0, 1], from clamp(x + delta, 0, 1)
-    (|delta| ≤ ε). Every sample has its own step size, best point and checkpoint tests, so the result does not depend
-    on the batch. Like the reference code, Condition 1 counts the rises of the loss from one computed iterate to the
-    next (a restart does not reset it; the first window compares the first iterate's loss with 0).
+    loss_of_logits(logits, y) (per sample, (B,); loss_of_logits(logits, y, target) when per-sample targets (B,) are
+    given) over the ε-ball around x inside [0, 1], from clamp(x + delta, 0, 1) (|delta| ≤ ε). Every sample has its
+    own step size, best point and checkpoint tests, so the result does not depend on the batch. Like the reference
+    code, Condition 1 counts the rises of the loss from one computed iterate to the next (a restart does not reset it;
+    the first window compares the first iterate's loss with 0).
 
-    Returns, per sample, a fooling iterate if any iterate fooled the model (the highest-loss one; the reference code
-    counts a sample as broken as soon as any iterate fools the model), else the best point x_max; best_loss=True:
-    x_max (the reference's x_best) for every sample."""
+    A sample counts as broken as soon as any iterate fools the model (as in the reference code). With early exit (on
+    unless the early_exit context turns it off) a fooled sample leaves the batch at once with that first fooling
+    iterate: its remaining iterations could not change its result, and every other sample's iterations are the same
+    as without early exit (nothing is shared between samples). Without early exit a fooled sample keeps running and
+    the highest-loss fooling iterate is returned. A sample never fooled returns its best point x_max either way;
+    best_loss=True: x_max (the reference's x_best) for every sample, no early exit."""
     x = x.detach()
-    lower, upper = x - eps, x + eps
-    project = lambda z: torch.min(torch.max(z, lower), upper).clamp(0, 1)  # noqa: E731  P_S, as the reference
+    leave_early = EARLY_EXIT.get() and not best_loss
     per = lambda v: v.view(-1, *[1] * (x.dim() - 1))  # noqa: E731  (B,) -> (B, 1, 1, 1)
 
-    def loss_and_logits(z):
-        logits = logits_fn(z)
-        loss = loss_of_logits(logits, y).float()
-        return loss.sum(), (loss.detach(), logits.detach())  # samples are independent: ∇ of the sum is per-sample ∇
+    def project(z, x):  # P_S, as the reference: into the ε-ball around x, then [0, 1]
+        return torch.min(torch.max(z, x - eps), x + eps).clamp(0, 1)
 
-    def evaluate(z):  # -> f(z) (B,), fooled (B,) bool, ∇f(z) (B, 3, H, W)
+    def evaluate(z, y, target):  # -> f(z) (B,), fooled (B,) bool, ∇f(z) (B, 3, H, W)
+        def loss_and_logits(z):
+            logits = logits_fn(z)
+            loss = (loss_of_logits(logits, y) if target is None else loss_of_logits(logits, y, target)).float()
+            return loss.sum(), (loss.detach(), logits.detach())  # samples are independent: ∇ of the sum is per sample
         grad, (loss, logits) = input_grad(loss_and_logits, z, has_aux=True)
         return loss, logits.argmax(-1).ne(y), grad
 
     checkpoints = set(apgd_checkpoints(steps)[1:])
+    x_adv = x.clone()  # (B, 3, H, W) the result, written for each sample when it leaves (early exit) or at the end
+    live = torch.arange(len(x), device=x.device)  # (B',) the samples still attacked, in x_adv's numbering
     eta = torch.full((len(x),), 2.0 * eps, device=x.device)  # η^(0) = 2ε
     x_k = (x + delta).clamp(0, 1)
-    f_k, fooled, grad = evaluate(x_k)
+    f_k, fooled, grad = evaluate(x_k, y, target)
     x_prev = x_k
     x_max, f_max, grad_max = x_k, f_k, grad  # best point so far, by loss (restarts go back to it)
     x_out, f_out, out_fooled = x_k, f_k, fooled  # best point by (fooled, loss): the output
     f_last = torch.zeros_like(f_k)  # the loss of the last computed iterate (the reference's loss_steps start at 0)
     n_up = torch.zeros(len(x), device=x.device)  # rises of the loss in the current window
     f_max_ckpt, reduced_ckpt, w_last = f_max, torch.ones_like(fooled), 0  # state at the last checkpoint
-    for k in range(steps):
-        z = project(x_k + per(eta) * grad.sign())  # z^(k+1)
+    for k in range(steps + 1):
+        if leave_early and out_fooled.any():  # early exit: the fooled samples leave with their fooling iterate
+            x_adv[live[out_fooled]] = x_out[out_fooled]
+            stay = ~out_fooled
+            (live, x, y, target, eta, x_k, x_prev, grad, x_max, f_max, grad_max, x_out, f_out, out_fooled, f_last,
+             n_up, f_max_ckpt, reduced_ckpt) = (
+                None if t is None else t[stay]
+                for t in (live, x, y, target, eta, x_k, x_prev, grad, x_max, f_max, grad_max, x_out, f_out,
+                          out_fooled, f_last, n_up, f_max_ckpt, reduced_ckpt))
+        if k == steps or len(live) == 0:
+            break
+        z = project(x_k + per(eta) * grad.sign(), x)  # z^(k+1)
         a = 1.0 if k == 0 else momentum  # x^(1) = z^(1); then momentum 0.75 (Alg. 1)
-        x_next = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev))
-        f_next, fooled, grad = evaluate(x_next)
+        x_next = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), x)
+        f_next, fooled, grad = evaluate(x_next, y, target)
         n_up += f_next > f_last
         f_last, x_prev, x_k = f_next, x_k, x_next
         better = f_next > f_max
@@ -125,7 +160,8 @@ def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=
             eta = torch.where(reduce, eta / 2, eta)
             x_k, grad = torch.where(per(reduce), x_max, x_k), torch.where(per(reduce), grad_max, grad)
             n_up, f_max_ckpt, reduced_ckpt, w_last = torch.zeros_like(n_up), f_max, reduce, k + 1
-    return (x_max if best_loss else x_out).detach()
+    x_adv[live] = x_max if best_loss else x_out
+    return x_adv.detach()
 
 
 def attack_apgd_ce(logits_fn, x, y, index, eps, alpha, steps, seed):
@@ -417,8 +453,7 @@ def attack_apgd_t(logits_fn, x, y, index, eps, alpha, steps, seed, n_targets=9):
     x_adv, alive = x.detach().clone(), torch.arange(len(x), device=x.device)
     for k in range(min(n_targets, ranked.shape[1] - 1)):
         target = ranked[alive, k]
-        x_adv[alive] = apgd(logits_fn, lambda z, t, target=target: dlr_targeted_loss(z, t, target), x[alive],
-                            y[alive], eps, steps, delta[alive])
+        x_adv[alive] = apgd(logits_fn, dlr_targeted_loss, x[alive], y[alive], eps, steps, delta[alive], target=target)
         with torch.no_grad():
             alive = alive[logits_fn(x_adv[alive]).argmax(-1) == y[alive]]
         if len(alive) == 0:

@@ -1,6 +1,10 @@
 """Shared code for agft.py, tecoa.py, advflyp.py, fare.py and evaluate.py: everything that is the same for every
 method, behind plain names, so that the method scripts read top to bottom. The equations, defaults and choices are
 in docs/ (docs/methods.md for the methods, docs/attacks.md for the attacks, which live in attacks.py).
+What has one reader lives with it: the evaluation attacks in attacks.py, the benchmark's datasets in
+eval_datasets.py, the test-time defences in defenses.py. What is here has several readers among the training
+scripts, or is what their validation (zero_shot_accuracy: clean and PGD accuracy with per-image random starts) and
+their failure paths (signals, loaders, writes) need; the method scripts import this file alone.
 
 Sections, in the order data flows (search for the `# ---- name` rule):
     errors               exit statuses, UsageError (one-line errors, exit 2), Preempted, Stop, failure_message,

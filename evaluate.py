@@ -64,6 +64,10 @@ Every accuracy has a 95% Wilson interval (the mean over datasets: a MOVER interv
 --per-sample (default: --out with .samples.npz); two evaluations of the same images and attacks are compared, with a
 paired 95% interval (Newcombe's hybrid score interval), by
     python evaluate.py --compare runs/agft-eps1/eval.json runs/tecoa-eps1/eval.json
+Test-time defences (--defense ttc|clipure-cos; defenses.py, docs/defenses.md): the model behind the defence too,
+each attack in each --attack-mode (non-adaptive, authors, known-noise, adaptive: BPDA, EOT, the exact gradient,
+Square), keyed "<attack>@<mode>" beside the undefended numbers, with the checks for gradient masking:
+    python evaluate.py --model demo --datasets demo --attacks pgd,apgd-ce --eps 4 --defense ttc --sanity-eps 32
 Resume: the results are saved after every dataset and every --save-every seconds; rerun the same command (same
 --out) and it continues where it stopped, with the numbers of an uninterrupted run, with any number of processes.
 SIGTERM / SIGUSR1 save and exit with status 75 (common.PREEMPTED), SIGINT (Ctrl-C) with 130: the batch in hand is
@@ -72,17 +76,19 @@ interrupted between two attack iterations and redone by the rerun (docs/cluster.
 Sections, in the order data flows (search for the `# ---- name` rule):
     config                      parse_args: datasets, attacks, protocols, metrics
     helpers                     load_datasets, fixed_subset (--samples), the Markdown tables
-    zero-shot evaluation        zero_shot_samples (per image: clean, each attack, metrics, embeddings),
+    zero-shot evaluation        zero_shot_samples (per image: clean, each attack, metrics, embeddings, defended),
                                 the structure metrics
+    defended evaluation         DefenseRun, the attack modes' variants, defended_results, the masking diagnostics
     intervals (95%)             Wilson, MOVER, the paired difference
     per-image results, resume   SampleStore (--per-sample), open_store, gathering rows across processes
-    reports                     the results JSON and its table
+    reports                     the results JSON and its table (and its "defense" entry)
     compare                     --compare A.json B.json
     embeddings                  --save-features (figures.py tsne)
     main                        main, evaluate
 """
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -97,8 +103,10 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 import common
+import defenses
 import eval_datasets
-from attacks import ATTACK_MIN_CLASSES, ATTACKS, COMBINED_ATTACKS, DEFAULT_ATTACK_STEPS, run_attack
+from attacks import (ATTACK_MIN_CLASSES, ATTACKS, COMBINED_ATTACKS, DEFAULT_ATTACK_STEPS, attack_square, early_exit,
+                     run_attack)
 
 ATTACK_LABELS = {"pgd": "PGD-{n}", "cw": "C&W-{n}", "apgd-ce": "APGD-CE-{n}", "apgd-dlr": "APGD-DLR-{n}",
                  "aa": "AA (APGD-CE + APGD-DLR, {n} it.)", "pgd-t-rand": "PGD-{n} targeted, random class",
@@ -189,6 +197,9 @@ def parse_args(argv=None):
                    help="the cross-entropy of pgd, pgd-t-*, and Table 6's attacks without cancellation: at logit "
                         "scale 100 F.cross_entropy (the papers' code, the default) drops a confident image's true "
                         "class from the gradient (docs/attacks.md); recorded in the results")
+    p.add_argument("--no-early-exit", action="store_true",
+                   help="keep attacking an image that an APGD iterate has fooled (apgd-*, aa, aa-ce-t): the same "
+                        "per-image results, slower; by default it leaves the batch (docs/performance.md)")
     p.add_argument("--attack-all", action="store_true",
                    help="attack every image, also those misclassified clean (same accuracies; for benchmarks with "
                         "random weights, where few images are classified correctly)")
@@ -209,6 +220,31 @@ def parse_args(argv=None):
     p.add_argument("--save-features", default=None, metavar="FILE.npz",
                    help="instead of accuracies, write every evaluated image's embedding f(x), clean and at the first "
                         "attack's x_adv, with its label, to FILE.npz (no pickle), for figures.py tsne; then exit")
+    p.add_argument("--defense", choices=list(defenses.DEFENSES), default=None,
+                   help="evaluate the model behind a test-time defence too (docs/defenses.md): its clean accuracy "
+                        "and each attack in each --attack-mode, beside the undefended numbers")
+    p.add_argument("--attack-mode", default="non-adaptive,authors,adaptive",
+                   help=f"with --defense, comma list of {', '.join(defenses.ATTACK_MODES)} (known-noise: randomised "
+                        "defences only); default non-adaptive,authors,adaptive")
+    p.add_argument("--eot", type=int, default=8,
+                   help="the adaptive attacker's draws per gradient (EOT) against a randomised defence (default 8)")
+    p.add_argument("--defense-draws", type=int, default=1,
+                   help="draws of a randomised defence's randomness per image: clean accuracy is the mean over them, "
+                        "an image is robust only if classified correctly in every draw (default 1)")
+    p.add_argument("--square-queries", type=int, default=1000,
+                   help="queries of the adaptive mode's Square on the defended model (0: none; default 1000)")
+    p.add_argument("--sanity-eps", type=float, default=None,
+                   help="with --defense: also PGD-20 at this ε (1/255 units, e.g. 32) on the undefended model and "
+                        "through the adaptive view; accuracy far from 0 says gradient masking is suspected")
+    for key, default in defenses.TTC_DEFAULTS.items():
+        p.add_argument(f"--ttc-{key}", type=type(default), default=None,
+                       help=f"TTC's {defenses.TTC_HELP[key]} (default {default:g}, the official code's)")
+    for key, default in defenses.CLIPURE_DEFAULTS.items():
+        p.add_argument(f"--clipure-{key.replace('_', '-')}", type=type(default), default=None,
+                       help=f"CLIPure-Cos's {defenses.CLIPURE_HELP[key]} (default {default:g}, the official code's)")
+    p.add_argument("--clipure-form", choices=["per-image", "batch"], default="per-image",
+                   help="CLIPure-Cos's step normalised per image (default: results do not depend on batching) or, as "
+                        "the official code, over each 2 consecutive images of a call (its batch size)")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                    help="print A − B per dataset and on average with paired 95%% intervals (same images and "
                         "attacks), then exit")
@@ -276,18 +312,63 @@ def parse_args(argv=None):
         if args.reference_model is None:
             raise common.UsageError(f"--metrics top5-iou: give --reference-model (the original CLIP that {args.model} "
                                     "came from; found by itself only for a run's model.pt/last.pt beside args.json)")
+    elif args.defense == "ttc":  # TTC's τ with the original CLIP when the model is a fine-tuned run's (official code)
+        args.reference_model = args.reference_model or default_reference(args)
     else:
-        args.reference_model = None  # used by top5-iou alone
+        args.reference_model = None  # used by top5-iou and TTC alone
     args.per_sample = args.per_sample or os.path.splitext(args.out)[0] + ".samples.npz"
     if os.path.isdir(args.per_sample) or os.path.abspath(args.per_sample) == os.path.abspath(args.out):
         raise common.UsageError(f"--per-sample {args.per_sample}: must be a file name other than --out")
     if args.save_every < 0:
         raise common.UsageError(f"--save-every {args.save_every}: must be >= 0")
+    check_defense_args(args)
     if args.save_features is not None:
         if not args.save_features.endswith(".npz") or os.path.isdir(args.save_features):
             raise common.UsageError(f"--save-features {args.save_features}: expected a file name ending in .npz")
         common.check_parent_dirs(args.save_features, "--save-features")
     return args
+
+
+def check_defense_args(args):
+    """--defense and its flags: args.attack_mode becomes a list, args.defense_settings the defence's settings (None
+    without --defense); args.defense_columns the defended columns of the results."""
+    args.attack_mode = [m.strip() for m in args.attack_mode.split(",") if m.strip()]
+    args.defense_settings, args.defense_columns = None, []
+    if args.defense is None:
+        return
+    cls, _ = defenses.DEFENSES[args.defense]
+    for m in args.attack_mode:
+        if m not in defenses.ATTACK_MODES:
+            raise common.UsageError(f"--attack-mode {m}: unknown mode (one of {', '.join(defenses.ATTACK_MODES)})")
+        if m == "known-noise" and not cls.randomised:
+            raise common.UsageError(f"--attack-mode known-noise: {args.defense} draws nothing at random; the mode "
+                                    "applies to randomised defences (ttc)")
+    args.attack_mode = [m for m in defenses.ATTACK_MODES if m in args.attack_mode]  # in a fixed order
+    for flag in ("eot", "defense_draws"):
+        if getattr(args, flag) < 1:
+            raise common.UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.square_queries < 0:
+        raise common.UsageError(f"--square-queries {args.square_queries}: must be >= 0")
+    if args.sanity_eps is not None and args.sanity_eps <= 0:
+        raise common.UsageError(f"--sanity-eps {args.sanity_eps}: must be > 0")
+    if args.amp == "fp16":
+        raise common.UsageError("--defense with --amp fp16: the defences differentiate inside the classifier (TTC's "
+                                "counterattack, CLIPure's purification), past the fp16 gradient guard of the attacks; "
+                                "use --amp bf16 or off")
+    if args.compile:
+        raise common.UsageError("--defense with --compile: the exact gradient through CLIPure and TTC's counterattack "
+                                "need double backward or nested gradients, which torch.compile does not support here")
+    if args.save_features:
+        raise common.UsageError("--defense with --save-features: the embeddings are the undefended model's; run "
+                                "without --defense")
+    prefix = "ttc_" if args.defense == "ttc" else "clipure_"
+    given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and k != "clipure_form"}
+    settings = {**defenses.DEFENSES[args.defense][1], **{k: v for k, v in given.items() if v is not None}}
+    if args.defense == "clipure-cos":
+        settings["group"] = 1 if args.clipure_form == "per-image" else 2
+    args.defense_settings = settings
+    args.defense_columns = ["clean@defended", *[f"{a}@{m}" for a in args.attacks for m in args.attack_mode]] + \
+        (["sanity", "sanity@adaptive"] if args.sanity_eps else [])
 
 
 def help_lists():
@@ -468,12 +549,13 @@ def cosine_deviation(features, adv_features):
     return torch.rad2deg(2 * torch.atan2((u - v).norm(dim=-1), (u + v).norm(dim=-1))).float()
 
 
-def sample_fields(attacks, metrics, n_classes):
+def sample_fields(attacks, metrics, n_classes, defense=None):
     """The per-image results zero_shot_samples gives for a dataset with `n_classes` classes, in order: "label",
     "clean" (correct clean), each applicable attack (correct clean and under attack), then "<metric>.clean" and
     "<metric>.adv" (on x_adv of the first attack; phi is adversarial only). Not applicable, hence absent: an attack
     that needs more classes (ATTACK_MIN_CLASSES), top5-iou with at most 5 classes (the top-5 sets would be all
-    classes), and every ".adv" metric when there is no attack or the first one does not apply."""
+    classes), and every ".adv" metric when there is no attack or the first one does not apply. defense (a
+    DefenseRun): then the defended results (defense_fields)."""
     applicable = [a for a in attacks if n_classes >= ATTACK_MIN_CLASSES.get(a, 2)]
     adv = bool(attacks) and attacks[0] in applicable
     fields = ["label", "clean", *applicable]
@@ -481,7 +563,7 @@ def sample_fields(attacks, metrics, n_classes):
         if m == "top5-iou" and n_classes <= 5:
             continue
         fields += ([f"{m}.clean"] if m != "phi" else []) + ([f"{m}.adv"] if adv else [])
-    return fields
+    return fields + ([] if defense is None else defense_fields(defense, applicable))
 
 
 def structure_metrics(metrics, sim, ref_scores, which):
@@ -503,7 +585,7 @@ def structure_metrics(metrics, sim, ref_scores, which):
 
 def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=1 / 255, alpha=1 / 255, steps=None,
                       batch_size=256, ctx=contextlib.nullcontext(), seed=0, workers=0, desc=None, timing=None,
-                      attack_all=False, metrics=(), reference=None, indices=None, embeddings=False):
+                      attack_all=False, metrics=(), reference=None, indices=None, embeddings=False, defense=None):
     """Per-image zero-shot results of `encoder` on `dataset` (or on its images `indices`), class text features
     `text_feats`: yields (index (b,), {field: (b,) CPU tensor}) for each batch of this rank's share, fields as
     sample_fields names them. Every rank yields the same number of batches (a rank with fewer images ends with empty
@@ -520,7 +602,8 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
     (run_attack), and the combined attacks (COMBINED_ATTACKS) run last so that they find their parts' results.
     timing: a dict to fill with images per second of the clean pass and of each attack (all processes together).
     embeddings=True adds each image's raw embeddings, (b, D) float32: "embedding.clean" f(x) and, when the first
-    attack applies, "embedding.adv" f(x_adv) of that attack, run on every image for them as for the metrics."""
+    attack applies, "embedding.adv" f(x_adv) of that attack, run on every image for them as for the metrics.
+    defense (a DefenseRun): the results behind the test-time defence too (defended_results)."""
     encoder.eval()
     logits_fn = lambda x: common.CLIP_LOGIT_SCALE * common.cosine_sim(encoder(x), text_feats)  # noqa: E731
     n_classes = len(text_feats)
@@ -560,7 +643,8 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
             correct = torch.zeros_like(ok)
             if keep.any():
                 t = tick()
-                with ctx:
+                # the metrics' x_adv is APGD's highest-loss fooling iterate, as before early exit (attacks.apgd)
+                with ctx, (early_exit(False) if metrics_here else contextlib.nullcontext()):
                     x_adv = run_attack(name, logits_fn, x[keep], y[keep], index[keep.cpu()], eps, alpha,
                                        steps_of(name), seed, memo)
                 with ctx, torch.no_grad():
@@ -575,6 +659,11 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
                     if embeddings:
                         out["embedding.adv"] = adv_features.float()  # (B, D)
             out[name] = correct
+        if defense is not None:
+            with ctx:
+                applied = [a for a, ok_ in zip(attacks, applicable) if ok_]
+                out.update(defended_results(defense, logits_fn, x, y, index, ok, applied, steps_of, eps, alpha, seed,
+                                            memo, attack_all))
         return out
 
     done = 0
@@ -604,6 +693,157 @@ def zero_shot_samples(encoder, text_feats, dataset, dist, attacks=("pgd",), eps=
         work = common.all_reduce_sum(work, dist).tolist()
         timing.update({name: round(im * dist.world / sec, 2) if sec > 0 else None
                        for name, sec, im in zip(["clean", *attacks], *work)})
+
+
+# ------------------------------------------------------------------------------------------ defended evaluation
+# The defended results of --defense (docs/defenses.md): booleans "clean@defended", "<attack>@<mode>" and, with
+# --sanity-eps, "sanity" (the undefended model) and "sanity@adaptive"; and per-image diagnostics "defense.*" (floats,
+# averaged in the report's "defense" entry; NaN where not computed).
+DEFENSE_DIAGNOSTICS = {"ttc": ("tau.clean", "gate.clean", "tau.adv", "gate.adv"),
+                       "clipure-cos": ("grad_ratio", "grad_cos", "grad_zero")}
+THREAT_MODEL = ("the attacker knows the weights, the defence and its hyperparameters, not the defender's random draws "
+                "(known-noise: told them, a diagnostic); adaptive = per image, the worst case over its variants")
+
+
+@dataclasses.dataclass
+class DefenseRun:
+    """What zero_shot_samples needs to evaluate behind a defence: the defence (defenses.build_defense, for this
+    dataset's classifier), the attack modes, the attacker's EOT draws, the defender's draws per image, Square's
+    queries in the adaptive mode, the large-ε check (None: off)."""
+    defense: object
+    modes: tuple
+    eot: int = 8
+    draws: int = 1
+    square_queries: int = 1000
+    sanity_eps: float = None
+
+
+def defense_fields(run, applicable):
+    """The defended fields, in order, for the applicable attacks."""
+    name = run.defense.name
+    return (["clean@defended", *[f"{a}@{m}" for a in applicable for m in run.modes]]
+            + (["sanity", "sanity@adaptive"] if run.sanity_eps else [])
+            + ["defense.clean_draws"] + [f"defense.{d}" for d in DEFENSE_DIAGNOSTICS[name]])
+
+
+def mode_variants(run, mode):
+    """The attacks an attacker in `mode` runs, each (kind, view): "undefended" (x_adv crafted on the undefended
+    model), "view" (the attack through defence.view(view)), "gate" (TTC's gate attack), "square" (Square on the
+    defended model). An image counts as robust in the mode only if it survives every one."""
+    d = run.defense
+    if mode == "non-adaptive" or (mode == "authors" and defenses.AUTHORS_VIEW[d.name] is None):
+        return [("undefended", None)]
+    if mode in ("authors", "known-noise"):
+        return [("view", defenses.AUTHORS_VIEW[d.name] if mode == "authors" else "known-noise")]
+    return ([("view", v) for v in defenses.ADAPTIVE_VIEWS[d.name]] + ([("gate", None)] if d.name == "ttc" else [])
+            + ([("square", None)] if run.square_queries else []))
+
+
+def defended_correct(run, x, index, y):
+    """(b,) bool: classified correctly behind the defence in every one of the defender's draws; (b,) the share of
+    draws in which it is."""
+    with torch.no_grad():
+        right = torch.stack([run.defense.predict(x, index, r).argmax(-1) == y for r in range(run.draws)])  # (R, b)
+    return right.all(0), right.float().mean(0)
+
+
+def defended_results(run, logits_fn, x, y, index, ok, attacks, steps_of, eps, alpha, seed, memo, attack_all):
+    """One batch behind the defence: {field: (B,)} for defense_fields. An image is robust to an attack in a mode only
+    if it is classified correctly behind the defence clean and at every x_adv of the mode's variants
+    (mode_variants), in every one of the defender's draws; later variants attack only the images the earlier ones
+    left robust. Square and TTC's gate attack do not depend on the attack: each runs once per image and batch."""
+    d = run.defense
+    clean_ok, share = defended_correct(run, x, index, y)
+    out = {"clean@defended": clean_ok, "defense.clean_draws": share}
+    keep = torch.ones_like(clean_ok) if attack_all else clean_ok
+    xs, ys, ids = x[keep], y[keep], index[keep.cpu()]
+    shared = {}  # "gate" / "square" -> {image index: robust}
+    first_adv = None  # x_adv of the first attack's first variant in the first mode, for the diagnostics
+
+    def attack(kind, view, name, alive):  # -> x_adv of the images `alive` (positions in xs)
+        xa, ya, ia = xs[alive], ys[alive], ids[alive.cpu()]
+        if kind == "undefended":
+            return run_attack(name, logits_fn, xa, ya, ia, eps, alpha, steps_of(name), seed, memo)
+        if kind == "view":  # not memo: the memo holds the undefended model's results
+            return run_attack(name, d.view(view, xa, ia, run.eot, run.draws), xa, ya, ia, eps, alpha,
+                              steps_of(name), seed)
+        if kind == "gate":
+            return d.gate_attack(xa, ya, ia, eps, alpha, steps_of(attacks[0]), seed, run.eot)
+        square_view = d.view(defenses.ADAPTIVE_VIEWS[d.name][0], xa, ia, 1, run.draws)  # one fresh draw per query
+        return attack_square(square_view, xa, ya, ia, eps, alpha, run.square_queries, seed)
+
+    for name in attacks:
+        done = {}  # variants -> result: TTC's authors mode is its non-adaptive one, computed once
+        for mode in run.modes:
+            variants = tuple(mode_variants(run, mode))
+            if variants in done:
+                out[f"{name}@{mode}"] = done[variants]
+                continue
+            alive = torch.arange(len(xs), device=x.device)  # positions in xs still robust
+            for kind, view in variants:
+                if len(alive) == 0:
+                    break
+                if kind in ("gate", "square"):  # once per image: attack the images not done yet
+                    known = shared.setdefault(kind, {})
+                    todo = alive[torch.tensor([i not in known for i in ids[alive.cpu()].tolist()], dtype=torch.bool,
+                                              device=x.device)]
+                    if len(todo):
+                        robust, _ = defended_correct(run, attack(kind, view, name, todo), ids[todo.cpu()], ys[todo])
+                        known.update(zip(ids[todo.cpu()].tolist(), robust.tolist()))
+                    alive = alive[torch.tensor([known[i] for i in ids[alive.cpu()].tolist()], dtype=torch.bool,
+                                               device=x.device)]
+                    continue
+                x_adv = attack(kind, view, name, alive)
+                if first_adv is None:
+                    first_adv = (alive, x_adv)
+                robust, _ = defended_correct(run, x_adv, ids[alive.cpu()], ys[alive])
+                alive = alive[robust]
+            survived = torch.zeros(len(xs), dtype=torch.bool, device=x.device)
+            survived[alive] = True
+            result = torch.zeros_like(clean_ok)
+            result[keep] = survived
+            out[f"{name}@{mode}"] = done[variants] = result & clean_ok
+    if run.sanity_eps:  # PGD-20 at a large ε, step 2.5 ε / 20: on the undefended model and through the adaptive view
+        big = run.sanity_eps / 255
+        out["sanity"], out["sanity@adaptive"] = torch.zeros_like(ok), torch.zeros_like(clean_ok)
+        if ok.any():
+            x_big = common.attack_pgd(logits_fn, x[ok], y[ok], index[ok.cpu()], big, 2.5 * big / 20, 20, seed)
+            with torch.no_grad():
+                out["sanity"][ok] = logits_fn(x_big).argmax(-1) == y[ok]
+        if len(xs):
+            view = d.view(defenses.ADAPTIVE_VIEWS[d.name][0], xs, ids, run.eot, run.draws)
+            x_big = common.attack_pgd(view, xs, ys, ids, big, 2.5 * big / 20, 20, seed)
+            out["sanity@adaptive"][keep] = defended_correct(run, x_big, ids, ys)[0]
+        out["sanity@adaptive"] &= clean_ok
+    out.update(defense_diagnostics(run, logits_fn, x, y, index, keep, first_adv))
+    return out
+
+
+def defense_diagnostics(run, logits_fn, x, y, index, keep, first_adv):
+    """Per image, the checks for gradient masking (docs/defenses.md). TTC: τ and the gate (1 = counterattack) with
+    the defender's first draw, on the clean image and at the first attack's x_adv (NaN where not attacked).
+    CLIPure: at the clean image, the gradient of the cross-entropy through the authors' view against the exact one:
+    ‖∇_authors‖ / ‖∇_exact‖, their cosine, and 1 where the authors' gradient is exactly 0."""
+    d, B = run.defense, len(x)
+    nan = lambda: torch.full((B,), float("nan"), device=x.device)  # noqa: E731
+    if d.name == "ttc":
+        tau, gate = d.gate_stats(x, index)
+        out = {"defense.tau.clean": tau.float(), "defense.gate.clean": gate.float(),
+               "defense.tau.adv": nan(), "defense.gate.adv": nan()}
+        if first_adv is not None and len(first_adv[0]):
+            where = keep.nonzero()[:, 0][first_adv[0]]  # positions in the batch
+            tau_adv, gate_adv = d.gate_stats(first_adv[1], index[where.cpu()])
+            out["defense.tau.adv"][where], out["defense.gate.adv"][where] = tau_adv.float(), gate_adv.float()
+        return out
+    grads = {}
+    for view in ("authors", "exact"):
+        fn = d.view(view, x, index)
+        grads[view] = common.input_grad(lambda z: common.cross_entropy_per_sample(fn(z), y).sum(),
+                                        x).double().flatten(1)
+    a, e = grads["authors"], grads["exact"]
+    return {"defense.grad_ratio": (a.norm(dim=1) / e.norm(dim=1)).float(),
+            "defense.grad_cos": F.cosine_similarity(a, e, dim=1).float(),
+            "defense.grad_zero": (a == 0).all(1).float()}
 
 
 # ------------------------------------------------------------------------------------------- intervals (95%)
@@ -666,17 +906,19 @@ PAIRED_METHOD = ("Newcombe's hybrid score interval for the difference of paired 
 
 # ------------------------------------------------------------------------------ per-image results, resume
 # Settings that fix what each image's result is: a rerun continues an evaluation only if they are all equal. The
-# others may change: the number of processes and --workers change nothing; --batch-size, --compile and --attack-all
-# (which batches the attacked images differently) can change float rounding only, so a rerun that keeps them gives
-# the uninterrupted run's numbers bit for bit.
+# others may change: the number of processes and --workers change nothing; --batch-size, --compile, --attack-all and
+# --no-early-exit (which batch the attacked images differently) can change float rounding only, so a rerun that keeps
+# them gives the uninterrupted run's numbers bit for bit.
 IDENTITY = {"model_sha256": "--model (its weights)", "reference_sha256": "--reference-model (its weights)",
             "datasets": "--datasets", "images": "the images (--samples, or the data changed)",
             "prompts_sha256": "the class prompts (--template, --class-names)", "attacks": "--attacks",
             "eps": "--eps", "alpha": "--alpha", "steps": "--steps", "samples": "--samples", "seed": "--seed",
-            "amp": "--amp", "metrics": "--metrics", "stable_ce": "--stable-ce"}
+            "amp": "--amp", "metrics": "--metrics", "stable_ce": "--stable-ce",
+            "defense": "--defense and its settings"}
 # Settings that fix the images and the attacks: --compare pairs two evaluations only if they are all equal.
 PAIRED = {"datasets": "--datasets", "images": "the images (--samples, or the data changed)", "samples": "--samples",
-          "seed": "--seed", "attacks": "--attacks", "eps": "--eps", "alpha": "--alpha", "steps": "--steps"}
+          "seed": "--seed", "attacks": "--attacks", "eps": "--eps", "alpha": "--alpha", "steps": "--steps",
+          "defense": "--defense and its settings"}
 SAMPLES_FORMAT = "clip-aft-eval-samples/1"
 
 
@@ -866,7 +1108,7 @@ def summarize_dataset(d, columns, metrics):
 
 def build_report(args, settings, store, class_counts, throughput):
     """The results JSON of the datasets finished so far (marked complete once all are) and its Markdown."""
-    columns = ["clean", *args.attacks]
+    columns = ["clean", *args.attacks, *args.defense_columns]
     names = [name for name in settings["datasets"] if name in store.sets and store.sets[name]["complete"]]
     results, counts, ci, metric_means = {}, {}, {}, {}
     for name in names:
@@ -910,6 +1152,9 @@ def build_report(args, settings, store, class_counts, throughput):
                              "mean": metric_mean}
         notes += [f"top5-iou is not applicable to {name} ({class_counts[name]} classes: every top-5 set would be "
                   "all classes)" for name in names if "top5-iou" in args.metrics and class_counts[name] <= 5]
+    if args.defense:
+        report["defense"], defense_notes = defense_report(args, store, names, results)
+        notes += defense_notes
     report["per_sample"] = {"file": None, "sha256": None, "format": SAMPLES_FORMAT}
     report["settings"] = settings
     report["img_per_s"] = {name: throughput[name] for name in names if name in throughput}
@@ -920,17 +1165,53 @@ def build_report(args, settings, store, class_counts, throughput):
 
     steps = settings["steps"]
     labels = {"clean": "clean", **{a: ATTACK_LABELS[a].format(n=steps[a]) for a in args.attacks}}
+    if args.defense:
+        labels["clean@defended"] = f"clean, {args.defense}"
+        if args.sanity_eps:
+            labels.update({"sanity": f"PGD-20 at ε = {args.sanity_eps:g}/255",
+                           "sanity@adaptive": f"PGD-20 at ε = {args.sanity_eps:g}/255, {args.defense}, adaptive"})
+        labels.update({f"{a}@{m}": f"{labels[a]}, {args.defense}, {m}" for a in args.attacks for m in args.attack_mode})
     title = (f"Zero-shot accuracy (%) of {args.model}, ℓ∞ ε = {args.eps:g}/255"
              + (f", protocol {args.protocol}" if args.protocol else "")
              + (f", α = {args.alpha:g}/255" if set(args.attacks) & STEP_SIZE_ATTACKS else "")
              + (", cross-entropy without cancellation (--stable-ce)" if args.stable_ce else "")
+             + (f"; behind {args.defense} ({', '.join(f'{k} {v:g}' for k, v in args.defense_settings.items())}; "
+                f"modes {', '.join(args.attack_mode)}; EOT {args.eot}, {args.defense_draws} draw(s))"
+                if args.defense else "")
              + (f", {args.samples} images per dataset at most" if args.samples else "")
              + ("" if complete else f" (incomplete: {len(names)} of {len(settings['datasets'])} datasets)"))
     table = markdown_table(results, mean, columns, labels, title, report["ci95"] if args.intervals else None)
     if args.metrics:
         table += "\n" + metrics_table(args.metrics, report["metrics"], labels[args.attacks[0]] if args.attacks
                                        else "")
+    if args.defense:  # the threat model, the masking checks on average, and any "gradient masking suspected"
+        checks = ", ".join(f"{k} {v:.4g}" for k, v in report["defense"]["diagnostics"]["mean"].items())
+        table += (f"\nThreat model: {THREAT_MODEL}.\n\nChecks for gradient masking (mean over the datasets): {checks}"
+                  "\n" + "".join(f"\n{n}" for n in report["notes"] if n.startswith("gradient masking")))
     return report, table
+
+
+def defense_report(args, store, names, results):
+    """The report's "defense" entry: the defence and its settings, the threat model, per dataset and on average the
+    mean of each diagnostic (defended_results) over the images where it was computed; and the notes: a large-ε
+    check that left accuracy far from 0 (more than 10%) says gradient masking is suspected."""
+    means = {}
+    for name in names:
+        values = store.sets[name]["values"]
+        means[name] = {f[len("defense."):]: float(f"{np.nanmean(values[f].astype(np.float64)):.4g}")
+                       for f in values if f.startswith("defense.") and np.isfinite(values[f]).any()}
+    keys = sorted({k for m in means.values() for k in m})
+    mean = {k: float(f"{np.mean([means[n][k] for n in names if k in means[n]]):.4g}") for k in keys}
+    notes = []
+    for name in names:
+        for column in ("sanity", "sanity@adaptive"):
+            acc = results[name].get(column)
+            if acc is not None and acc > 10:
+                who = "the undefended model" if column == "sanity" else args.defense
+                notes.append(f"gradient masking suspected: {who} keeps {acc:.2f}% accuracy on {name} under PGD-20 at "
+                             f"ε = {args.sanity_eps:g}/255 (an attack that sees a true gradient brings it near 0)")
+    return {"name": args.defense, "settings": args.defense_settings, "attack_modes": args.attack_mode,
+            "threat_model": THREAT_MODEL, "diagnostics": {"datasets": means, "mean": mean}}, notes
 
 
 def write_report(args, report, table):
@@ -1082,7 +1363,8 @@ def main(argv=None):
         return
     token = common.STABLE_CE.set(args.stable_ce)  # the attacks' cross-entropy (--stable-ce)
     try:
-        evaluate(args, common.SIGNALS)  # the process's signals (installed by common.run_main)
+        with early_exit(not args.no_early_exit):
+            evaluate(args, common.SIGNALS)  # the process's signals (installed by common.run_main)
     finally:
         common.STABLE_CE.reset(token)
 
@@ -1095,8 +1377,8 @@ def evaluate(args, preemption):
     model = model.requires_grad_(False).eval()  # no param grads
     model_sha = weights_sha256(model)
     model = model.to(dist.device)
-    reference, reference_sha = None, None  # top5-iou's reference model; None: the evaluated model itself
-    if "top5-iou" in args.metrics:
+    reference, reference_sha = None, None  # top5-iou's and TTC's reference model; None: the evaluated model itself
+    if args.reference_model is not None:
         reference = common.load_clip(args.reference_model, args.seed, dist=dist).requires_grad_(False).eval()
         reference_sha = weights_sha256(reference)
         reference = None if reference_sha == model_sha else reference.to(dist.device)
@@ -1119,8 +1401,13 @@ def evaluate(args, preemption):
                 "attacks": args.attacks, "eps": args.eps, "alpha": args.alpha, "steps": steps,
                 "samples": args.samples, "seed": args.seed, "amp": amp, "metrics": args.metrics,
                 "reference_model": args.reference_model, "reference_sha256": reference_sha,
+                "defense": None if args.defense is None else {
+                    "name": args.defense, **args.defense_settings, "attack_modes": args.attack_mode, "eot": args.eot,
+                    "draws": args.defense_draws, "square_queries": args.square_queries,
+                    "sanity_eps": args.sanity_eps},
                 "processes": dist.world, "batch_size": args.batch_size, "compile": args.compile,
-                "attack_all": args.attack_all, "device": device_name(dist.device),
+                "attack_all": args.attack_all, "early_exit": not args.no_early_exit,
+                "device": device_name(dist.device),
                 **({"stable_ce": True} if args.stable_ce else {}),  # absent: the reference CE (older results too)
                 "templates": {name: template for name, _, _, template, _ in sets},
                 "prompts_sha256": {name: hashlib.sha256("\n".join(p).encode()).hexdigest()
@@ -1143,7 +1430,16 @@ def evaluate(args, preemption):
     preemption.defer()  # from here on a signal is honoured after the batch in hand, whose attacks it interrupts
     try:
         for k, (name, dataset, class_names, template, _) in enumerate(sets):
-            fields = sample_fields(args.attacks, args.metrics, len(class_names))
+            defense = None
+            if args.defense:
+                null_text = common.text_features(model, [template.replace("{}", "").replace("  ", " ")],
+                                                 dist.device)[0]  # CLIPure's null template: no class name
+                zs = defenses.Zeroshot(encoder, common.text_features(model, prompts[name], dist.device), ref_encoder,
+                                       null_text)
+                defense = DefenseRun(defenses.build_defense(args.defense, zs, args.seed, **args.defense_settings),
+                                     tuple(args.attack_mode), args.eot, args.defense_draws, args.square_queries,
+                                     args.sanity_eps)
+            fields = sample_fields(args.attacks, args.metrics, len(class_names), defense)
             done, error = torch.zeros(len(dataset), dtype=torch.uint8), None
             if dist.is_main:
                 try:
@@ -1170,7 +1466,7 @@ def evaluate(args, preemption):
                 for index, out in zero_shot_samples(
                         encoder, text, dataset, dist, tuple(args.attacks), eps, alpha, steps, args.batch_size, ctx,
                         args.seed, args.workers, desc=name, timing=timing, attack_all=args.attack_all,
-                        metrics=tuple(args.metrics), reference=ref_logits, indices=todo):
+                        metrics=tuple(args.metrics), reference=ref_logits, indices=todo, defense=defense):
                     error = out.pop("error", None)
                     out.pop("stopped", None)  # a batch a signal interrupted: no rows; requested() stops every rank
                     rows = gather_rows(pack_rows(index, out, fields), dist)

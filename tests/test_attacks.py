@@ -186,23 +186,30 @@ def test_apgd_conditions():
     assert cond(0, 16, 1.0, 1.0, t)  # Condition 1 alone suffices
 
 
-def test_apgd_returns_the_best_point():
-    """Recording every point APGD evaluates: a sample that no iterate fooled gets its highest-loss iterate, a
-    fooled sample gets a fooling iterate (the highest-loss one)."""
+def recording_linear_model():
+    """A linear 10-class model on 3 × 8 × 8 images, so the loss landscape is simple to check: (W, seen, logits_fn),
+    logits_fn appending each (x, logits) it computes to `seen`."""
     torch.manual_seed(0)
-    W = torch.randn(10, 3 * 8 * 8) * 0.3  # a linear 10-class model, so the loss landscape is simple to check
+    W = torch.randn(10, 3 * 8 * 8) * 0.3
     seen = []
 
     def logits_fn(x):
         logits = x.flatten(1) @ W.t()
         seen.append((x.detach().clone(), logits.detach().clone()))
         return logits
+    return W, seen, logits_fn
 
+
+def test_apgd_returns_the_best_point():
+    """Recording every point APGD evaluates, without early exit: a sample that no iterate fooled gets its highest-loss
+    iterate, a fooled sample gets a fooling iterate (the highest-loss one)."""
+    W, seen, logits_fn = recording_linear_model()
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(12, 3, 8, 8, generator=g), torch.randint(10, (12,), generator=g)
     ce = lambda z, t: torch.nn.functional.cross_entropy(z, t, reduction="none")  # noqa: E731
     delta = common.per_sample_start(torch.arange(12), x.shape[1:], 2 / 255, 0, CPU)
-    x_out = attacks.apgd(logits_fn, ce, x, y, 2 / 255, 15, delta)
+    with attacks.early_exit(False):
+        x_out = attacks.apgd(logits_fn, ce, x, y, 2 / 255, 15, delta)
     losses = torch.stack([ce(logits, y) for _, logits in seen])  # (iterates, B)
     fooled = torch.stack([logits.argmax(-1) != y for _, logits in seen])  # (iterates, B)
     assert len(seen) == 16  # x^(0) and 15 iterations
@@ -215,6 +222,81 @@ def test_apgd_returns_the_best_point():
         else:
             assert torch.isclose(out_loss[i], losses[:, i].max(), atol=1e-5)
     assert fooled.any() and not fooled[:, :].all()  # the check above covers both kinds of samples
+
+
+def test_apgd_early_exit_drops_a_sample_at_its_first_fooling_iterate():
+    """With early exit (the default) a sample leaves the batch at the iterate that first fools the model and returns
+    that iterate; no later forward sees it; the others run as before (linear model: rows round alike in any batch)."""
+    W, seen, logits_fn = recording_linear_model()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, 3, 8, 8, generator=g)
+    y = (x.flatten(1) @ W.t()).argmax(-1)  # every sample classified correctly at first
+    ce = lambda z, t: torch.nn.functional.cross_entropy(z, t, reduction="none")  # noqa: E731
+    eps = 5 / 255
+    delta = common.per_sample_start(torch.arange(12), x.shape[1:], eps, 0, CPU)
+    with attacks.early_exit(False):
+        x_full = attacks.apgd(logits_fn, ce, x, y, eps, 15, delta)
+    full = seen[:]
+    fooled = torch.stack([logits.argmax(-1) != y for _, logits in full])  # (16 iterates, 12)
+    first = [int(fooled[:, i].nonzero()[0]) if fooled[:, i].any() else None for i in range(12)]
+    seen.clear()
+    x_early = attacks.apgd(logits_fn, ce, x, y, eps, 15, delta)
+    sizes = [len(z) for z, _ in seen]
+    assert sizes == [sum(f is None or f >= k for f in first) for k in range(len(sizes))]  # who is still attacked
+    assert len(seen) == len(full) and sizes[0] == 12 and min(sizes) < 12  # the survivors run every iteration
+    for i in range(12):
+        if first[i] is None:  # never fooled: the same trajectory, the same best point, bit for bit
+            assert torch.equal(x_early[i], x_full[i])
+        else:  # the first fooling iterate, the one the full run evaluated at that iteration
+            assert torch.equal(x_early[i], full[first[i]][0][i])
+            assert (x_early[i].flatten() @ W.t()).argmax() != y[i]
+    assert any(f is None for f in first) and any(f is not None and f > 0 for f in first), first
+
+
+class PerImage:
+    """logits_fn computed one image at a time: each image rounds the same whatever batch it is in, so two runs that
+    give an image the same inputs give it the same outputs, bit for bit (see test_attack_does_not_depend_on_batching
+    for what batching itself changes). Counts the images it is called on."""
+
+    def __init__(self, logits_fn):
+        self.logits_fn, self.images = logits_fn, 0
+
+    def __call__(self, x):
+        self.images += len(x)
+        return torch.cat([self.logits_fn(x[i:i + 1]) for i in range(len(x))])
+
+
+EARLY_EXIT_ATTACKS = ["apgd-ce", "apgd-dlr", "aa"] + [pytest.param(name, marks=pytest.mark.slow)  # 5 to 15 s each
+                                                       for name in ("apgd-ce-x5", "apgd-t", "aa-ce-t")]
+
+
+@pytest.mark.parametrize("name", EARLY_EXIT_ATTACKS)
+def test_early_exit_leaves_every_per_image_result_unchanged(demo, name):
+    """The APGD family with and without early exit, at batch sizes 8, 3 and 1, through a forward that rounds each
+    image alike in any batch (PerImage): the same images robust, bit for bit; an image never fooled gets the same x_adv
+    bit for bit (its whole trajectory is the same); with fewer forwards. ε = 2/255: on the demo CLIP some images
+    survive and most are fooled early."""
+    logits_fn, x, y, index, clean = demo
+    x, y, index = x[:8], y[:8], index[:8]
+    eps, steps = 2 / 255, 6
+    results = {}
+    for early in (True, False):
+        for batch in (8, 3, 1):
+            f = PerImage(logits_fn)
+            with attacks.early_exit(early):
+                x_adv = torch.cat([attacks.run_attack(name, f, x[s:s + batch], y[s:s + batch], index[s:s + batch],
+                                                      eps, 1 / 255, steps, 0, {}) for s in range(0, len(x), batch)])
+            robust = logits_fn(x_adv).argmax(-1) == y
+            results[early, batch] = robust, x_adv, f.images
+    robust, x_adv, cost = results[False, 8]
+    assert 0 < int(robust.sum()) < len(y)  # both kinds of images
+    for (early, batch), (r, xa, c) in results.items():
+        assert torch.equal(r, robust), (early, batch)
+        assert torch.equal(xa[robust], x_adv[robust]), (early, batch)
+        if early:
+            assert c < cost
+        else:
+            assert c == cost
 
 
 @pytest.mark.parametrize("n_iter", [10, 20, 100])

@@ -102,12 +102,14 @@ def test_encoder_passes_per_training_step_match_the_cost_table(method, counter, 
 
 def test_attack_forwards_per_batch_and_text_once_per_dataset(counter, tmp_path):
     """evaluate.py: per batch, one clean forward, then S gradient forwards for PGD / C&W (S + 1 for APGD, which also
-    evaluates its start) and one forward to classify x_adv; the class prompts are encoded once per dataset."""
+    evaluates its start; its most, counted with --no-early-exit: random weights fool most images at once) and one
+    forward to classify x_adv; the class prompts are encoded once per dataset."""
     def run(steps):
         for k in counter:
             counter[k] = 0
         evaluate.main(["--model", "random:tiny", "--datasets", "synthetic,demo", "--samples", "6", "--batch-size",
-                       "4", "--attacks", "pgd,cw,apgd-ce", "--attack-all", "--steps", str(steps), "--workers", "0",
+                       "4", "--attacks", "pgd,cw,apgd-ce", "--attack-all", "--no-early-exit", "--steps", str(steps),
+                       "--workers", "0",
                        "--out", str(tmp_path / f"r{steps}.json")])
         return dict(counter)
 
@@ -161,13 +163,14 @@ def test_table6_attack_passes_per_batch(counter):
 def test_structure_metrics_reuse_the_evaluation_passes(counter, tmp_path):
     """--metrics all: the metrics read the features of the clean pass and of the classification of x_adv, so the
     only extra pass is the reference model's clean forward for top5-iou (none when the reference has the evaluated
-    model's weights), plus its text features once per dataset."""
+    model's weights), plus its text features once per dataset (APGD's passes counted without early exit, as above)."""
     def run(reference):
         for k in counter:
             counter[k] = 0
         evaluate.main(["--model", "random:tiny", "--datasets", "synthetic,demo", "--samples", "6", "--batch-size", "4",
-                       "--attacks", "pgd,cw,apgd-ce", "--attack-all", "--steps", "2", "--metrics", "all",
-                       "--reference-model", reference, "--workers", "0", "--out", str(tmp_path / f"{reference}.json")])
+                       "--attacks", "pgd,cw,apgd-ce", "--attack-all", "--no-early-exit", "--steps", "2",
+                       "--metrics", "all", "--reference-model", reference, "--workers", "0",
+                       "--out", str(tmp_path / f"{reference}.json")])
         return dict(counter)
 
     batches = 2 * 2  # as above

@@ -5,7 +5,8 @@
 - evaluate.py with PGD and AutoAttack under bf16 and fp16;
 - --compile (inductor on CUDA) trains and gives the eager run's losses;
 - the benchmark commands of docs/performance.md at batch 256, bf16: img/s, s/step and peak memory per method, written
-  to $CLIP_AFT_BENCH (default runs/cuda-bench.json).
+  to $CLIP_AFT_BENCH (default runs/cuda-bench.json);
+- benchmarks/attack_speed.py (ours against torchattacks) in fp32 and bf16, and evaluate.py --defense, on the GPU.
 
 Run it alone: `python -m pytest -q tests/test_cuda.py`."""
 import json
@@ -110,3 +111,31 @@ def test_benchmarks_at_batch_256_bf16(tmp_path):
         json.dump(results, f, indent=2)
     print(json.dumps(results, indent=2))
     assert all(results[name]["img_per_s"] > 0 for name in SCRIPTS)
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_attack_speed_against_torchattacks(amp, tmp_path):
+    """benchmarks/attack_speed.py on the GPU (docs/performance.md's GPU rows): the demo CLIP, 512 images, batch 256, 20
+    iterations, ours against torchattacks under the same autocast (off or bf16); the rows go to $CLIP_AFT_BENCH with
+    -attacks-<amp> before .json."""
+    base = os.environ.get("CLIP_AFT_BENCH", os.path.join("runs", "cuda-bench.json"))
+    path = base.replace(".json", f"-attacks-{amp}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    r = run_script(["benchmarks/attack_speed.py", "--model", "demo", "--images", "512", "--batch-size", "256",
+                    "--steps", "20", "--peer-seeds", "1", "--amp", amp, "--no-early-exit-too", "--json", path],
+                   env=CUDA_ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    print(r.stdout)
+    rows = json.load(open(path))["rows"]
+    assert all(row["img_per_s"] > 0 for row in rows)
+
+
+def test_defended_evaluation_on_the_gpu(tmp_path):
+    """evaluate.py --defense ttc and clipure-cos (every mode) on the GPU, bf16: runs, the large-ε check at 0."""
+    for defense in ("ttc", "clipure-cos"):
+        out = tmp_path / f"{defense}.json"
+        r = run_script(["evaluate.py", "--model", "demo", "--datasets", "demo", "--attacks", "pgd", "--eps", "4",
+                        "--amp", "bf16", "--defense", defense, "--eot", "2", "--square-queries", "50",
+                        "--sanity-eps", "32", "--out", str(out)], env=CUDA_ENV)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(out.read_text())["datasets"]["demo"]["sanity"] < 5

@@ -708,6 +708,55 @@ def test_shared_parts_run_once_and_give_the_same_accuracies(demo64, monkeypatch)
     assert n_together == len(calls)  # aa and aa-ce-t added no APGD run
 
 
+class PerImageEncoder(torch.nn.Module):
+    """An image encoder run one image at a time: each image rounds the same whatever batch it is in (see
+    tests/test_attacks.py, PerImage)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x):
+        return torch.cat([self.encoder(x[i:i + 1]) for i in range(len(x))])
+
+
+def test_early_exit_changes_no_result_and_no_metric(demo64):
+    """zero_shot_samples with APGD's early exit (the default) and without (--no-early-exit): every per-image field the
+    same bit for bit, the accuracies of apgd-ce and aa and the structure metrics, which are computed at the first
+    attack's x_adv, run without early exit (its highest-loss fooling iterate, as before early exit)."""
+    encoder, text, ds, _ = demo64
+    encoder, dist = PerImageEncoder(encoder), common.Dist(0, 1, 0, CPU)
+    indices = range(24)
+    runs = []
+    for early in (True, False):
+        with attacks.early_exit(early):
+            runs.append([out for _, out in evaluate.zero_shot_samples(
+                encoder, text, ds, dist, ("apgd-ce", "aa"), 2 / 255, 1 / 255, 6, batch_size=12,
+                metrics=("conf", "phi"), indices=indices)])
+    assert len(runs[0]) == len(runs[1]) == 2
+    for a, b in zip(*runs):
+        assert set(a) == set(b) and {"apgd-ce", "aa", "conf.adv", "phi.adv"} <= set(a)
+        for field in a:
+            assert torch.equal(a[field], b[field]), field
+    robust = torch.cat([out["aa"] for out in runs[0]])
+    assert 0 < int(robust.sum()) < 24  # some images fooled, some not
+
+
+def test_no_early_exit_is_recorded_and_may_differ_on_a_rerun(tiny_ckpt, tmp_path, capsys):
+    """--no-early-exit is in the settings (early_exit: false) but not in an evaluation's identity: the per-image results
+    are the same, so a rerun with the default continues it."""
+    folder = make_folder(tmp_path / "data", {"cat": 2, "dog": 2})
+    out = tmp_path / "r.json"
+    argv = ["--model", tiny_ckpt, "--datasets", f"folder:{folder}", "--attacks", "apgd-ce", "--steps", "2",
+            "--workers", "0", "--out", str(out)]
+    assert run_in_process([*argv, "--no-early-exit"], capsys)[0] == 0
+    first = json.loads(out.read_text())
+    assert first["settings"]["early_exit"] is False
+    code, stdout, err = run_in_process(argv, capsys)
+    assert code == 0 and "already evaluated" in stdout, (stdout, err)  # not refused: nothing to redo
+    assert json.loads(out.read_text())["datasets"] == first["datasets"]
+
+
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_an_unreadable_image_stops_with_its_name_and_the_rerun_continues(nproc, tiny_ckpt, tmp_path, capsys):
     """A benchmark missing an image is not the benchmark: evaluation stops with one line naming the file (every rank,
