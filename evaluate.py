@@ -719,24 +719,28 @@ class DefenseRun:
 
 
 def defense_fields(run, applicable):
-    """The defended fields, in order, for the applicable attacks."""
+    """The defended fields, in order, for the applicable attacks: with a mode of several variants (adaptive), also
+    "defense.broken_by.<attack>@<mode>": per image, 1 + the position of the variant that broke it, 0 if none did,
+    NaN if not attacked."""
     name = run.defense.name
+    several = [m for m in run.modes if len(mode_variants(name, m, run.square_queries)) > 1]
     return (["clean@defended", *[f"{a}@{m}" for a in applicable for m in run.modes]]
             + (["sanity", "sanity@adaptive"] if run.sanity_eps else [])
-            + ["defense.clean_draws"] + [f"defense.{d}" for d in DEFENSE_DIAGNOSTICS[name]])
+            + ["defense.clean_draws"] + [f"defense.{d}" for d in DEFENSE_DIAGNOSTICS[name]]
+            + [f"defense.broken_by.{a}@{m}" for a in applicable for m in several])
 
 
-def mode_variants(run, mode):
-    """The attacks an attacker in `mode` runs, each (kind, view): "undefended" (x_adv crafted on the undefended
-    model), "view" (the attack through defence.view(view)), "gate" (TTC's gate attack), "square" (Square on the
-    defended model). An image counts as robust in the mode only if it survives every one."""
-    d = run.defense
-    if mode == "non-adaptive" or (mode == "authors" and defenses.AUTHORS_VIEW[d.name] is None):
+def mode_variants(defense, mode, square_queries):
+    """The attacks an attacker in `mode` runs against `defense` (a DEFENSES name), each (kind, view): "undefended"
+    (x_adv crafted on the undefended model), "view" (the attack through defence.view(view)), "gate" (TTC's gate
+    attack), "square" (Square on the defended model). An image counts as robust in the mode only if it survives every
+    one."""
+    if mode == "non-adaptive" or (mode == "authors" and defenses.AUTHORS_VIEW[defense] is None):
         return [("undefended", None)]
     if mode in ("authors", "known-noise"):
-        return [("view", defenses.AUTHORS_VIEW[d.name] if mode == "authors" else "known-noise")]
-    return ([("view", v) for v in defenses.ADAPTIVE_VIEWS[d.name]] + ([("gate", None)] if d.name == "ttc" else [])
-            + ([("square", None)] if run.square_queries else []))
+        return [("view", defenses.AUTHORS_VIEW[defense] if mode == "authors" else "known-noise")]
+    return ([("view", v) for v in defenses.ADAPTIVE_VIEWS[defense]] + ([("gate", None)] if defense == "ttc" else [])
+            + ([("square", None)] if square_queries else []))
 
 
 def defended_correct(run, x, index, y):
@@ -775,12 +779,13 @@ def defended_results(run, logits_fn, x, y, index, ok, attacks, steps_of, eps, al
     for name in attacks:
         done = {}  # variants -> result: TTC's authors mode is its non-adaptive one, computed once
         for mode in run.modes:
-            variants = tuple(mode_variants(run, mode))
+            variants = tuple(mode_variants(d.name, mode, run.square_queries))
             if variants in done:
                 out[f"{name}@{mode}"] = done[variants]
                 continue
             alive = torch.arange(len(xs), device=x.device)  # positions in xs still robust
-            for kind, view in variants:
+            broken_by = torch.zeros(len(xs), device=x.device)  # 1 + the variant that broke the image, 0: none did
+            for j, (kind, view) in enumerate(variants, start=1):
                 if len(alive) == 0:
                     break
                 if kind in ("gate", "square"):  # once per image: attack the images not done yet
@@ -790,14 +795,21 @@ def defended_results(run, logits_fn, x, y, index, ok, attacks, steps_of, eps, al
                     if len(todo):
                         robust, _ = defended_correct(run, attack(kind, view, name, todo), ids[todo.cpu()], ys[todo])
                         known.update(zip(ids[todo.cpu()].tolist(), robust.tolist()))
-                    alive = alive[torch.tensor([known[i] for i in ids[alive.cpu()].tolist()], dtype=torch.bool,
-                                               device=x.device)]
+                    robust = torch.tensor([known[i] for i in ids[alive.cpu()].tolist()], dtype=torch.bool,
+                                          device=x.device)
+                    broken_by[alive[~robust]] = j
+                    alive = alive[robust]
                     continue
                 x_adv = attack(kind, view, name, alive)
                 if first_adv is None:
                     first_adv = (alive, x_adv)
                 robust, _ = defended_correct(run, x_adv, ids[alive.cpu()], ys[alive])
+                broken_by[alive[~robust]] = j
                 alive = alive[robust]
+            if len(variants) > 1:
+                field = torch.full((len(x),), float("nan"), device=x.device)
+                field[keep] = broken_by
+                out[f"defense.broken_by.{name}@{mode}"] = field
             survived = torch.zeros(len(xs), dtype=torch.bool, device=x.device)
             survived[alive] = True
             result = torch.zeros_like(clean_ok)
@@ -1186,8 +1198,16 @@ def build_report(args, settings, store, class_counts, throughput):
                                        else "")
     if args.defense:  # the threat model, the masking checks on average, and any "gradient masking suspected"
         checks = ", ".join(f"{k} {v:.4g}" for k, v in report["defense"]["diagnostics"]["mean"].items())
+        firsts = {}  # (attack, mode) -> variant -> images it broke first, summed over the datasets
+        for per_column in report["defense"]["broken_by"].values():
+            for column, counts in per_column.items():
+                for variant, k in counts.items():
+                    firsts.setdefault(column, {}).setdefault(variant, 0)
+                    firsts[column][variant] += k
+        broke = "; ".join(f"{c}: " + ", ".join(f"{v} {k}" for v, k in counts.items()) for c, counts in firsts.items())
         table += (f"\nThreat model: {THREAT_MODEL}.\n\nChecks for gradient masking (mean over the datasets): {checks}"
-                  "\n" + "".join(f"\n{n}" for n in report["notes"] if n.startswith("gradient masking")))
+                  + (f"\n\nImages each adaptive variant broke first (all datasets): {broke}" if broke else "")
+                  + "\n" + "".join(f"\n{n}" for n in report["notes"] if n.startswith("gradient masking")))
     return report, table
 
 
@@ -1199,7 +1219,8 @@ def defense_report(args, store, names, results):
     for name in names:
         values = store.sets[name]["values"]
         means[name] = {f[len("defense."):]: float(f"{np.nanmean(values[f].astype(np.float64)):.4g}")
-                       for f in values if f.startswith("defense.") and np.isfinite(values[f]).any()}
+                       for f in values if f.startswith("defense.") and not f.startswith("defense.broken_by.")
+                       and np.isfinite(values[f]).any()}
     keys = sorted({k for m in means.values() for k in m})
     mean = {k: float(f"{np.mean([means[n][k] for n in names if k in means[n]]):.4g}") for k in keys}
     notes = []
@@ -1210,8 +1231,17 @@ def defense_report(args, store, names, results):
                 who = "the undefended model" if column == "sanity" else args.defense
                 notes.append(f"gradient masking suspected: {who} keeps {acc:.2f}% accuracy on {name} under PGD-20 at "
                              f"ε = {args.sanity_eps:g}/255 (an attack that sees a true gradient brings it near 0)")
+    broken = {}  # the adaptive variants: how many images each one broke first, per dataset and (attack, mode)
+    for name in names:
+        values = store.sets[name]["values"]
+        for f in (f for f in values if f.startswith("defense.broken_by.")):
+            column = f[len("defense.broken_by."):]
+            variants = mode_variants(args.defense, column.split("@")[1], args.square_queries)
+            broken.setdefault(name, {})[column] = {
+                (view or kind): int((values[f] == j).sum()) for j, (kind, view) in enumerate(variants, start=1)}
     return {"name": args.defense, "settings": args.defense_settings, "attack_modes": args.attack_mode,
-            "threat_model": THREAT_MODEL, "diagnostics": {"datasets": means, "mean": mean}}, notes
+            "threat_model": THREAT_MODEL, "diagnostics": {"datasets": means, "mean": mean},
+            "broken_by": broken}, notes
 
 
 def write_report(args, report, table):

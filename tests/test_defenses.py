@@ -198,6 +198,13 @@ def test_every_mode_on_the_demo(defense, modes, tmp_path, capsys):
     else:
         assert diagnostics["grad_ratio"] < 1e-6 and abs(diagnostics["grad_cos"]) < 0.1
     assert f"PGD-5, {defense}, adaptive" in (tmp_path / "r.md").read_text()
+    n = r["datasets"]["demo"]["n"]
+    for attack in ("pgd", "apgd-ce"):  # the adaptive variants account for every image the mode broke
+        firsts = r["defense"]["broken_by"]["demo"][f"{attack}@adaptive"]
+        assert list(firsts) == list(defenses.ADAPTIVE_VIEWS[defense]) + (["gate"] if defense == "ttc" else []) + \
+            ["square"]
+        assert sum(firsts.values()) == r["correct"]["demo"]["clean@defended"] - r["correct"]["demo"][
+            f"{attack}@adaptive"], (firsts, n)
     code, stdout, _ = run_evaluate(argv, capsys)
     assert code == 0 and "already evaluated" in stdout
     assert json.loads(out.read_text())["datasets"] == plain["datasets"]
