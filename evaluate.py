@@ -229,8 +229,9 @@ def parse_args(argv=None):
     p.add_argument("--eot", type=int, default=8,
                    help="the adaptive attacker's draws per gradient (EOT) against a randomised defence (default 8)")
     p.add_argument("--defense-draws", type=int, default=1,
-                   help="draws of a randomised defence's randomness per image: clean accuracy is the mean over them, "
-                        "an image is robust only if classified correctly in every draw (default 1)")
+                   help="draws of a randomised defence's randomness per image: an image counts as correct (clean) and "
+                        "robust only if classified correctly in every draw; the per-draw mean of the clean accuracy "
+                        "is reported too (clean_draws; default 1)")
     p.add_argument("--square-queries", type=int, default=1000,
                    help="queries of the adaptive mode's Square on the defended model (0: none; default 1000)")
     p.add_argument("--sanity-eps", type=float, default=None,
