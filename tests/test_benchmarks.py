@@ -12,13 +12,13 @@ import attack_speed  # noqa: E402
 
 @pytest.mark.slow
 def test_attack_speed_runs_and_both_sides_agree(tmp_path, one_thread):
-    """The demo CLIP, 32 images, 10 iterations, every attack, one torchattacks seed, with the no-early-exit run too.
+    """The demo CLIP, 32 images, 6 iterations, every attack, one torchattacks seed, with the no-early-exit run too.
     Our draws are not torchattacks' (random starts, targets), so an image near its decision boundary can go either way:
     the two robust accuracies may differ by a few images (measured: 0 or 1 of 32 for each attack; 4 allowed, 12.5
     points). Early exit on and off: the same per-image results up to the float rounding of batches of other sizes
     (measured: 0 images; 1 allowed)."""
     out = tmp_path / "bench.json"
-    rows = attack_speed.main(["--images", "32", "--batch-size", "16", "--steps", "10", "--peer-seeds", "1",
+    rows = attack_speed.main(["--images", "32", "--batch-size", "16", "--steps", "6", "--peer-seeds", "1",
                               "--no-early-exit-too", "--json", str(out)])
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
     for name in attack_speed.ATTACKS:

@@ -259,8 +259,8 @@ def test_clipure_per_image_form_undoes_itself_where_clip_embeddings_lie():
 def test_two_processes_give_one_process_numbers(tmp_path, capsys):
     """torchrun --nproc_per_node=2 (gloo) behind TTC, every mode: the same per-image results as one process (the
     batches are the same, the draws follow the images)."""
-    argv = [*DEMO, "--samples", "16", "--attacks", "pgd", "--defense", "ttc", "--eot", "2", "--attack-mode",
-            "non-adaptive,known-noise,adaptive"]
+    argv = [*DEMO, "--samples", "16", "--steps", "3", "--square-queries", "10", "--attacks", "pgd", "--defense", "ttc",
+            "--eot", "2", "--attack-mode", "non-adaptive,known-noise,adaptive"]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     assert run_evaluate([*argv, "--out", str(one)], capsys)[0] == 0
     r = run_script(["evaluate.py", *argv, "--out", str(two)], nproc=2, timeout=600)
