@@ -100,25 +100,30 @@ def ttc_start(x, index, eps, seed, streams):
     return torch.max(torch.min(delta, 1 - x), -x)
 
 
-def ttc_tau(encoder, x, delta0):
-    """τ = ‖f(x + δ₀) − f(x)‖ / ‖f(x)‖ per image, on the raw (unnormalised) embeddings. -> (B,)"""
-    f_x, f_noisy = encoder(x).float(), encoder(x + delta0).float()
+def ttc_tau(encoder, x, delta0, f_x=None, f_noisy=None):
+    """τ = ‖f(x + δ₀) − f(x)‖ / ‖f(x)‖ per image, on the raw (unnormalised) embeddings; f_x = f(x) and
+    f_noisy = f(x + δ₀) when already computed, (B, D). -> (B,)"""
+    f_x = encoder(x).float() if f_x is None else f_x
+    f_noisy = encoder(x + delta0).float() if f_noisy is None else f_noisy
     return (f_noisy - f_x).norm(dim=-1) / f_x.norm(dim=-1)
 
 
-def ttc_counterattack(encoder, x, delta0, eps, step, steps):
+def ttc_counterattack(encoder, x, delta0, eps, step, steps, f_x):
     """The counterattack's iterates: δ_{k+1} = Π(δ_k + α_c · sign ∇_δ ‖f(x + δ) − f(x)‖²), Π onto the ε_c-ball and
-    x + δ ∈ [0, 1], from δ₀; pushes the embedding away from f(x). -> (B, N + 1, 3, H, W): δ_0, ..., δ_N."""
-    with torch.no_grad():
-        f_x = encoder(x).float()  # (B, D)
-    deltas, delta = [delta0], delta0
-    for _ in range(steps):
+    x + δ ∈ [0, 1], from δ₀, f_x = f(x) (B, D); pushes the embedding away from f(x).
+    -> (B, N + 1, 3, H, W): δ_0, ..., δ_N, and f(x + δ₀) (B, D) from the first step's forward (None if N = 0)."""
+    def loss(z):
+        f = encoder(z).float()
+        return ((f - f_x) ** 2).sum(), f.detach()
+    deltas, delta, f_start = [delta0], delta0, None
+    for k in range(steps):
         with torch.enable_grad():  # also when the defended model is queried under no_grad
-            grad = common.input_grad(lambda z: ((encoder(z).float() - f_x) ** 2).sum(), x + delta)  # ∇_δ = ∇_z
+            grad, f = common.input_grad(loss, x + delta, has_aux=True)  # ∇_δ = ∇_z at z = x + δ
+        f_start = f if k == 0 else f_start
         delta = (delta + step * grad.sign()).clamp(-eps, eps)
         delta = torch.max(torch.min(delta, 1 - x), -x)
         deltas.append(delta)
-    return torch.stack(deltas, dim=1)
+    return torch.stack(deltas, dim=1), f_start
 
 
 class TTC:
@@ -139,8 +144,11 @@ class TTC:
         No gradient reaches x through Δ."""
         x = x.detach()
         with torch.no_grad():
-            tau = ttc_tau(self.tau_encoder, x, delta0)
-        deltas = ttc_counterattack(self.zs.encoder, x, delta0, self.eps, self.step, self.steps)  # (B, N + 1, ...)
+            f_x = self.zs.encoder(x).float()  # (B, D)
+        deltas, f_start = ttc_counterattack(self.zs.encoder, x, delta0, self.eps, self.step, self.steps, f_x)
+        with torch.no_grad():  # on the model itself, τ reuses f(x) and the first step's f(x + δ₀)
+            tau = (ttc_tau(self.tau_encoder, x, delta0) if self.zs.reference is not None or f_start is None
+                   else ttc_tau(None, x, delta0, f_x, f_start))
         gate = tau < self.tau_th
         w = ttc_weights(self.steps, self.beta).to(x.device).view(1, -1, 1, 1, 1)
         Delta = torch.where(gate.view(-1, 1, 1, 1), (w * deltas).sum(1), deltas[:, 0])
@@ -190,11 +198,10 @@ class TTC:
 
         def loss(z):
             idx, calls = rows.of(z)
-            total = 0.0
+            f_x, total = ref(z).float(), 0.0  # f(x), once for the `eot` draws
             for k in range(eot):
                 d = ttc_start(z, idx, self.eps, self.seed, ATTACKER + k * 65_536 + calls)
-                f_x, f_noisy = ref(z).float(), ref(z + d).float()
-                tau = (f_noisy - f_x).norm(dim=-1) / f_x.norm(dim=-1)
+                tau = ttc_tau(ref, z, d, f_x)
                 ce = common.cross_entropy_per_sample(self.zs.logits(z + d), y)  # no cancellation at scale 100
                 total = total + (ce - weight * (margin * self.tau_th - tau).clamp(min=0)).sum()
             return total / eot

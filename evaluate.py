@@ -368,8 +368,7 @@ def check_defense_args(args):
     if args.defense == "clipure-cos":
         settings["group"] = 1 if args.clipure_form == "per-image" else 2
     args.defense_settings = settings
-    args.defense_columns = ["clean@defended", *[f"{a}@{m}" for a in args.attacks for m in args.attack_mode]] + \
-        (["sanity", "sanity@adaptive"] if args.sanity_eps else [])
+    args.defense_columns = defended_columns(args.attacks, args.attack_mode, args.sanity_eps)
 
 
 def help_lists():
@@ -719,14 +718,19 @@ class DefenseRun:
     sanity_eps: float = None
 
 
+def defended_columns(attacks, modes, sanity_eps):
+    """The defended accuracy columns, in order: clean, each attack in each mode, the large-ε check."""
+    return (["clean@defended", *[f"{a}@{m}" for a in attacks for m in modes]]
+            + (["sanity", "sanity@adaptive"] if sanity_eps else []))
+
+
 def defense_fields(run, applicable):
-    """The defended fields, in order, for the applicable attacks: with a mode of several variants (adaptive), also
-    "defense.broken_by.<attack>@<mode>": per image, 1 + the position of the variant that broke it, 0 if none did,
-    NaN if not attacked."""
+    """The defended fields, in order, for the applicable attacks: defended_columns, the diagnostics, and with a mode
+    of several variants (adaptive) "defense.broken_by.<attack>@<mode>": per image, 1 + the position of the variant
+    that broke it, 0 if none did, NaN if not attacked."""
     name = run.defense.name
     several = [m for m in run.modes if len(mode_variants(name, m, run.square_queries)) > 1]
-    return (["clean@defended", *[f"{a}@{m}" for a in applicable for m in run.modes]]
-            + (["sanity", "sanity@adaptive"] if run.sanity_eps else [])
+    return (defended_columns(applicable, run.modes, run.sanity_eps)
             + ["defense.clean_draws"] + [f"defense.{d}" for d in DEFENSE_DIAGNOSTICS[name]]
             + [f"defense.broken_by.{a}@{m}" for a in applicable for m in several])
 
@@ -828,11 +832,11 @@ def defended_results(run, logits_fn, x, y, index, ok, attacks, steps_of, eps, al
             x_big = common.attack_pgd(view, xs, ys, ids, big, 2.5 * big / 20, 20, seed)
             out["sanity@adaptive"][keep] = defended_correct(run, x_big, ids, ys)[0]
         out["sanity@adaptive"] &= clean_ok
-    out.update(defense_diagnostics(run, logits_fn, x, y, index, keep, first_adv))
+    out.update(defense_diagnostics(run, x, y, index, keep, first_adv))
     return out
 
 
-def defense_diagnostics(run, logits_fn, x, y, index, keep, first_adv):
+def defense_diagnostics(run, x, y, index, keep, first_adv):
     """Per image, the checks for gradient masking (docs/defenses.md). TTC: τ and the gate (1 = counterattack) with
     the defender's first draw, on the clean image and at the first attack's x_adv (NaN where not attacked).
     CLIPure: at the clean image, the gradient of the cross-entropy through the authors' view against the exact one:
