@@ -109,8 +109,8 @@ def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=
     leave_early = EARLY_EXIT.get() and not best_loss
     per = lambda v: v.view(-1, *[1] * (x.dim() - 1))  # noqa: E731  (B,) -> (B, 1, 1, 1)
 
-    def project(z, x):  # P_S, as the reference: into the ε-ball around x, then [0, 1]
-        return torch.min(torch.max(z, x - eps), x + eps).clamp(0, 1)
+    def project(z, lo, hi):  # P_S: the reference's min(max(z, x − ε), x + ε) then [0, 1], as one clamp to the
+        return torch.clamp(z, lo, hi)  # intersection [max(x − ε, 0), min(x + ε, 1)] (the same floats: min/max are exact)
 
     def evaluate(z, y, target):  # -> f(z) (B,), fooled (B,) bool, ∇f(z) (B, 3, H, W)
         def loss_and_logits(z):
@@ -124,6 +124,7 @@ def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=
     x_adv = x.clone()  # (B, 3, H, W) the result, written for each sample when it leaves (early exit) or at the end
     live = torch.arange(len(x), device=x.device)  # (B',) the samples still attacked, in x_adv's numbering
     eta = torch.full((len(x),), 2.0 * eps, device=x.device)  # η^(0) = 2ε
+    lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)  # (B, 3, H, W) the bounds of P_S
     x_k = (x + delta).clamp(0, 1)
     f_k, fooled, grad = evaluate(x_k, y, target)
     x_prev = x_k
@@ -136,16 +137,16 @@ def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=
         if leave_early and out_fooled.any():  # early exit: the fooled samples leave with their fooling iterate
             x_adv[live[out_fooled]] = x_out[out_fooled]
             stay = ~out_fooled
-            (live, x, y, target, eta, x_k, x_prev, grad, x_max, f_max, grad_max, x_out, f_out, out_fooled, f_last,
-             n_up, f_max_ckpt, reduced_ckpt) = (
+            (live, lo, hi, y, target, eta, x_k, x_prev, grad, x_max, f_max, grad_max, x_out, f_out, out_fooled,
+             f_last, n_up, f_max_ckpt, reduced_ckpt) = (
                 None if t is None else t[stay]
-                for t in (live, x, y, target, eta, x_k, x_prev, grad, x_max, f_max, grad_max, x_out, f_out,
+                for t in (live, lo, hi, y, target, eta, x_k, x_prev, grad, x_max, f_max, grad_max, x_out, f_out,
                           out_fooled, f_last, n_up, f_max_ckpt, reduced_ckpt))
         if k == steps or len(live) == 0:
             break
-        z = project(x_k + per(eta) * grad.sign(), x)  # z^(k+1)
+        z = project(x_k + per(eta) * grad.sign(), lo, hi)  # z^(k+1)
         a = 1.0 if k == 0 else momentum  # x^(1) = z^(1); then momentum 0.75 (Alg. 1)
-        x_next = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), x)
+        x_next = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), lo, hi)
         f_next, fooled, grad = evaluate(x_next, y, target)
         n_up += f_next > f_last
         f_last, x_prev, x_k = f_next, x_k, x_next

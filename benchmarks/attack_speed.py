@@ -3,21 +3,28 @@
     python benchmarks/attack_speed.py                       # the demo CLIP on the CPU, ε = 4/255 (docs/performance.md)
     python benchmarks/attack_speed.py --model ViT-B/32 --images 512 --batch-size 256 --amp bf16   # on a GPU
 
-Needs the test requirements (requirements-test.txt: torchattacks). For each attack, one after another on the same
-model, the same images (clean-correct or not: both sides attack the clean-correct ones only, as evaluate.py does and
-torchattacks' APGD does) and the same ε, in batches of --batch-size:
+Needs the test requirements (requirements-test.txt: torchattacks). For each attack, on the same model, the same images
+(clean-correct or not: both sides attack the clean-correct ones only, as evaluate.py does and torchattacks' APGD does)
+and the same ε, in batches of --batch-size:
 
     ours     attacks.run_attack, as evaluate.py runs it (APGD's early exit on: the default)
     ours, no early exit   the same without early exit (--no-early-exit-too): its per-image results must be the same
     theirs   torchattacks 3.5.1: PGD, APGD (CE), APGDT (9 targets, as ours and AutoAttack's; its default is all C − 1),
              and AutoAttack(version="rand") with eot_iter=1 and our number
              of iterations (APGD-CE then APGD-DLR on the survivors: what our `aa` runs; "rand" runs a deterministic
-             model's 20 identical EOT gradients, which would only make it 20 times slower)
+             model's 20 identical EOT gradients, which would only make it 20 times slower). Its APGD-CE ascends
+             nn.CrossEntropyLoss, which rounds to 0 (and its gradient's true-class entry too) for an image classified
+             with a margin above ~17 at CLIP's scale 100; ours ascends the same loss computed without that
+             cancellation (docs/evaluation.md), a stronger attack. --peer-stable-ce gives torchattacks' APGD-CE our
+             loss, so that the two sides run the same attack and differ only in their random draws.
 
-It prints one row per attack and side: images per second (all images, clean-correct or not, over the attack's wall
-time; torchattacks': the mean over its seeds), the ratio to torchattacks, and the robust accuracy; torchattacks runs
-with --peer-seeds seeds, for the spread of its accuracy (its draws differ from ours; only the spread says whether a
-difference is real).
+Each side runs with --seeds seeds (its random starts; the draws of the two sides differ, so only the spread over seeds
+says whether a difference in accuracy is real), interleaved: seed 0 of every side, then seed 1 with the sides' order
+rotated, and so on, so that a change in the machine's load falls on both sides alike. It prints one row per attack and
+side: images per second (all images, clean-correct or not, over the attack's wall time; the mean over seeds), the ratio
+of the means to torchattacks' and the range of the per-seed ratios (each seed's run against torchattacks' run beside
+it), the robust accuracy (seed 0, and the range over seeds), and the forward and backward passes through the model
+per attacked image (the mean over seeds: the work done, which does not depend on the machine).
 --json FILE writes the rows. Sections: arguments, model and images, the two sides, main.
 """
 import argparse
@@ -45,12 +52,18 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=1.0, help="PGD's step in units of 1/255 (default 1)")
     p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma list of {', '.join(ATTACKS)}")
     p.add_argument("--steps", type=int, default=100, help="every attack's iterations (default 100)")
-    p.add_argument("--peer-seeds", type=int, default=3, help="torchattacks' seeds for its accuracy spread (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of each side, for the spread of its accuracy "
+                   "and speed (default 3)")
+    p.add_argument("--peer-stable-ce", action="store_true",
+                   help="torchattacks' APGD-CE (alone and in aa) ascends our cancellation-free cross-entropy "
+                   "(common.cross_entropy_per_sample) instead of nn.CrossEntropyLoss, as our APGD-CE does")
     p.add_argument("--no-early-exit-too", action="store_true", help="also run ours without APGD's early exit")
     p.add_argument("--amp", default="off", choices=("off", "bf16"), help="autocast for both sides (default off)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the rows to this file")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1, got {args.seeds}")
     args.attacks = args.attacks.split(",")
     unknown = [a for a in args.attacks if a not in ATTACKS]
     if unknown:
@@ -83,14 +96,21 @@ def model_and_images(args, device):
 
 
 # ----------------------------------------------------------------------------------------------------- the two sides
-def ours(name, model, args, early_exit=True):
-    """x, y, index -> x_adv: our attack, attacks.run_attack as evaluate.py calls it."""
+def ours(name, model, args, seed, early_exit=True):
+    """x, y, index -> x_adv: our attack with this seed, attacks.run_attack as evaluate.py calls it."""
     eps, alpha = args.eps / 255, args.alpha / 255
 
     def run(x, y, index):
         with attacks.early_exit(early_exit):
-            return attacks.run_attack(name, model, x, y, index, eps, alpha, args.steps, 0, {})
+            return attacks.run_attack(name, model, x, y, index, eps, alpha, args.steps, seed, {})
     return run
+
+
+def with_our_ce(apgd):
+    """torchattacks' APGD `apgd` made to ascend our cross-entropy (common.cross_entropy_per_sample, without
+    cancellation) instead of nn.CrossEntropyLoss: it calls self.dlr_loss when loss == "dlr", so our CE goes there."""
+    apgd.loss, apgd.dlr_loss = "dlr", common.cross_entropy_per_sample
+    return apgd
 
 
 def theirs(name, model, args, seed):
@@ -109,6 +129,10 @@ def theirs(name, model, args, seed):
         for part in atk._autoattack.attacks:
             part.eot_iter, part.steps = 1, n
 
+    if args.peer_stable_ce:
+        for part in [atk] if name == "apgd-ce" else atk._autoattack.attacks[:1] if name == "aa" else []:
+            with_our_ce(part)
+
     def run(x, y, index):
         torch.manual_seed(seed)  # PGD's random start draws from the global generator
         return atk(x, y)
@@ -122,10 +146,17 @@ def warm_up(model, x, y, ctx):
 
 
 def measure(attack, model, x, y, clean, args, ctx):
-    """(images per second over all N images, robust accuracy %): the attack on the clean-correct images of each batch,
-    then the classification of its x_adv."""
+    """(images per second over all N images, robust accuracy %, robust (N,) bool, (forward, backward) passes per
+    attacked image): the attack on the clean-correct images of each batch, then the classification of its x_adv. The
+    passes are the rows through the model inside the attack (forward) and the rows whose input gradient it took
+    (backward): the work done, whatever the machine."""
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    robust = torch.zeros_like(clean)
+    robust, passes = torch.zeros_like(clean), [0, 0]
+
+    def count(module, inputs):
+        passes[0] += inputs[0].shape[0]
+        if inputs[0].requires_grad:
+            inputs[0].register_hook(lambda g: passes.__setitem__(1, passes[1] + g.shape[0]))
     sync()
     start = time.perf_counter()
     for s in range(0, len(x), args.batch_size):
@@ -133,11 +164,61 @@ def measure(attack, model, x, y, clean, args, ctx):
         if len(keep) == 0:
             continue
         with ctx:
-            x_adv = attack(x[keep], y[keep], keep.cpu())
+            hook = model.register_forward_pre_hook(count)
+            try:
+                x_adv = attack(x[keep], y[keep], keep.cpu())
+            finally:
+                hook.remove()
             with torch.no_grad():
                 robust[keep] = model(x_adv).argmax(-1) == y[keep]
     sync()
-    return len(x) / (time.perf_counter() - start), 100.0 * robust.float().mean().item(), robust
+    seconds = time.perf_counter() - start
+    attacked = max(int(clean.sum()), 1)
+    return len(x) / seconds, 100.0 * robust.float().mean().item(), robust, (passes[0] / attacked, passes[1] / attacked)
+
+
+def side_by_side(name, model, x, y, clean, args, ctx):
+    """{side: [measure(...) for each seed]} for the attack `name`, the sides interleaved seed by seed, their order
+    rotated from one seed to the next."""
+    sides = {"torchattacks": lambda seed: theirs(name, model, args, seed), "ours": lambda seed: ours(name, model, args, seed)}
+    if args.no_early_exit_too:
+        sides["ours, no early exit"] = lambda seed: ours(name, model, args, seed, early_exit=False)
+    results = {side: [] for side in sides}
+    order = list(sides)
+    for seed in range(args.seeds):
+        for side in order[seed % len(order):] + order[:seed % len(order)]:
+            results[side].append(measure(sides[side](seed), model, x, y, clean, args, ctx))
+    return results
+
+
+def rows_of(name, results):
+    """One row per side: mean img/s over seeds, the ratio of the means to torchattacks', the per-seed ratios, robust
+    accuracy (seed 0) and over seeds, gradient passes per attacked image (mean over seeds)."""
+    peer = results["torchattacks"]
+    peer_speed = sum(r[0] for r in peer) / len(peer)
+    rows = []
+    for side, runs in results.items():
+        speed = sum(r[0] for r in runs) / len(runs)
+        row = dict(attack=name, side=side, img_per_s=speed, ratio=speed / peer_speed,
+                   ratio_per_seed=[r[0] / p[0] for r, p in zip(runs, peer)], robust=runs[0][1],
+                   robust_over_seeds=[r[1] for r in runs],
+                   forward_passes_per_image=sum(r[3][0] for r in runs) / len(runs),
+                   backward_passes_per_image=sum(r[3][1] for r in runs) / len(runs))
+        if side == "ours, no early exit":  # the same per-image results, up to the float rounding of other batch sizes
+            row["images_differing_from_early_exit"] = sum(
+                int((r[2] != e[2]).sum()) for r, e in zip(runs, results["ours"]))
+        rows.append(row)
+    return rows
+
+
+def print_row(row):
+    span = lambda v, f: f"{min(v):{f}}-{max(v):{f}}"  # noqa: E731
+    print(f"{row['attack']:8} {row['side']:20} {row['img_per_s']:7.2f} {row['ratio']:6.2f} "
+          f"{span(row['ratio_per_seed'], '.2f'):>10} {row['robust']:8.2f} {span(row['robust_over_seeds'], '.2f'):>12} "
+          f"{row['forward_passes_per_image']:6.1f} {row['backward_passes_per_image']:6.1f}", flush=True)
+    if "images_differing_from_early_exit" in row:
+        print(f"{'':8} per-image results differing from early exit's, all seeds: "
+              f"{row['images_differing_from_early_exit']} images", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -152,30 +233,15 @@ def main(argv=None):
         clean = model(x).argmax(-1) == y
     print(f"{device}, {torch.get_num_threads()} threads, model {args.model}, {len(x)} images "
           f"({100 * clean.float().mean():.1f}% clean), ε = {args.eps:g}/255, {args.steps} iterations, batch "
-          f"{args.batch_size}, amp {args.amp}")
-    print(f"{'attack':8} {'side':22} {'img/s':>8} {'ratio':>6} {'robust %':>9}")
+          f"{args.batch_size}, amp {args.amp}, {args.seeds} seeds per side")
+    print(f"{'attack':8} {'side':20} {'img/s':>7} {'ratio':>6} {'per seed':>10} {'robust %':>8} {'over seeds':>12} "
+          f"{'fwd':>6} {'bwd':>6}")
     rows = []
     warm_up(model, x[:args.batch_size], y[:args.batch_size], ctx)
     for name in args.attacks:
-        peer = [measure(theirs(name, model, args, seed), model, x, y, clean, args, ctx)
-                for seed in range(args.peer_seeds)]
-        peer_speed = sum(p[0] for p in peer) / len(peer)  # the mean over its seeds
-        sides = [("ours", ours(name, model, args))]
-        if args.no_early_exit_too:
-            sides.append(("ours, no early exit", ours(name, model, args, early_exit=False)))
-        results = [(side, *measure(run, model, x, y, clean, args, ctx)) for side, run in sides]
-        accs = [p[1] for p in peer]
-        for side, speed, acc, robust in results:
-            rows.append(dict(attack=name, side=side, img_per_s=speed, ratio=speed / peer_speed, robust=acc))
-            print(f"{name:8} {side:22} {speed:8.2f} {speed / peer_speed:6.2f} {acc:9.2f}", flush=True)
-        if len(results) == 2:  # the same per-image results, up to the float rounding of differently sized batches
-            differ = int((results[0][3] != results[1][3]).sum())
-            rows[-1]["images_differing_from_early_exit"] = differ
-            print(f"{'':8} {'per-image results differ:':22} {differ} images", flush=True)
-        rows.append(dict(attack=name, side="torchattacks", img_per_s=peer_speed, ratio=1.0, robust=accs[0],
-                         robust_over_seeds=accs))
-        spread = f"   seeds 0-{len(accs) - 1}: {min(accs):.2f}-{max(accs):.2f}" if len(accs) > 1 else ""
-        print(f"{name:8} {'torchattacks':22} {peer_speed:8.2f} {1.0:6.2f} {accs[0]:9.2f}{spread}", flush=True)
+        for row in rows_of(name, side_by_side(name, model, x, y, clean, args, ctx)):
+            rows.append(row)
+            print_row(row)
     if args.json:
         common.write_json(dict(device=str(device), threads=torch.get_num_threads(), args=vars(args), rows=rows),
                           args.json)

@@ -10,6 +10,7 @@ import scipy.stats
 import torch
 import torchattacks
 
+import attack_speed  # benchmarks/, on pytest's path (pytest.ini)
 import attacks
 import common
 import evaluate
@@ -300,12 +301,13 @@ def test_early_exit_leaves_every_per_image_result_unchanged(demo, name):
 
 
 @pytest.mark.parametrize("n_iter", [10, 20, 100])
-@pytest.mark.parametrize("loss", ["ce", "dlr"])
+@pytest.mark.parametrize("loss", ["ce", "dlr", "our-ce"])
 def test_apgd_is_torchattacks_apgd_given_the_same_start(loss, n_iter):
     """Our APGD against torchattacks 3.5.1's (the code the AGFT evaluation runs), started at the same point: the same
     best point x_best, bit for bit (the same batch and the same ops; its random start ε·t/max|t| handed over). The
     checkpoints at N = 10 and 20, where they differ from the paper's, and both conditions are exercised (random linear
-    classifier, ε = 8/255: many steps without a rise, restarts)."""
+    classifier, ε = 8/255: many steps without a rise, restarts). our-ce: the benchmark's --peer-stable-ce, which hands
+    torchattacks our cancellation-free CE, makes its APGD-CE ours."""
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)).eval()
     g = torch.Generator().manual_seed(1)
@@ -313,15 +315,17 @@ def test_apgd_is_torchattacks_apgd_given_the_same_start(loss, n_iter):
     t = 2 * torch.rand(x.shape, generator=g) - 1
     delta = eps * torch.ones([x.shape[0], 1, 1, 1]) * t / t.reshape([t.shape[0], -1]).abs().max(dim=1, keepdim=True)[
         0].reshape([-1, 1, 1, 1])  # torchattacks' start, written as it computes it
-    reference = torchattacks.APGD(model, norm="Linf", eps=eps, steps=n_iter, n_restarts=1, loss=loss)
+    reference = torchattacks.APGD(model, norm="Linf", eps=eps, steps=n_iter, n_restarts=1, loss=loss[-3:])
+    if loss == "our-ce":
+        attack_speed.with_our_ce(reference)
     rand = torch.rand
     torch.rand = lambda *a, **k: (t + 1) / 2  # its one draw: t = 2 · rand − 1
     try:
         x_best, _, _, _ = reference.attack_single_run(x, y)
     finally:
         torch.rand = rand
-    loss_of_logits = (lambda z, c: torch.nn.functional.cross_entropy(z, c, reduction="none")) if loss == "ce" \
-        else attacks.dlr_loss  # torchattacks' CE; its DLR is ours
+    loss_of_logits = {"ce": lambda z, c: torch.nn.functional.cross_entropy(z, c, reduction="none"),  # torchattacks'
+                      "dlr": attacks.dlr_loss, "our-ce": attacks.cross_entropy_per_sample}[loss]  # its DLR is ours
     ours = attacks.apgd(model.requires_grad_(False), loss_of_logits, x, y, eps, n_iter, delta, best_loss=True)
     assert torch.equal(ours, x_best)
     assert (ours != (x + delta).clamp(0, 1)).any()

@@ -122,7 +122,7 @@ def test_attack_speed_against_torchattacks(amp, tmp_path):
     path = base.replace(".json", f"-attacks-{amp}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     r = run_script(["benchmarks/attack_speed.py", "--model", "demo", "--images", "512", "--batch-size", "256",
-                    "--steps", "20", "--peer-seeds", "1", "--amp", amp, "--no-early-exit-too", "--json", path],
+                    "--steps", "20", "--seeds", "1", "--amp", amp, "--no-early-exit-too", "--json", path],
                    env=CUDA_ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     print(r.stdout)
