@@ -121,6 +121,8 @@ def theirs(name, model, args, seed):
         atk = torchattacks.PGD(model, eps=eps, alpha=args.alpha / 255, steps=n, random_start=True)
     elif name == "apgd-ce":
         atk = torchattacks.APGD(model, eps=eps, steps=n, loss="ce", seed=seed)
+        if args.peer_stable_ce:
+            with_our_ce(atk)
     elif name == "apgd-t":
         atk = torchattacks.APGDT(model, eps=eps, steps=n, n_classes=len(model.text), seed=seed)
         atk.n_target_classes = min(9, len(model.text) - 1)  # AutoAttack's 9 (torchattacks' default: all C − 1)
@@ -128,10 +130,8 @@ def theirs(name, model, args, seed):
         atk = torchattacks.AutoAttack(model, eps=eps, version="rand", n_classes=len(model.text), seed=seed)
         for part in atk._autoattack.attacks:
             part.eot_iter, part.steps = 1, n
-
-    if args.peer_stable_ce:
-        for part in [atk] if name == "apgd-ce" else atk._autoattack.attacks[:1] if name == "aa" else []:
-            with_our_ce(part)
+        if args.peer_stable_ce:
+            with_our_ce(atk._autoattack.attacks[0])  # its APGD-CE
 
     def run(x, y, index):
         torch.manual_seed(seed)  # PGD's random start draws from the global generator
@@ -180,7 +180,8 @@ def measure(attack, model, x, y, clean, args, ctx):
 def side_by_side(name, model, x, y, clean, args, ctx):
     """{side: [measure(...) for each seed]} for the attack `name`, the sides interleaved seed by seed, their order
     rotated from one seed to the next."""
-    sides = {"torchattacks": lambda seed: theirs(name, model, args, seed), "ours": lambda seed: ours(name, model, args, seed)}
+    sides = {"torchattacks": lambda seed: theirs(name, model, args, seed),
+             "ours": lambda seed: ours(name, model, args, seed)}
     if args.no_early_exit_too:
         sides["ours, no early exit"] = lambda seed: ours(name, model, args, seed, early_exit=False)
     results = {side: [] for side in sides}
@@ -193,7 +194,7 @@ def side_by_side(name, model, x, y, clean, args, ctx):
 
 def rows_of(name, results):
     """One row per side: mean img/s over seeds, the ratio of the means to torchattacks', the per-seed ratios, robust
-    accuracy (seed 0) and over seeds, gradient passes per attacked image (mean over seeds)."""
+    accuracy (seed 0) and over seeds, forward and backward passes per attacked image (mean over seeds)."""
     peer = results["torchattacks"]
     peer_speed = sum(r[0] for r in peer) / len(peer)
     rows = []
