@@ -112,12 +112,12 @@ def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=
     def project(z, lo, hi):  # P_S: the reference's min(max(z, x − ε), x + ε) then [0, 1], as one clamp to the
         return torch.clamp(z, lo, hi)  # intersection [max(x − ε, 0), min(x + ε, 1)] (the same floats: min/max are exact)
 
-    def evaluate(z, y, target):  # -> f(z) (B,), fooled (B,) bool, ∇f(z) (B, 3, H, W)
+    def evaluate(z, y, target, need_grad=True):  # -> f(z) (B,), fooled (B,) bool, ∇f(z) (B, 3, H, W) or None
         def loss_and_logits(z):
             logits = logits_fn(z)
             loss = (loss_of_logits(logits, y) if target is None else loss_of_logits(logits, y, target)).float()
             return loss.sum(), (loss.detach(), logits.detach())  # samples are independent: ∇ of the sum is per sample
-        grad, (loss, logits) = input_grad(loss_and_logits, z, has_aux=True)
+        grad, (loss, logits) = input_grad(loss_and_logits, z, has_aux=True, backward=need_grad)
         return loss, logits.argmax(-1).ne(y), grad
 
     checkpoints = set(apgd_checkpoints(steps)[1:])
@@ -126,7 +126,7 @@ def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=
     eta = torch.full((len(x),), 2.0 * eps, device=x.device)  # η^(0) = 2ε
     lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)  # (B, 3, H, W) the bounds of P_S
     x_k = (x + delta).clamp(0, 1)
-    f_k, fooled, grad = evaluate(x_k, y, target)
+    f_k, fooled, grad = evaluate(x_k, y, target, need_grad=steps > 0)
     x_prev = x_k
     x_max, f_max, grad_max = x_k, f_k, grad  # best point so far, by loss (restarts go back to it)
     x_out, f_out, out_fooled = x_k, f_k, fooled  # best point by (fooled, loss): the output
@@ -147,12 +147,12 @@ def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=
         z = project(x_k + per(eta) * grad.sign(), lo, hi)  # z^(k+1)
         a = 1.0 if k == 0 else momentum  # x^(1) = z^(1); then momentum 0.75 (Alg. 1)
         x_next = project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), lo, hi)
-        f_next, fooled, grad = evaluate(x_next, y, target)
+        f_next, fooled, grad = evaluate(x_next, y, target, need_grad=k + 1 < steps)  # the last one's ∇ is unused
         n_up += f_next > f_last
         f_last, x_prev, x_k = f_next, x_k, x_next
         better = f_next > f_max
         x_max, f_max = torch.where(per(better), x_k, x_max), torch.where(better, f_next, f_max)
-        grad_max = torch.where(per(better), grad, grad_max)
+        grad_max = grad_max if grad is None else torch.where(per(better), grad, grad_max)
         out = (fooled & ~out_fooled) | ((fooled == out_fooled) & (f_next > f_out))
         x_out, f_out = torch.where(per(out), x_k, x_out), torch.where(out, f_next, f_out)
         out_fooled = out_fooled | fooled

@@ -521,10 +521,12 @@ class _ScaleGradPerSample(torch.autograd.Function):
         return (grad * scale).to(ctx.dtype), None
 
 
-def input_grad(loss_fn, x, has_aux=False):
+def input_grad(loss_fn, x, has_aux=False, backward=True):
     """∇_x loss_fn(x) for a scalar loss: the one place where every attack differentiates, w.r.t. the input only
     (torch.autograd.grad), so parameters never accumulate .grad. has_aux=True: loss_fn returns (loss, aux) and this
-    returns (grad, aux) (APGD reads its per-sample losses and logits from aux).
+    returns (grad, aux) (APGD reads its per-sample losses and logits from aux). backward=False: the gradient is None
+    and only the forward runs, computed exactly as with the backward (autograd on, the same kernels and casts), for
+    an aux whose point's gradient would go unused (APGD's last iterate).
     Under fp16 autocast the gradient is scaled per sample inside ImageEncoder and unscaled here, so that no sample's
     gradient underflows to 0 (see _ScaleGradPerSample); the encoder must see x's batch (one row per row of x)."""
     x = x.detach().requires_grad_(True)
@@ -533,6 +535,8 @@ def input_grad(loss_fn, x, has_aux=False):
     try:
         out = loss_fn(x)
         loss, aux = out if has_aux else (out, None)
+        if not backward:
+            return (None, aux) if has_aux else None
         with torch.autocast(x.device.type, enabled=False):  # backward ops keep their forward dtypes (see above)
             grad, = torch.autograd.grad(loss, x)
     finally:

@@ -1,7 +1,7 @@
 """Our attacks against torchattacks', side by side in one process: images per second and robust accuracy of each.
 
     python benchmarks/attack_speed.py                       # the demo CLIP on the CPU, ε = 4/255 (docs/performance.md)
-    python benchmarks/attack_speed.py --model ViT-B/32 --images 512 --batch-size 256 --amp bf16   # on a GPU
+    python benchmarks/attack_speed.py --model ViT-B/32 --images 512 --amp bf16   # on a GPU
 
 Needs the test requirements (requirements-test.txt: torchattacks). For each attack, on the same model, the same images
 (clean-correct or not: both sides attack the clean-correct ones only, as evaluate.py does and torchattacks' APGD does)
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="demo", help="demo (default), an OpenAI name or file, or random:ARCH")
     p.add_argument("--images", type=int, default=256, help="held-out demo images (16 classes); default 256")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256, evaluate.py's)")
     p.add_argument("--eps", type=float, default=4.0, help="ε in units of 1/255 (default 4)")
     p.add_argument("--alpha", type=float, default=1.0, help="PGD's step in units of 1/255 (default 1)")
     p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma list of {', '.join(ATTACKS)}")

@@ -38,8 +38,9 @@ PASSES_PER_STEP = {
 
 @pytest.fixture
 def counter(monkeypatch):
-    """Counts ImageEncoder forward passes by kind, and calls of CLIP's text encoder."""
-    counts = {"attack": 0, "frozen": 0, "train": 0, "other": 0, "text": 0, "tokens": 0}
+    """Counts ImageEncoder forward passes by kind, the input backwards of the attack passes ("backward"), and calls
+    of CLIP's text encoder."""
+    counts = {"attack": 0, "backward": 0, "frozen": 0, "train": 0, "other": 0, "text": 0, "tokens": 0}
     image_forward, encode_text = common.ImageEncoder.forward, clip.model.CLIP.encode_text  # advflyp.TextEncoder's too
 
     def counted_image_forward(self, x, tokens=False):
@@ -48,6 +49,7 @@ def counter(monkeypatch):
             kind = "frozen"  # the original encoder f_θorig, under no_grad
         elif not self.training and torch.is_grad_enabled() and x.requires_grad:
             kind = "attack"  # an attack step: eval mode, gradient w.r.t. the input
+            x.register_hook(lambda g: counts.__setitem__("backward", counts["backward"] + 1))
         elif self.training and torch.is_grad_enabled():
             kind = "train"
         else:
@@ -85,6 +87,7 @@ def test_encoder_passes_per_training_step_match_the_cost_table(method, counter, 
     runs = {(n, k): train_counts(main, extra, n, k, tmp_path / f"{n}-{k}", counter) for n, k in [(1, 1), (3, 2)]}
     for (n, k), c in runs.items():
         assert (c["attack"], c["frozen"], c["train"]) == tuple(n * v for v in per_step(k)), (method, n, k, c)
+        assert c["backward"] == c["attack"], c  # every PGD step takes its gradient
         assert c["other"] == 0, c
         assert c["tokens"] == (n * 3 if method == "tga-zsr" else 0), c  # the training passes; the attack's do not
     if method.startswith("advflyp"):  # each step's own captions, once per step, never per attack iteration
@@ -102,8 +105,9 @@ def test_encoder_passes_per_training_step_match_the_cost_table(method, counter, 
 
 def test_attack_forwards_per_batch_and_text_once_per_dataset(counter, tmp_path):
     """evaluate.py: per batch, one clean forward, then S gradient forwards for PGD / C&W (S + 1 for APGD, which also
-    evaluates its start; its most, counted with --no-early-exit: random weights fool most images at once) and one
-    forward to classify x_adv; the class prompts are encoded once per dataset."""
+    evaluates its start, and S input backwards: its last iterate's gradient would go unused; its most, counted with
+    --no-early-exit: random weights fool most images at once) and one forward to classify x_adv; the class prompts
+    are encoded once per dataset."""
     def run(steps):
         for k in counter:
             counter[k] = 0
@@ -117,6 +121,7 @@ def test_attack_forwards_per_batch_and_text_once_per_dataset(counter, tmp_path):
     batches = 2 * 2  # 6 images in batches of 4, two datasets
     for s, c in ((1, one), (3, three)):
         assert c["attack"] == batches * (s + s + (s + 1)), c
+        assert c["backward"] == batches * (s + s + s), c
         assert c["frozen"] == batches * (1 + 3), c  # no-grad: clean + the final classification of each attack
         assert c["train"] == c["other"] == 0
     assert one["text"] == three["text"] == 2 + 1  # 1000 synthetic classes in two chunks of 500, 16 demo prompts
@@ -127,16 +132,17 @@ def test_attack_forwards_per_batch_and_text_once_per_dataset(counter, tmp_path):
 
 
 # Encoder passes per batch inside each attack of Table 6 and AutoAttack's other two, with S = --steps (the attack table
-# of docs/performance.md): (forwards with an input backward, no-grad forwards). APGD-T and Square give their maximum,
-# reached when no image is fooled (ε = 0); they stop attacking an image once it is fooled.
+# of docs/attacks.md): (forwards with autograd on, their input backwards, no-grad forwards). APGD-T and Square give
+# their maximum, reached when no image is fooled (ε = 0); they stop attacking an image once it is fooled. A run of
+# APGD evaluates S + 1 points and takes the gradient of the first S (the last one's would go unused).
 ATTACK_PASSES = {
-    **dict.fromkeys(["mi", "ni", "di", "ti", "pi", "pi++"], lambda s: (s, 0)),
-    **dict.fromkeys(["mi-t", "ni-t", "di-t", "ti-t"], lambda s: (s, 1)),  # + 1 image: the number of classes
-    "apgd-t": lambda s: (9 * (s + 1), 1 + 9),  # 9 targets × APGD (S + 1); the clean ranking, survivors per target
-    "apgd-ce-x5": lambda s: (5 * (s + 1), 4),  # 5 restarts of APGD (S + 1); the survivors after each but the last
-    "aa-ce-t": lambda s: (14 * (s + 1), 4 + 1 + 1 + 9),  # APGD-CE's 5 restarts, their survivors, then APGD-T's passes
-    "square": lambda s: (0, s + 1),  # the stripes, then one candidate per iteration, gradient-free
-    "square-aa": lambda s: (0, s + 1),
+    **dict.fromkeys(["mi", "ni", "di", "ti", "pi", "pi++"], lambda s: (s, s, 0)),
+    **dict.fromkeys(["mi-t", "ni-t", "di-t", "ti-t"], lambda s: (s, s, 1)),  # + 1 image: the number of classes
+    "apgd-t": lambda s: (9 * (s + 1), 9 * s, 1 + 9),  # 9 targets × APGD; the clean ranking, survivors per target
+    "apgd-ce-x5": lambda s: (5 * (s + 1), 5 * s, 4),  # 5 restarts of APGD; the survivors after each but the last
+    "aa-ce-t": lambda s: (14 * (s + 1), 14 * s, 4 + 1 + 1 + 9),  # APGD-CE's 5 restarts, their survivors, APGD-T's
+    "square": lambda s: (0, 0, s + 1),  # the stripes, then one candidate per iteration, gradient-free
+    "square-aa": lambda s: (0, 0, s + 1),
 }
 
 
@@ -155,8 +161,9 @@ def test_table6_attack_passes_per_batch(counter):
                 counter[k] = 0
             zero_shot_eval(encoder, text, data, common.Dist(0, 1, 0, torch.device("cpu")), (name,), 0.0,
                                   1 / 255, s, batch_size=4, attack_all=True)
-            grad, no_grad = passes(s)
-            assert (counter["attack"], counter["frozen"]) == (2 * grad, 2 * (1 + no_grad + 1)), (name, s, counter)
+            grad, backward, no_grad = passes(s)
+            assert (counter["attack"], counter["backward"], counter["frozen"]) == (
+                2 * grad, 2 * backward, 2 * (1 + no_grad + 1)), (name, s, counter)
             assert counter["train"] == counter["other"] == 0
 
 
@@ -176,7 +183,7 @@ def test_structure_metrics_reuse_the_evaluation_passes(counter, tmp_path):
     batches = 2 * 2  # as above
     other, itself = run("demo"), run("random:tiny")  # random:tiny with the same --seed: the same weights
     for c, reference_passes, text in ((other, 1, 2 * (2 + 1)), (itself, 0, 2 + 1)):
-        assert c["attack"] == batches * (2 + 2 + 3), c
+        assert c["attack"] == batches * (2 + 2 + 3) and c["backward"] == batches * (2 + 2 + 2), c
         assert c["frozen"] == batches * (1 + reference_passes + 3), c
         assert c["train"] == c["other"] == 0 and c["text"] == text, c
 
