@@ -104,7 +104,8 @@ def apgd(logits_fn, loss_of_logits, x, y, eps, steps, delta, rho=0.75, momentum=
     iterate: its remaining iterations could not change its result, and every other sample's iterations are the same
     as without early exit (nothing is shared between samples). Without early exit a fooled sample keeps running and
     the highest-loss fooling iterate is returned. A sample never fooled returns its best point x_max either way;
-    best_loss=True: x_max (the reference's x_best) for every sample, no early exit."""
+    best_loss=True: x_max (the reference's x_best) for every sample, no early exit. The last iterate is evaluated
+    without the input gradient the reference code takes there and never uses: S gradients and S + 1 forwards."""
     x = x.detach()
     leave_early = EARLY_EXIT.get() and not best_loss
     per = lambda v: v.view(-1, *[1] * (x.dim() - 1))  # noqa: E731  (B,) -> (B, 1, 1, 1)
